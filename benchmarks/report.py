@@ -1,0 +1,206 @@
+"""Runs the dcs benchmarks (or reads a pytest-benchmark JSON) and prints the table.
+
+    python benchmarks/report.py                       # run everything, print, write JSON
+    python benchmarks/report.py -k "16M and float32"  # only some cases (pytest -k)
+    python benchmarks/report.py --json raw.json       # from `pytest benchmarks --benchmark-json=raw.json`
+    python benchmarks/report.py --markdown            # the table in README form
+
+For each case: medians of symfast, the eager reference and
+torch.compile(reference); speed-ups; the bandwidth symfast achieves
+(bytes_moved / median, with bytes_moved the minimum a fused implementation must
+move, see ``bench_utils.bytes_moved``), that of a same-traffic device copy, and
+their ratio. The JSON record (default ``benchmarks/results/<machine>.json``)
+names the machine, torch and symfast versions and the date, and holds the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+IMPLS = ("symfast", "eager", "compiled", "copy")
+
+
+def run_pytest(json_path: Path, keyword: Optional[str], extra: List[str]) -> None:
+    cmd = [
+        sys.executable, "-m", "pytest", str(HERE / "test_dcs.py"), "-q", "-p", "no:cacheprovider",
+        f"--benchmark-json={json_path}", "--benchmark-sort=name",
+    ]
+    if keyword:
+        cmd += ["-k", keyword]
+    cmd += extra
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"report.py: pytest exited with {proc.returncode}; no table written")
+
+
+def machine_slug(info: dict) -> str:
+    """cuda-<gpu> or cpu-<cpu model short>-<cores>c, lower case, dashes."""
+
+    def short(name: str) -> str:
+        name = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\b\d+-core\b", " ", name, flags=re.I)
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+    if info.get("cuda_device"):
+        return f"cuda-{short(info['cuda_device'])}"
+    return f"cpu-{short(info.get('cpu_model', 'unknown'))}-{info.get('cores', 0)}c"
+
+
+def build_rows(raw: dict) -> List[dict]:
+    cases: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
+    for bench in raw.get("benchmarks", []):
+        x = bench.get("extra_info", {})
+        if "impl" not in x:
+            continue
+        key = (x["op"], x["mask"], x["numel"], x["dtype"], x["device"])
+        cases[key][x["impl"]] = {
+            "median_s": bench["stats"]["median"],
+            "iqr_s": bench["stats"]["iqr"],
+            "rounds": bench["stats"]["rounds"],
+            "bytes_moved": x["bytes_moved"],
+        }
+
+    def ms(entry: Optional[dict]) -> Optional[float]:
+        return None if entry is None else entry["median_s"] * 1e3
+
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return None if a is None or b is None or b == 0 else a / b
+
+    rows = []
+    order = {"forward": 0, "forward+backward": 1}
+    for key in sorted(cases, key=lambda k: (k[4], order.get(k[0], 9), k[1], k[2], k[3])):
+        op, mask, numel, dtype, device = key
+        impls = cases[key]
+        moved = next(iter(impls.values()))["bytes_moved"]
+        sym, eag, com, cpy = (ms(impls.get(i)) for i in IMPLS)
+        gbps = lambda t: None if t is None else moved / (t * 1e-3) / 1e9  # noqa: E731
+        rows.append({
+            "case": f"{'fwd' if op == 'forward' else 'fwd+bwd'} mask={mask}",
+            "op": op, "mask": mask, "numel": numel, "dtype": dtype, "device": device,
+            "bytes_moved": moved,
+            "symfast_ms": sym, "eager_ms": eag, "compiled_ms": com, "copy_ms": cpy,
+            "speedup_vs_eager": ratio(eag, sym),
+            "speedup_vs_compiled": ratio(com, sym),
+            "symfast_gbps": gbps(sym), "eager_gbps": gbps(eag), "compiled_gbps": gbps(com),
+            "copy_gbps": gbps(cpy),
+            "pct_of_copy": None if ratio(cpy, sym) is None else 100 * ratio(cpy, sym),
+            "iqr_ms": {i: impls[i]["iqr_s"] * 1e3 for i in impls},
+            "rounds": {i: impls[i]["rounds"] for i in impls},
+        })
+    return rows
+
+
+COLUMNS = [
+    ("case", "case", "{}"), ("numel", "numel", "{}"), ("dtype", "dtype", "{}"), ("device", "dev", "{}"),
+    ("symfast_ms", "symfast ms", "{:.2f}"), ("eager_ms", "eager ms", "{:.2f}"),
+    ("compiled_ms", "compiled ms", "{:.2f}"), ("speedup_vs_eager", "x eager", "{:.2f}"),
+    ("speedup_vs_compiled", "x compiled", "{:.2f}"), ("symfast_gbps", "symfast GB/s", "{:.1f}"),
+    ("copy_gbps", "copy GB/s", "{:.1f}"), ("pct_of_copy", "% copy", "{:.0f}"),
+]
+
+
+def human_numel(n: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def format_table(rows: List[dict], markdown: bool) -> str:
+    cells = [[h for _, h, _ in COLUMNS]]
+    for r in rows:
+        line = []
+        for key, _, fmt in COLUMNS:
+            val = r[key]
+            if key == "numel":
+                val = human_numel(val)
+            line.append("-" if val is None else fmt.format(val))
+        cells.append(line)
+    if markdown:
+        out = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+        out += ["| " + " | ".join(c) + " |" for c in cells[1:]]
+        return "\n".join(out)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    text = []
+    for j, c in enumerate(cells):
+        text.append("  ".join(s.ljust(w) if i < 4 else s.rjust(w) for i, (s, w) in enumerate(zip(c, widths))))
+        if j == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, help="read this pytest-benchmark JSON instead of running pytest")
+    p.add_argument("--out", type=Path, help="where to write the record (default benchmarks/results/<machine>.json)")
+    p.add_argument("--raw-out", type=Path, help="also keep pytest-benchmark's own JSON here (when running)")
+    p.add_argument("-k", dest="keyword", help="pytest -k expression selecting cases (when running)")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
+    args = p.parse_args(argv)
+
+    if args.json is not None:
+        if args.keyword or args.pytest_args:
+            p.error("-k and pytest arguments only apply when report.py runs pytest (no --json)")
+        raw = json.loads(args.json.read_text())
+        source = str(args.json)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(args.raw_out) if args.raw_out else Path(tmp) / "benchmarks.json"
+            run_pytest(path.resolve(), args.keyword, args.pytest_args)
+            raw = json.loads(path.read_text())
+        source = str(args.raw_out) if args.raw_out else "pytest run by report.py"
+
+    # Written by benchmarks/conftest.py into pytest-benchmark's machine_info.
+    info = raw.get("machine_info", {}).get("symfast")
+    if info is None:  # a JSON from elsewhere: describe what we can, from this machine
+        sys.path.insert(0, str(HERE))
+        from bench_utils import machine_description
+
+        info = dict(machine_description(), note="described by report.py, not by the benchmark run")
+    rows = build_rows(raw)
+    if not rows:
+        raise SystemExit("report.py: no dcs benchmarks in the results (check -k)")
+
+    record = {
+        "machine": {k: v for k, v in info.items() if k not in ("torch", "symfast")},
+        "machine_slug": machine_slug(info),
+        "torch": info.get("torch"),
+        "symfast": info.get("symfast"),
+        "date": raw.get("datetime") or _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "source": source,
+        "bytes_moved_note": "minimal DRAM traffic of a fused implementation; see benchmarks/bench_utils.py",
+        "rows": rows,
+    }
+    out = args.out or HERE / "results" / f"{record['machine_slug']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+
+    cores = info.get("cores")
+    device = f", GPU {info['cuda_device']}" if info.get("cuda_device") else ""
+    print(f"\nsymfast {record['symfast']}, torch {record['torch']}, {info.get('cpu_model')} "
+          f"({cores} cores{device}), {record['date']}")
+    load = (info.get("loadavg_start"), info.get("loadavg_end"))
+    if all(load):
+        print(f"load average (1 min) at start/end: {load[0][0]:.2f} / {load[1][0]:.2f}")
+        if max(load[0][0], load[1][0]) > 0.5 * max(1, cores or 1):
+            print("warning: the machine was busy during the run; timings are noisy (rerun when idle)")
+    print(format_table(rows, args.markdown))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

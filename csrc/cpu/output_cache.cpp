@@ -1,0 +1,123 @@
+#include "output_cache.h"
+
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+
+namespace symfast {
+namespace {
+
+constexpr size_t kHugePage = size_t(2) << 20;
+// Below this, malloc's heap reuses memory without faults; not worth caching.
+constexpr size_t kMinCachedBytes = size_t(1) << 20;
+
+int64_t default_limit() {
+  if (const char* env = std::getenv("SYMFAST_CPU_CACHE_MB")) {
+    char* end = nullptr;
+    const long long mb = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && mb >= 0,
+                "SYMFAST_CPU_CACHE_MB must be a non-negative integer (MiB), got '", env, "'");
+    return static_cast<int64_t>(mb) << 20;
+  }
+  return int64_t(1) << 30;
+}
+
+class BlockCache {
+ public:
+  static BlockCache& get() {
+    // Leaked on purpose: tensors may be freed during interpreter teardown,
+    // after static destructors would have run.
+    static BlockCache* cache = new BlockCache();
+    return *cache;
+  }
+
+  void* acquire(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        cached_ -= bytes;
+        --blocks_;
+        ++hits_;
+        return p;
+      }
+      ++misses_;
+    }
+    void* p = std::aligned_alloc(kHugePage, bytes);
+    TORCH_CHECK(p != nullptr, "symfast: out of memory allocating ", bytes, " bytes");
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure just means 4 KiB pages
+#endif
+    return p;
+  }
+
+  void release(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cached_ + static_cast<int64_t>(bytes) <= limit_) {
+        free_[bytes].push_back(p);
+        cached_ += bytes;
+        ++blocks_;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  std::vector<int64_t> info() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {cached_, blocks_, limit_, hits_, misses_};
+  }
+
+  void set_limit(int64_t bytes) {
+    TORCH_CHECK(bytes >= 0, "symfast.set_cpu_cache_limit: bytes must be >= 0, got ", bytes);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      limit_ = bytes;
+    }
+    trim();
+  }
+
+  void trim(bool all = false) {
+    std::vector<void*> to_free;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& [size, list] : free_) {
+        while (!list.empty() && (all || cached_ > limit_)) {
+          to_free.push_back(list.back());
+          list.pop_back();
+          cached_ -= size;
+          --blocks_;
+        }
+      }
+    }
+    for (void* p : to_free) std::free(p);
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  int64_t cached_ = 0, blocks_ = 0, limit_ = default_limit(), hits_ = 0, misses_ = 0;
+};
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
+                       c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (bytes < kMinCachedBytes || !options.device().is_cpu()) return at::empty(sizes, options);
+  const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  void* p = BlockCache::get().acquire(rounded);
+  return at::from_blob(
+      p, sizes, [rounded](void* q) { BlockCache::get().release(q, rounded); }, options);
+}
+
+std::vector<int64_t> cpu_cache_info() { return BlockCache::get().info(); }
+void cpu_cache_set_limit(int64_t bytes) { BlockCache::get().set_limit(bytes); }
+void cpu_cache_empty() { BlockCache::get().trim(/*all=*/true); }
+
+}  // namespace symfast

@@ -1,0 +1,103 @@
+// Input validation shared by the CPU and CUDA kernels of the dcs ops.
+//
+// The Python wrapper (symfast/_ops.py) checks the same things before calling
+// an op, with Python exceptions; these checks guard direct calls of
+// torch.ops.symfast.* so that bad input is an error, never a crash.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
+#include <c10/util/Optional.h>
+
+namespace symfast {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// `w` is the tensor that fixes dtype, device and shape for the others.
+inline void check_operand(const char* op, const char* name, const at::Tensor& t,
+                          const at::Tensor& w) {
+  TORCH_CHECK(t.scalar_type() == w.scalar_type(), op, ": ", name,
+              " must have the dtype of w (", w.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == w.device(), op, ": ", name, " must be on w's device (",
+              w.device(), "), got ", t.device());
+  TORCH_CHECK(t.sizes() == w.sizes(), op, ": ", name, " must have w's shape ", w.sizes(),
+              ", got ", t.sizes());
+}
+
+inline void check_primal(const char* op, const at::Tensor& w) {
+  TORCH_CHECK(is_supported_float(w.scalar_type()), op,
+              ": w must be float32, float64, float16 or bfloat16, got ", w.scalar_type());
+}
+
+// Returns the mask as a bool tensor (a view of the input when it already is
+// one). A floating mask must hold only 0 and 1: it is checked here, which
+// costs one extra pass (and a device sync on CUDA), so bool masks are the fast
+// path.
+inline c10::optional<at::Tensor> prepare_mask(const char* op,
+                                              const c10::optional<at::Tensor>& mask,
+                                              const at::Tensor& w) {
+  if (!mask.has_value()) return c10::nullopt;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), op,
+              ": mask must be a bool or floating 0/1 tensor, got ", m.scalar_type());
+  TORCH_CHECK(m.device() == w.device(), op, ": mask must be on w's device (", w.device(),
+              "), got ", m.device());
+  TORCH_CHECK(at::is_expandable_to(m.sizes(), w.sizes()), op,
+              ": mask must broadcast to w's shape ", w.sizes(), ", got ", m.sizes());
+  if (m.scalar_type() == at::kBool) return m;
+  const bool binary = at::logical_or(m.eq(0), m.eq(1)).all().item<bool>();
+  TORCH_CHECK(binary, op, ": a floating mask must hold only 0 and 1, got other values");
+  return m.ne(0);
+}
+
+}  // namespace symfast
+
+namespace symfast {
+
+// The full argument checks of each op, shared by the CPU and CUDA kernels so
+// they cannot drift apart. Each returns the mask prepared by prepare_mask.
+inline c10::optional<at::Tensor> check_dcs_args(const at::Tensor& w, const at::Tensor& u,
+                                                const c10::optional<at::Tensor>& v,
+                                                const c10::optional<at::Tensor>& mask) {
+  constexpr const char* op = "symfast.dcs";
+  check_primal(op, w);
+  check_operand(op, "u", u, w);
+  if (v.has_value()) check_operand(op, "v", *v, w);
+  TORCH_CHECK(!v.has_value() || mask.has_value(), op,
+              ": v was given without a mask; with mask=None, theta = w * u and v would have no "
+              "effect");
+  return prepare_mask(op, mask, w);
+}
+
+inline c10::optional<at::Tensor> check_dcs_backward_args(const at::Tensor& grad,
+                                                         const at::Tensor& w, const at::Tensor& u,
+                                                         const c10::optional<at::Tensor>& mask,
+                                                         bool v_needed) {
+  constexpr const char* op = "symfast.dcs_backward";
+  check_primal(op, w);
+  check_operand(op, "u", u, w);
+  check_operand(op, "grad", grad, w);
+  TORCH_CHECK(!v_needed || mask.has_value(), op,
+              ": v_needed=True requires a mask (without one, dcs has no v input)");
+  return prepare_mask(op, mask, w);
+}
+
+inline c10::optional<at::Tensor> check_dcs_jvp_args(const at::Tensor& w, const at::Tensor& u,
+                                                    const c10::optional<at::Tensor>& mask,
+                                                    const c10::optional<at::Tensor>& w_dot,
+                                                    const c10::optional<at::Tensor>& u_dot,
+                                                    const c10::optional<at::Tensor>& v_dot) {
+  constexpr const char* op = "symfast.dcs_jvp";
+  check_primal(op, w);
+  check_operand(op, "u", u, w);
+  if (w_dot.has_value()) check_operand(op, "w_dot", *w_dot, w);
+  if (u_dot.has_value()) check_operand(op, "u_dot", *u_dot, w);
+  if (v_dot.has_value()) check_operand(op, "v_dot", *v_dot, w);
+  TORCH_CHECK(!v_dot.has_value() || mask.has_value(), op,
+              ": v_dot was given without a mask; with mask=None dcs has no v input");
+  return prepare_mask(op, mask, w);
+}
+
+}  // namespace symfast

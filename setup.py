@@ -1,0 +1,86 @@
+"""Build script for symfast's compiled extension, ``symfast._C``.
+
+Metadata and dependencies live in pyproject.toml; this file only describes the
+extension, because that needs the installed torch (see pyproject.toml for why
+builds use ``--no-build-isolation``).
+
+Build switches (environment variables):
+
+``SYMFAST_CUDA``
+    ``auto`` (default): build ``csrc/cuda/*.cu`` when ``CUDA_HOME`` is found and
+    the installed torch is a CUDA build (``torch.version.cuda``). No GPU is
+    needed to compile. ``1``: require the CUDA build and fail if it is not
+    possible. ``0``: CPU only.
+``TORCH_CUDA_ARCH_LIST``
+    GPU architectures to compile for, e.g. ``"8.0;9.0"`` (read by
+    torch.utils.cpp_extension). Without it, torch's default list for the
+    installed CUDA is used when no GPU is visible.
+``SYMFAST_DEBUG=1``
+    ``-O0 -g`` with assertions and ``-lineinfo`` for CUDA, for gdb and
+    compute-sanitizer.
+``MAX_JOBS``
+    Parallel compile jobs (read by torch.utils.cpp_extension with ninja).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_requested() -> bool:
+    mode = os.environ.get("SYMFAST_CUDA", "auto").strip().lower()
+    possible = CUDA_HOME is not None and torch.version.cuda is not None
+    if mode in ("0", "false", "no", "off"):
+        return False
+    if mode in ("1", "true", "yes", "on"):
+        if not possible:
+            sys.exit(
+                "SYMFAST_CUDA=1 but CUDA cannot be built: "
+                f"CUDA_HOME={CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r} "
+                "(install a CUDA build of torch and set CUDA_HOME to the toolkit folder)"
+            )
+        return True
+    if mode != "auto":
+        sys.exit(f"SYMFAST_CUDA must be auto, 0 or 1, got {mode!r}")
+    return possible
+
+
+def get_extensions():
+    debug = os.environ.get("SYMFAST_DEBUG", "0") == "1"
+    use_cuda = _cuda_requested()
+    opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region; without the flag
+    # it silently runs on one thread.
+    # No -std flag: torch.utils.cpp_extension adds the standard the installed
+    # torch needs (C++17 up to 2.13, C++20 from 2.14).
+    cxx = opt + ["-fopenmp", "-fdiagnostics-color=always"]
+    link = ["-fopenmp"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    if use_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        # No --use_fast_math: it flushes float32 denormals to zero, and the
+        # kernels must match the CPU ones bit for bit.
+        nvcc = ["-O3"] if not debug else ["-O0", "-g", "-lineinfo"]
+        nvcc += ["--expt-relaxed-constexpr"]
+        kwargs["extra_compile_args"]["nvcc"] = nvcc
+        kwargs["define_macros"] = [("SYMFAST_WITH_CUDA", "1")]
+        ext = CUDAExtension
+    else:
+        ext = CppExtension
+    print(f"symfast: building {'CPU + CUDA' if use_cuda else 'CPU-only'} extension", file=sys.stderr)
+    return [ext("symfast._C", sources, **kwargs)]
+
+
+setup(
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+)

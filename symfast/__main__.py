@@ -1,0 +1,5 @@
+"""``python -m symfast ...``: same as the ``symfast`` console script."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""symfast.dcs and its backward/forward-mode ops against the pure-PyTorch reference.
+
+Every case compares values and gradients with symfast.reference, and the
+transforms (gradcheck, gradgradcheck, opcheck, torch.compile, torch.func)
+run on the compiled ops.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.func as tf
+
+import symfast
+from symfast import reference as ref
+
+from conftest import ALL_DEVICES, FLOAT_DTYPES
+
+ops = torch.ops.symfast
+
+# Shapes: 0-d, empty, odd sizes and sizes that are not a multiple of any SIMD
+# width, and one large enough (> grain size) to run on several threads.
+SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (33,), (5, 7), (3, 4, 5), (2, 3, 5, 7), (70001,)]
+
+
+def _randn(shape, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _mask_variants(shape, device):
+    """None, a bool mask, a float 0/1 mask, and (where possible) a broadcast mask."""
+    g = torch.Generator().manual_seed(123)
+    full = (torch.rand(shape, generator=g) > 0.5).to(device)
+    yield "none", None
+    yield "bool", full
+    yield "float", full.to(torch.float32)
+    if len(shape) >= 1:
+        yield "broadcast-last", (torch.rand(shape[-1:], generator=g) > 0.5).to(device)
+    if len(shape) >= 2:
+        yield "broadcast-col", (torch.rand(shape[:-1] + (1,), generator=g) > 0.5).to(device)
+
+
+def _inputs(shape, dtype, device, mask_kind, with_v=True, requires_grad=False):
+    w, u, v = (_randn(shape, dtype, device, s) for s in (1, 2, 3))
+    mask = dict(_mask_variants(shape, device))[mask_kind]
+    if mask is None or not with_v:
+        v = None
+    for t in (w, u, v):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return w, u, v, mask
+
+
+# The kernels and the reference round each product once from the same
+# operands (half types through float), so they must agree bit for bit in every
+# dtype; the low-precision rule below checks accuracy against float64.
+EXACT = dict(atol=0, rtol=0)
+
+
+CASES = [
+    (shape, kind)
+    for shape in SHAPES
+    for kind, _ in _mask_variants(shape, "cpu")
+]
+
+
+# ------------------------------------------------------------------ values
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape,mask_kind", CASES)
+@pytest.mark.parametrize("with_v", [True, False])
+def test_forward_and_backward_match_reference(device, dtype, shape, mask_kind, with_v):
+    w, u, v, mask = _inputs(shape, dtype, device, mask_kind, with_v, requires_grad=True)
+    out = symfast.dcs(w, u, v, mask)
+    expected = ref.dcs(w, u, v, mask)
+    assert out.shape == expected.shape and out.dtype == dtype and out.is_contiguous()
+    # Both round w*u once from the exact product, so they agree bit for bit.
+    torch.testing.assert_close(out, expected, **EXACT)
+    g = _randn(shape, dtype, device, 9)
+    inputs = [t for t in (w, u, v) if t is not None]
+    got = torch.autograd.grad(out, inputs, g)
+    want = torch.autograd.grad(expected, inputs, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **EXACT)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape,mask_kind", [c for c in CASES if c[0] in [(), (0,), (33,), (3, 4, 5), (70001,)]])
+def test_backward_op_matches_reference(device, dtype, shape, mask_kind):
+    w, u, _, mask = _inputs(shape, dtype, device, mask_kind)
+    g = _randn(shape, dtype, device, 9)
+    flags = [f for f in itertools.product([False, True], repeat=3) if mask is not None or not f[2]]
+    for flag in flags:
+        got = ops.dcs_backward(g, w, u, mask, *flag)
+        want = ref.dcs_backward(g, w, u, mask, *flag)
+        for a, b, needed in zip(got, want, flag):
+            assert a.shape == (w.shape if needed else (0,))
+            torch.testing.assert_close(a, b, **EXACT)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape,mask_kind", [c for c in CASES if c[0] in [(), (0,), (33,), (3, 4, 5), (70001,)]])
+def test_jvp_op_matches_reference(device, dtype, shape, mask_kind):
+    w, u, _, mask = _inputs(shape, dtype, device, mask_kind)
+    wd, ud, vd = (_randn(shape, dtype, device, s) for s in (4, 5, 6))
+    for present in itertools.product([False, True], repeat=3):
+        if present[2] and mask is None:
+            continue
+        tangents = [t if p else None for t, p in zip((wd, ud, vd), present)]
+        got = ops.dcs_jvp(w, u, mask, *tangents)
+        want = ref.dcs_jvp(w, u, mask, *tangents)
+        torch.testing.assert_close(got, want, **EXACT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_rule(dtype):
+    """STYLE.md: error vs a float64 reference is at most twice the reference's own error."""
+    shape = (4097,)
+    w, u, v, mask = _inputs(shape, dtype, "cpu", "bool")
+    wd, ud = _randn(shape, dtype, "cpu", 4), _randn(shape, dtype, "cpu", 5)
+    up = lambda t: None if t is None else (t.double() if t.is_floating_point() else t)
+    pairs = [
+        (symfast.dcs(w, u, v, mask), ref.dcs(w, u, v, mask), ref.dcs(*map(up, (w, u, v)), mask)),
+        (ops.dcs_jvp(w, u, mask, wd, ud, None), ref.dcs_jvp(w, u, mask, wd, ud, None),
+         ref.dcs_jvp(up(w), up(u), mask, up(wd), up(ud), None)),
+    ]
+    for got, low, exact in pairs:
+        err = (got.double() - exact).abs().max()
+        ref_err = (low.double() - exact).abs().max()
+        assert err <= 2 * ref_err + 1e-12, (err, ref_err)
+
+
+# --------------------------------------------------------- memory layouts
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_and_broadcast_inputs(device, dtype):
+    base = [_randn((6, 10), dtype, device, s) for s in (1, 2, 3, 4)]
+    w = base[0].t()                       # transposed
+    u = base[1][:, ::1].t().contiguous()  # contiguous, same logical shape
+    v = base[2].t()[:, :]                 # transposed
+    g = base[3][::1, :].t()
+    masks = [
+        (torch.rand(10, 6, device=device) > 0.5).t().t(),
+        (torch.rand(20, 6, device=device) > 0.5)[::2],            # strided rows
+        (torch.rand(6, device=device) > 0.5),                     # broadcast row
+        (torch.rand(10, 1, device=device) > 0.5).expand(10, 6),   # stride-0 view
+        torch.tensor(True, device=device),                         # 0-d mask
+    ]
+    for mask in masks:
+        for t in (w, u, v):
+            t.requires_grad_(True)
+        out, exp = symfast.dcs(w, u, v, mask), ref.dcs(w, u, v, mask)
+        torch.testing.assert_close(out, exp, atol=0, rtol=0)
+        got = torch.autograd.grad(out, (w, u, v), g)
+        want = torch.autograd.grad(exp, (w, u, v), g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(
+            ops.dcs_jvp(w.detach(), u, mask, g, v.detach(), w.detach()),
+            ref.dcs_jvp(w.detach(), u, mask, g, v.detach(), w.detach()), atol=0, rtol=0)
+
+
+def test_non_finite_values_select_exactly():
+    w = torch.tensor([float("inf"), 1.0, 2.0, float("nan")])
+    u = torch.tensor([1.0, 3.0, 4.0, 1.0])
+    v = torch.tensor([5.0, float("inf"), 6.0, 7.0])
+    mask = torch.tensor([False, False, True, False])
+    # Where the mask is off, theta is exactly v: no 0 * inf = nan leaks in.
+    assert torch.equal(symfast.dcs(w, u, v, mask), torch.tensor([5.0, float("inf"), 8.0, 7.0]))
+
+
+# ------------------------------------------------------- autograd checks
+GRAD_CASES = [((3, 4), "none", False), ((3, 4), "bool", True), ((3, 4), "broadcast-last", True),
+              ((3, 4), "float", False), ((), "bool", True), ((0, 3), "bool", True)]
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("shape,mask_kind,with_v", GRAD_CASES)
+def test_gradcheck_and_gradgradcheck(device, shape, mask_kind, with_v):
+    w, u, v, mask = _inputs(shape, torch.float64, device, mask_kind, with_v, requires_grad=True)
+    args = (w, u, v, mask)
+    f = lambda w, u, v: symfast.dcs(w, u, v, mask)
+    inp = (w, u, v)
+    assert torch.autograd.gradcheck(f, inp, check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+    assert torch.autograd.gradgradcheck(f, inp, check_fwd_over_rev=True, check_rev_over_rev=True,
+                                        check_batched_grad=True)
+    # The raw op is differentiable too (register_autograd), for users of torch.ops.
+    assert torch.autograd.gradgradcheck(lambda w, u, v: ops.dcs(w, u, v, mask), inp)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool"])
+def test_gradcheck_backward_and_jvp_ops(device, mask_kind):
+    from symfast._ops import DCSBackwardFunction, DCSJvpFunction
+
+    shape = (2, 5)
+    w, u, _, mask = _inputs(shape, torch.float64, device, mask_kind, requires_grad=True)
+    g, wd, ud, vd = (_randn(shape, torch.float64, device, s).requires_grad_() for s in (4, 5, 6, 7))
+    nv = mask is not None
+    bwd = lambda g, w, u: tuple(o for o in DCSBackwardFunction.apply(g, w, u, mask, True, True, nv) if o.numel())
+    fwd = lambda w, u, wd, ud, vd: DCSJvpFunction.apply(w, u, mask, wd, ud, vd if nv else None)
+    for f, inp in ((bwd, (g, w, u)), (fwd, (w, u, wd, ud, vd))):
+        assert torch.autograd.gradcheck(f, inp, check_forward_ad=True, check_batched_grad=True,
+                                        check_batched_forward_grad=True)
+        assert torch.autograd.gradgradcheck(f, inp, check_fwd_over_rev=True)
+
+
+# ---------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("shape,mask_kind,with_v", GRAD_CASES + [((7,), "broadcast-last", False)])
+def test_opcheck(device, shape, mask_kind, with_v):
+    w, u, v, mask = _inputs(shape, torch.float32, device, mask_kind, with_v, requires_grad=True)
+    torch.library.opcheck(ops.dcs.default, (w, u, v, mask))
+    g = _randn(shape, torch.float32, device, 9).requires_grad_()
+    for flags in [(True, True, mask is not None), (True, False, False), (False, True, mask is not None)]:
+        torch.library.opcheck(ops.dcs_backward.default, (g, w, u, mask, *flags))
+    wd, ud, vd = (_randn(shape, torch.float32, device, s).requires_grad_() for s in (4, 5, 6))
+    torch.library.opcheck(ops.dcs_jvp.default, (w, u, mask, wd, ud, vd if mask is not None else None))
+    torch.library.opcheck(ops.dcs_jvp.default, (w, u, mask, wd, None, None))
+
+
+# ---------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "broadcast-last"])
+def test_compile_fullgraph(device, dtype, mask_kind):
+    torch._dynamo.reset()
+    w, u, v, mask = _inputs((5, 9), dtype, device, mask_kind, requires_grad=True)
+
+    def f(w, u, v, mask):
+        return (symfast.dcs(w, u, v, mask).sin() * 2).sum()
+
+    def f_ref(w, u, v, mask):
+        return (ref.dcs(w, u, v, mask).sin() * 2).sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="inductor")
+    got, want = cf(w, u, v, mask), f_ref(w, u, v, mask)
+    torch.testing.assert_close(got, want)
+    inputs = [t for t in (w, u, v) if t is not None]
+    for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+        torch.testing.assert_close(a, b)
+
+
+# -------------------------------------------------------------- torch.func
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "broadcast-col", "float"])
+def test_func_jvp_vjp_hessian(device, mask_kind):
+    w, u, v, mask = _inputs((3, 4), torch.float64, device, mask_kind)
+    primals = (w, u) if v is None else (w, u, v)
+    tangents = tuple(_randn((3, 4), torch.float64, device, 10 + i) for i in range(len(primals)))
+
+    def f(*p):
+        return symfast.dcs(*p[:2], p[2] if len(p) > 2 else None, mask)
+
+    def f_ref(*p):
+        return ref.dcs(*p[:2], p[2] if len(p) > 2 else None, mask)
+
+    out, tan = tf.jvp(f, primals, tangents)
+    out_r, tan_r = tf.jvp(f_ref, primals, tangents)
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(tan, tan_r)
+
+    # forward-over-forward (the curvature engine's path)
+    def dir_deriv(fn):
+        return lambda *p: tf.jvp(fn, p, tangents)[1].pow(2).sum()
+
+    torch.testing.assert_close(tf.jvp(dir_deriv(f), primals, tangents), tf.jvp(dir_deriv(f_ref), primals, tangents))
+
+    scalar = lambda *p: f(*p).tanh().sum()
+    scalar_r = lambda *p: f_ref(*p).tanh().sum()
+    argn = tuple(range(len(primals)))
+    for got, want in zip(tf.grad(scalar, argn)(*primals), tf.grad(scalar_r, argn)(*primals)):
+        torch.testing.assert_close(got, want)
+    H, H_r = tf.hessian(scalar, argn)(*primals), tf.hessian(scalar_r, argn)(*primals)
+    for row, row_r in zip(H, H_r):
+        for a, b in zip(row, row_r):
+            torch.testing.assert_close(a, b)
+    # reverse-over-reverse Hessian too
+    H2 = tf.jacrev(tf.jacrev(scalar, argn), argn)(*primals)
+    for row, row_r in zip(H2, H_r):
+        for a, b in zip(row, row_r):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("in_dims", [(0, 0, 0, None), (0, None, None, None), (None, 1, None, 0), (1, 0, 0, 1), (None, None, 0, None)])
+def test_func_vmap(device, in_dims):
+    B, shape = 3, (4, 5)
+
+    def make(d, seed, dtype=torch.float64):
+        if d is None:
+            return _randn(shape, dtype, device, seed)
+        s = list(shape)
+        s.insert(d, B)
+        return _randn(tuple(s), dtype, device, seed)
+
+    w, u, v = make(in_dims[0], 1), make(in_dims[1], 2), make(in_dims[2], 3)
+    md = in_dims[3]
+    # batched masks are per-row masks (5,) with the batch dim inserted
+    mask = (torch.rand(5, device=device) > 0.5) if md is None else (torch.rand(B, 5, device=device) > 0.5).movedim(0, md)
+    got = tf.vmap(symfast.dcs, in_dims=in_dims)(w, u, v, mask)
+    want = tf.vmap(ref.dcs, in_dims=in_dims)(w, u, v, mask)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    # per-sample gradients: vmap(grad)
+    def loss(w, u, v, mask):
+        return symfast.dcs(w, u, v, mask).sin().sum()
+
+    def loss_ref(w, u, v, mask):
+        return ref.dcs(w, u, v, mask).sin().sum()
+
+    g = tf.vmap(tf.grad(loss, argnums=(0, 1, 2)), in_dims=in_dims)(w, u, v, mask)
+    g_r = tf.vmap(tf.grad(loss_ref, argnums=(0, 1, 2)), in_dims=in_dims)(w, u, v, mask)
+    for a, b in zip(g, g_r):
+        torch.testing.assert_close(a, b)
+    # vmap of jvp
+    t = (_randn(shape, torch.float64, device, 7),) * 3
+    jv = tf.vmap(lambda w, u, v, m: tf.jvp(lambda a, b, c: symfast.dcs(a, b, c, m), (w, u, v), t)[1], in_dims=in_dims)
+    jv_r = tf.vmap(lambda w, u, v, m: tf.jvp(lambda a, b, c: ref.dcs(a, b, c, m), (w, u, v), t)[1], in_dims=in_dims)
+    torch.testing.assert_close(jv(w, u, v, mask), jv_r(w, u, v, mask))
+
+
+# ------------------------------------------------------------- bad input
+def _bad_calls():
+    w = torch.randn(3, 4)
+    u = torch.randn(3, 4)
+    m = torch.ones(3, 4, dtype=torch.bool)
+    yield "u must have w's shape", (TypeError, ValueError), (w, torch.randn(4, 3)), {}
+    yield "v must have w's shape", ValueError, (w, u, torch.randn(3)), {"mask": m}
+    yield "mask must broadcast to w's shape", ValueError, (w, u), {"mask": torch.ones(5, dtype=torch.bool)}
+    yield "mask must broadcast to w's shape", ValueError, (w, u), {"mask": torch.ones(2, 3, 4, dtype=torch.bool)}
+    yield "u must have the dtype of w", TypeError, (w, u.double()), {}
+    yield "v must have the dtype of w", TypeError, (w, u, v := torch.randn(3, 4).half()), {"mask": m}
+    yield "u must be on w's device", ValueError, (w, torch.empty(3, 4, device="meta")), {}
+    yield "mask must be on w's device", ValueError, (w, u), {"mask": torch.empty(3, 4, device="meta", dtype=torch.bool)}
+    yield "w must be float32, float64, float16 or bfloat16, got torch.int64", TypeError, (torch.ones(3, 4, dtype=torch.long), u), {}
+    yield "mask must be a bool or floating 0/1 tensor, got torch.int64", TypeError, (w, u), {"mask": torch.ones(3, 4, dtype=torch.long)}
+    yield "v was given without a mask", ValueError, (w, u, torch.randn(3, 4)), {}
+    yield "u must be a torch.Tensor", TypeError, (w, 3.0), {}
+    yield "mask must not require grad", ValueError, (w, u), {"mask": torch.ones(3, 4, requires_grad=True)}
+
+
+@pytest.mark.parametrize("message,exc,args,kwargs", list(_bad_calls()))
+def test_bad_input_is_a_clear_error(message, exc, args, kwargs):
+    with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)")):
+        symfast.dcs(*args, **kwargs)
+
+
+def test_float_mask_with_other_values_is_an_error():
+    w, u = torch.randn(3, 4), torch.randn(3, 4)
+    mask = torch.full((3, 4), 0.5)
+    with pytest.raises(RuntimeError, match="floating mask must hold only 0 and 1"):
+        symfast.dcs(w, u, mask=mask)
+    with pytest.raises(RuntimeError, match="floating mask must hold only 0 and 1"):
+        ops.dcs_backward(w, w, u, mask, True, True, True)
+
+
+def test_raw_op_rejects_bad_input_without_crashing():
+    w = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match=r"symfast.dcs: u must have w's shape \[3, 4\], got \[4\]"):
+        ops.dcs(w, torch.randn(4))
+    with pytest.raises(RuntimeError, match="symfast.dcs: w must be float32"):
+        ops.dcs(torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="mask must broadcast"):
+        ops.dcs(w, w, None, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="v_needed=True requires a mask"):
+        ops.dcs_backward(w, w, w, None, False, False, True)
+    with pytest.raises(RuntimeError, match="v_dot was given without a mask"):
+        ops.dcs_jvp(w, w, None, None, None, w)
+    with pytest.raises(RuntimeError, match="symfast.dcs_jvp: w_dot must have the dtype of w"):
+        ops.dcs_jvp(w, w, None, w.double(), None, None)
+
+
+# --------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_and_cuda_agree(dtype):
+    shape = (1001, 37)
+    w, u, v, mask = _inputs(shape, dtype, "cpu", "bool")
+    g = _randn(shape, dtype, "cpu", 9)
+    cuda = lambda t: None if t is None else t.cuda()
+    torch.testing.assert_close(symfast.dcs(w, u, v, mask), symfast.dcs(*map(cuda, (w, u, v, mask))).cpu(), atol=0, rtol=0)
+    for a, b in zip(ops.dcs_backward(g, w, u, mask, True, True, True),
+                    ops.dcs_backward(*map(cuda, (g, w, u, mask)), True, True, True)):
+        torch.testing.assert_close(a, b.cpu(), atol=0, rtol=0)
