@@ -26,12 +26,14 @@ import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# 1M: fits in a large last-level cache on some CPUs; 16M (64 MB per float32
-# operand): memory bound everywhere. GPU-sized cases (64M, 256M) come later.
+# 1M: the whole working set (17-42 MB in float32) fits or nearly fits a large
+# last-level cache (32 MB on the 2-core CI box), so its copy baseline measures
+# cache bandwidth and per-call overhead shows; 16M (64 MB per float32 operand)
+# is memory bound everywhere. GPU-sized cases (64M, 256M) come later.
 SIZES = {"1M": 1 << 20, "16M": 1 << 24}
 
-TARGET_SECONDS = 0.6
-MIN_ROUNDS = 5
+TARGET_SECONDS = 1.5
+MIN_ROUNDS = 7
 MAX_ROUNDS = 200
 WARMUP_CALLS = 2
 
@@ -126,6 +128,19 @@ def machine_description() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cuda_version": torch.version.cuda,
     }
+    # Settings that change what is measured: thread count, allocator and huge
+    # pages (torch's THP_MEM_ALLOC_ENABLE, symfast's output cache), preloads.
+    info["env"] = {
+        k: os.environ[k]
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "SYMFAST_CPU_CACHE_MB",
+                  "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "CUDA_VISIBLE_DEVICES")
+        if k in os.environ
+    }
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            info["transparent_hugepage"] = f.read().strip()
+    except OSError:
+        info["transparent_hugepage"] = None
     try:
         import symfast
 
@@ -133,3 +148,51 @@ def machine_description() -> dict:
     except ImportError as exc:  # reported, not hidden: the run itself would fail
         info["symfast"] = f"import failed: {exc}"
     return info
+
+
+def cpu_snapshot() -> Optional[dict]:
+    """Busy CPU seconds of the whole machine and of this process tree, now.
+
+    Two snapshots bracket a run; the difference of their differences is CPU
+    time other processes took while we were timing: the noise on a shared box
+    (the load average cannot tell our own threads from theirs). Linux only.
+    """
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        machine = (sum(fields[:8]) - idle) / tick  # user .. steal, without guest (counted in user)
+
+        ppid, cpu = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            rest = stat[stat.rfind(")") + 2 :].split()  # fields after "(comm)"
+            ppid[int(entry)] = int(rest[1])
+            cpu[int(entry)] = (int(rest[11]) + int(rest[12])) / tick  # utime + stime
+        tree, frontier = {os.getpid()}, [os.getpid()]
+        while frontier:
+            parent = frontier.pop()
+            for pid, pp in ppid.items():
+                if pp == parent and pid not in tree:
+                    tree.add(pid)
+                    frontier.append(pid)
+        reaped = os.times()
+        own = sum(cpu.get(pid, 0.0) for pid in tree) + reaped.children_user + reaped.children_system
+    except (OSError, ValueError, IndexError):
+        return None
+    return {"machine_busy_s": machine, "own_s": own, "wall_s": time.perf_counter()}
+
+
+def foreign_cpu_fraction(start: Optional[dict], end: Optional[dict], cores: int) -> Optional[float]:
+    """Share of the machine's CPU capacity used by other processes between two snapshots."""
+    if start is None or end is None or end["wall_s"] <= start["wall_s"]:
+        return None
+    foreign = (end["machine_busy_s"] - start["machine_busy_s"]) - (end["own_s"] - start["own_s"])
+    return max(0.0, foreign) / ((end["wall_s"] - start["wall_s"]) * max(1, cores))

@@ -8,13 +8,12 @@ helpers live in ``bench_utils.py``.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import pytest
 import torch
 
-from bench_utils import machine_description
+from bench_utils import cpu_snapshot, foreign_cpu_fraction, machine_description
 
 # torch.compile(..., dynamic=False) specializes on shape and dtype and, for the
 # training cases, on requires_grad: one graph per case. The default limit (8
@@ -24,22 +23,22 @@ _limit_name = "recompile_limit" if hasattr(_dynamo_cfg, "recompile_limit") else 
 setattr(_dynamo_cfg, _limit_name, max(getattr(_dynamo_cfg, _limit_name), 64))
 
 
-_LOAD_AT_START: Optional[tuple] = None
+_CPU_AT_START: Optional[dict] = None
 
 
 def pytest_sessionstart(session):
-    global _LOAD_AT_START
-    if hasattr(os, "getloadavg"):
-        _LOAD_AT_START = os.getloadavg()
+    global _CPU_AT_START
+    _CPU_AT_START = cpu_snapshot()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     # Stored in the --benchmark-json file, which report.py reads: the record
     # names the machine the numbers came from, not the one that formats them.
     info = machine_description()
-    # Load averages bracket the run: a busy box (other jobs on 2 cores) shows here.
-    info["loadavg_start"] = _LOAD_AT_START
-    info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    # CPU other processes took during the run, as a share of the machine: on a
+    # shared 2-core box a few percent already moves the medians.
+    fraction = foreign_cpu_fraction(_CPU_AT_START, cpu_snapshot(), info["cores"])
+    info["foreign_cpu_fraction"] = None if fraction is None else round(fraction, 4)
     machine_info["symfast"] = info
 
 

@@ -192,11 +192,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = f", GPU {info['cuda_device']}" if info.get("cuda_device") else ""
     print(f"\nsymfast {record['symfast']}, torch {record['torch']}, {info.get('cpu_model')} "
           f"({cores} cores{device}), {record['date']}")
-    load = (info.get("loadavg_start"), info.get("loadavg_end"))
-    if all(load):
-        print(f"load average (1 min) at start/end: {load[0][0]:.2f} / {load[1][0]:.2f}")
-        if max(load[0][0], load[1][0]) > 0.5 * max(1, cores or 1):
-            print("warning: the machine was busy during the run; timings are noisy (rerun when idle)")
+    if info.get("env"):
+        print("environment: " + " ".join(f"{k}={v}" for k, v in info["env"].items()))
+    foreign = info.get("foreign_cpu_fraction")
+    if foreign is not None:
+        print(f"CPU taken by other processes during the run: {100 * foreign:.1f}% of the machine")
+        if foreign > 0.05:
+            print("warning: the machine was shared during the run; timings are noisy (rerun when idle)")
     print(format_table(rows, args.markdown))
     print(f"\nwrote {out}")
     return 0

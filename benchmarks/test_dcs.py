@@ -10,7 +10,7 @@ Every case runs four implementations in the same pytest-benchmark group:
   of ``bytes_moved / 2`` bytes each, so the copy moves (reads + writes) exactly
   the bytes a fused implementation of the case must move: the bandwidth yard
   stick. ``bytes_moved / median`` of symfast against that of the copy is the
-  fraction of attainable bandwidth (see ``conftest.bytes_moved``).
+  fraction of attainable bandwidth (see ``bench_utils.bytes_moved``).
 
 Training cases time ``theta = dcs(w, u, v, mask); theta.backward(g)`` with a
 fixed upstream gradient g, producing w.grad, u.grad and v.grad (w.grad and

@@ -77,7 +77,7 @@ def _dcs_jvp_fake(w, u, mask, w_dot, u_dot, v_dot):
 
 
 # ------------------------------------------------------------------ vmap glue
-def _to_front(t: Optional[Tensor], bdim: Optional[int], batch: int, logical_ndim: int) -> Optional[Tensor]:
+def _to_front(t: Optional[Tensor], bdim: Optional[int], batch: int) -> Optional[Tensor]:
     """Puts a vmapped operand into the layout the op expects: batch first.
 
     Operands that must have w's exact shape are expanded (a stride-0 view, no
@@ -92,10 +92,11 @@ def _to_front(t: Optional[Tensor], bdim: Optional[int], batch: int, logical_ndim
     return t.movedim(bdim, 0)
 
 
-def _mask_to_front(mask: Optional[Tensor], bdim: Optional[int], w_ndim: int) -> Optional[Tensor]:
+def _mask_to_front(mask: Optional[Tensor], bdim: Optional[int], w: Tensor, w_bdim: Optional[int]) -> Optional[Tensor]:
     if mask is None or bdim is None:
         return mask
     mask = mask.movedim(bdim, 0)
+    w_ndim = w.dim() - (w_bdim is not None)  # w's logical (per-sample) rank
     missing = w_ndim - (mask.dim() - 1)
     return mask.reshape(mask.shape[:1] + (1,) * missing + mask.shape[1:])
 
@@ -254,10 +255,9 @@ class DCSFunction(torch.autograd.Function):
     def vmap(info, in_dims, w, u, v, mask):
         wd, ud, vd, md = in_dims
         b = _batch_size((w, u, v, mask), in_dims)
-        ndim = (w.dim() - 1) if wd is not None else w.dim()
         out = DCSFunction.apply(
-            _to_front(w, wd, b, ndim), _to_front(u, ud, b, ndim), _to_front(v, vd, b, ndim),
-            _mask_to_front(mask, md, ndim),
+            _to_front(w, wd, b), _to_front(u, ud, b), _to_front(v, vd, b),
+            _mask_to_front(mask, md, w, wd),
         )
         return out, 0
 
@@ -291,10 +291,9 @@ class DCSBackwardFunction(torch.autograd.Function):
     def vmap(info, in_dims, grad, w, u, mask, w_needed, u_needed, v_needed):
         gd, wd, ud, md = in_dims[:4]
         b = _batch_size((grad, w, u, mask), in_dims[:4])
-        ndim = (w.dim() - 1) if wd is not None else w.dim()
         outs = DCSBackwardFunction.apply(
-            _to_front(grad, gd, b, ndim), _to_front(w, wd, b, ndim), _to_front(u, ud, b, ndim),
-            _mask_to_front(mask, md, ndim), w_needed, u_needed, v_needed,
+            _to_front(grad, gd, b), _to_front(w, wd, b), _to_front(u, ud, b),
+            _mask_to_front(mask, md, w, wd), w_needed, u_needed, v_needed,
         )
         return outs, tuple(0 if f else None for f in (w_needed, u_needed, v_needed))
 
@@ -324,11 +323,10 @@ class DCSJvpFunction(torch.autograd.Function):
         wd, ud, md, wdd, udd, vdd = in_dims
         args = (w, u, mask, w_dot, u_dot, v_dot)
         b = _batch_size(args, in_dims)
-        ndim = (w.dim() - 1) if wd is not None else w.dim()
         out = DCSJvpFunction.apply(
-            _to_front(w, wd, b, ndim), _to_front(u, ud, b, ndim), _mask_to_front(mask, md, ndim),
-            _to_front(w_dot, wdd, b, ndim), _to_front(u_dot, udd, b, ndim),
-            _to_front(v_dot, vdd, b, ndim),
+            _to_front(w, wd, b), _to_front(u, ud, b), _mask_to_front(mask, md, w, wd),
+            _to_front(w_dot, wdd, b), _to_front(u_dot, udd, b),
+            _to_front(v_dot, vdd, b),
         )
         return out, 0
 
