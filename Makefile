@@ -16,13 +16,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.symfast-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench repro-full install clean
 
 demo: $(STAMP)
 	$(PY) -m symfast demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+repro-full: $(STAMP)
+	$(PY) -m symfast repro --all --full
 
 bench: $(STAMP)
 	$(PY) benchmarks/report.py

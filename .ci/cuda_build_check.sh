@@ -154,10 +154,10 @@ if not here.startswith(site + os.sep):
     raise SystemExit(f"[cuda-build-check] imported symfast from {here}, not from the fresh build in {site}")
 
 missing = []
-for op in ("dcs", "dcs_backward", "dcs_jvp"):
+for op in ("dcs", "dcs_backward", "dcs_jvp", "dcs_group", "dcs_group_backward", "dcs_group_jvp"):
     for key in ("CPU", "CUDA"):
         ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"symfast::{op}", key)
-        print(f"[cuda-build-check]   symfast::{op:<13} {key:<4} kernel: {'yes' if ok else 'MISSING'}")
+        print(f"[cuda-build-check]   symfast::{op:<20} {key:<4} kernel: {'yes' if ok else 'MISSING'}")
         if not ok:
             missing.append(f"{op}/{key}")
 if missing:
@@ -188,4 +188,4 @@ if torch.cuda.is_available():
 else:
     print("[cuda-build-check] no GPU visible: numerical smoke test skipped")
 EOF
-log "OK: symfast builds with CUDA and registers CUDA kernels for dcs, dcs_backward, dcs_jvp"
+log "OK: symfast builds with CUDA and registers CPU and CUDA kernels for every op"

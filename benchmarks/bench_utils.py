@@ -196,3 +196,25 @@ def foreign_cpu_fraction(start: Optional[dict], end: Optional[dict], cores: int)
         return None
     foreign = (end["machine_busy_s"] - start["machine_busy_s"]) - (end["own_s"] - start["own_s"])
     return max(0.0, foreign) / ((end["wall_s"] - start["wall_s"]) * max(1, cores))
+
+
+def bytes_moved_group(op: str, numel: int, groups: int, dtype: torch.dtype) -> int:
+    """Minimal DRAM traffic of a fused dcs_group (theta = w * s along dim), in bytes.
+
+    s = element size, n = numel of w, G = number of groups (the gate's length).
+
+    forward            read w, s; write theta:                  2 n s + G s
+    backward           read g, w, s; write grad_w, grad_s:      3 n s + 2 G s
+    forward+backward   the sum (the fused backward re-reads w): 5 n s + 3 G s
+
+    As in ``bytes_moved``, write-allocate traffic and page faults of fresh
+    outputs are not counted.
+    """
+    s = torch.empty((), dtype=dtype).element_size()
+    fwd = 2 * numel * s + groups * s
+    bwd = 3 * numel * s + 2 * groups * s
+    if op == "forward":
+        return fwd
+    if op == "forward+backward":
+        return fwd + bwd
+    raise ValueError(f"bytes_moved_group: unknown op {op!r}, expected 'forward' or 'forward+backward'")

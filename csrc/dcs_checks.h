@@ -101,3 +101,89 @@ inline c10::optional<at::Tensor> check_dcs_jvp_args(const at::Tensor& w, const a
 }
 
 }  // namespace symfast
+
+// ------------------------------------------------------------------ dcs_group
+// theta = w * s broadcast along `dim`: w is seen as [outer, G, inner] (G =
+// w.shape[dim]), and s, the gate, has shape (G,).
+namespace symfast {
+
+// Sizes as a Python tuple, "(5,)" or "(3, 4)", so that the C++ messages read
+// like the Python ones (symfast/_ops_group.py) and like the shapes users type.
+inline std::string tuple_str(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    if (k > 0) out += ", ";
+    out += std::to_string(sizes[k]);
+  }
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
+// w must have a dimension to group along; returns dim in [0, w.dim()).
+// An out-of-range dim is an IndexError, as in torch.
+inline int64_t check_group_dim(const char* op, const at::Tensor& w, int64_t dim) {
+  const int64_t nd = w.dim();
+  TORCH_CHECK(nd >= 1, op, ": w must have at least one dimension (groups run along dim), got a 0-d tensor");
+  TORCH_CHECK_INDEX(dim >= -nd && dim < nd, op, ": dim must be in the range [", -nd, ", ", nd - 1,
+                    "] for w with ", nd, " dimension", nd == 1 ? "" : "s", ", got ", dim);
+  return dim < 0 ? dim + nd : dim;
+}
+
+// A per-group operand (s, s_dot): w's dtype and device, shape (w.shape[dim],).
+inline void check_group_gate(const char* op, const char* name, const at::Tensor& s,
+                             const at::Tensor& w, int64_t dim) {
+  TORCH_CHECK(s.scalar_type() == w.scalar_type(), op, ": ", name,
+              " must have the dtype of w (", w.scalar_type(), "), got ", s.scalar_type());
+  TORCH_CHECK(s.device() == w.device(), op, ": ", name, " must be on w's device (", w.device(),
+              "), got ", s.device());
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == w.size(dim), op, ": ", name,
+              " must have shape (G,) = (w.shape[dim],) = (", w.size(dim), ",), got ",
+              tuple_str(s.sizes()));
+}
+
+// The full argument checks of the dcs_group ops, shared by the CPU and CUDA
+// kernels. Each returns dim normalized to [0, w.dim()).
+inline int64_t check_dcs_group_args(const at::Tensor& w, const at::Tensor& s, int64_t dim) {
+  constexpr const char* op = "symfast.dcs_group";
+  check_primal(op, w);
+  dim = check_group_dim(op, w, dim);
+  check_group_gate(op, "s", s, w, dim);
+  return dim;
+}
+
+inline int64_t check_dcs_group_backward_args(const at::Tensor& grad, const at::Tensor& w,
+                                             const at::Tensor& s, int64_t dim) {
+  constexpr const char* op = "symfast.dcs_group_backward";
+  check_primal(op, w);
+  dim = check_group_dim(op, w, dim);
+  check_group_gate(op, "s", s, w, dim);
+  check_operand(op, "grad", grad, w);
+  return dim;
+}
+
+inline int64_t check_dcs_group_jvp_args(const at::Tensor& w, const at::Tensor& s, int64_t dim,
+                                        const c10::optional<at::Tensor>& w_dot,
+                                        const c10::optional<at::Tensor>& s_dot) {
+  constexpr const char* op = "symfast.dcs_group_jvp";
+  check_primal(op, w);
+  dim = check_group_dim(op, w, dim);
+  check_group_gate(op, "s", s, w, dim);
+  if (w_dot.has_value()) check_operand(op, "w_dot", *w_dot, w);
+  if (s_dot.has_value()) check_group_gate(op, "s_dot", *s_dot, w, dim);
+  return dim;
+}
+
+// w (contiguous) as [outer, groups, inner] around dim; every element p of it
+// belongs to group (p / inner) % groups.
+struct GroupView {
+  int64_t outer, groups, inner;
+  int64_t numel() const { return outer * groups * inner; }
+};
+
+inline GroupView group_view(at::IntArrayRef sizes, int64_t dim) {
+  GroupView v{1, sizes[dim], 1};
+  for (int64_t d = 0; d < dim; ++d) v.outer *= sizes[d];
+  for (int64_t d = dim + 1; d < static_cast<int64_t>(sizes.size()); ++d) v.inner *= sizes[d];
+  return v;
+}
+
+}  // namespace symfast

@@ -40,6 +40,21 @@ TORCH_LIBRARY(symfast, m) {
       "dcs_jvp(Tensor w, Tensor u, Tensor? mask, Tensor? w_dot, Tensor? u_dot, "
       "Tensor? v_dot) -> Tensor");
 
+  // Group gate (group lasso): theta = w * s broadcast along dim, i.e.
+  // theta[..., g, ...] = s[g] * w[..., g, ...] with s of shape (w.shape[dim],).
+  // dim may be negative. Penalty alpha*(|s|^2 + |w|^2) = 2*alpha*sum_g |theta_g|_2.
+  m.def("dcs_group(Tensor w, Tensor s, int dim) -> Tensor");
+  // Vector-Jacobian product of dcs_group, both gradients in one pass:
+  //   grad_w = grad * s (broadcast),  grad_s[g] = sum over the other dims of grad * w.
+  // A gradient whose flag is false is not computed and comes back as a fresh
+  // empty (0,) tensor.
+  m.def(
+      "dcs_group_backward(Tensor grad, Tensor w, Tensor s, int dim, bool w_needed, "
+      "bool s_needed) -> (Tensor, Tensor)");
+  // Jacobian-vector product of dcs_group: theta_dot = w_dot * s + w * s_dot.
+  // A missing tangent counts as zero.
+  m.def("dcs_group_jvp(Tensor w, Tensor s, int dim, Tensor? w_dot, Tensor? s_dot) -> Tensor");
+
   // The cache of CPU output blocks (csrc/cpu/output_cache.h), exposed as
   // symfast.cpu_cache_info / set_cpu_cache_limit / empty_cpu_cache.
   m.def("cpu_cache_info() -> int[]", &symfast::cpu_cache_info);

@@ -1,17 +1,21 @@
 """Command line: ``symfast <command>`` (also ``python -m symfast <command>``).
 
 Commands:
-  demo   Figure 1-left of the paper: learning-rate-induced sparsity from the
-         rescaling symmetry theta = w * u (symfast.dcs), against vanilla SGD.
+  demo   the main job: the curated quick set of paper reproductions (Figure
+         1-left's sparsity table first), a summary table of claims and
+         verdicts, and the combined report results/report.md.
+  repro  one experiment, several, or --all; --list shows the plan
+         (symfast.experiments.EXPERIMENTS), with what is not ready yet.
 
-More commands (e.g. ``repro`` for the other experiments, ``train``) plug in by
-adding a ``_add_<name>(subparsers)`` function to ``_COMMANDS``.
+More commands (e.g. ``train``) plug in by adding a ``_add_<name>(subparsers)``
+function to ``_COMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 
@@ -33,12 +37,9 @@ def _print_table(per_lr: list[dict], out=None) -> None:
         )
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments import fig1_left  # the library never imports experiments; the CLI may
-
-    res = fig1_left.run(args.out, quick=not args.full, seed=args.seed, progress=not args.progress_off)
+def _print_fig1_left(res: dict, out_dir: Path) -> None:
+    """The Figure 1-left table: sparsity per learning rate, vanilla against DCS, every noise level."""
     m, cfg = res["metrics"], res["config"]
-    print(f"symfast demo: {res['experiment']} ({'full' if args.full else 'quick'}, seed {args.seed})")
     print(f"claim: {res['claim']}")
     print()
     print(
@@ -63,27 +64,144 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(f"criterion: {res['criterion']}")
     print(f"verdict: {res['verdict'].upper()}")
-    print(f"figure: {res['figure']}")
-    print(f"record: {res['json']}")
+    for f in res["figures"]:
+        print(f"figure: {out_dir / f}")
+    print(f"record: {out_dir / 'result.json'}")
     print(f"time: {res['seconds']:.1f} s")
+
+
+def _run_set(names: Sequence[str], args: argparse.Namespace, *, show_fig1_left_table: bool) -> list[dict]:
+    from . import experiments  # the library never imports experiments; the CLI may
+
+    out = Path(args.out)
+    quick = not args.full
+    records = []
+    for i, name in enumerate(names, 1):
+        exp = experiments.get(name)
+        print(f"[{i}/{len(names)}] {name}: {exp.title} ({'quick' if quick else 'full'}, seed {args.seed})", flush=True)
+        rec = experiments.run(name, out, quick=quick, seed=args.seed, progress=not args.progress_off)
+        if name == "fig1-left" and show_fig1_left_table:
+            _print_fig1_left(rec, out / name)
+        print(f"    -> {rec['verdict'].upper()} in {rec['seconds']:.1f} s: {rec['headline']}", flush=True)
+        print(f"       {out / name / 'report.md'}", flush=True)
+        records.append(rec)
+    return records
+
+
+def _finish(records: list[dict], out: Path, command: str, report_records: Optional[list] = None) -> None:
+    from .experiments import report
+
+    path = report.write_report(out, command=command, records=report_records)
+    print()
+    print(report.summary_text(records))
+    print(f"combined report: {path}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import experiments
+
+    names = list(experiments.MAIN_JOB)
+    mode = "full" if args.full else "quick"
+    print(f"symfast demo: the main job, {len(names)} reproductions of the paper ({mode}, seed {args.seed}) "
+          f"-> {args.out}/")
+    records = _run_set(names, args, show_fig1_left_table=True)
+    cmd = "symfast demo" + (" --full" if args.full else "") + (f" --seed {args.seed}" if args.seed else "")
+    _finish(records, Path(args.out), cmd, report_records=records)
     return 0
 
 
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="reproduce Figure 1-left (sparsity vs learning rate, vanilla vs DCS)",
-        description="Train vanilla and DCS (theta = w * u) linear regressions with batch-size-1 SGD "
-        "over a sweep of learning rates; write fig1_left.png and fig1_left.json.",
+        help="the main job: the curated quick set of paper reproductions, with a combined report",
+        description="Run the curated reproductions (" + ", ".join(_main_job_names()) + "), print Figure 1-left's "
+        "table and a summary table of claims and verdicts, and write OUT/NAME/{result.json,report.md,*.png} "
+        "and the combined OUT/report.md.",
     )
     p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--full", action="store_true", help="finer lr grid, 3 replicates, 3 noise levels (slower)")
+    p.add_argument("--full", action="store_true", help="the paper's appendix settings (much slower)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--no-progress", dest="progress_off", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", dest="progress_off", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_demo)
 
 
-_COMMANDS: list[Callable] = [_add_demo]
+def _main_job_names() -> list[str]:
+    from . import experiments
+
+    return list(experiments.MAIN_JOB)
+
+
+def _print_list() -> None:
+    from . import experiments
+
+    print(f"{'name':<11} {'main job':<9} {'status':<10} what")
+    for e in experiments.EXPERIMENTS:
+        why = e.unavailable_reason()
+        print(f"{e.name:<11} {'yes' if e.main_job else '':<9} {'ready' if why is None else 'planned':<10} {e.title}")
+        if why is not None:
+            print(f"{'':<32}{why}")
+    print()
+    print("symfast repro NAME [NAME ...] [--quick | --full] [--out DIR] [--seed N]; --all runs every ready one; "
+          "symfast demo runs the main job.")
+
+
+def _cmd_repro(args: argparse.Namespace) -> int:
+    from . import experiments
+
+    if args.list:
+        _print_list()
+        return 0
+    if args.all and args.names:
+        print("symfast repro: give experiment names or --all, not both", file=sys.stderr)
+        return 2
+    if not args.all and not args.names:
+        print("symfast repro: name an experiment (see --list) or use --all", file=sys.stderr)
+        return 2
+    known = experiments.names()
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        print(f"symfast repro: unknown experiment(s) {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    if args.all:
+        names = [e.name for e in experiments.available()]
+        skipped = [e for e in experiments.EXPERIMENTS if not e.available]
+        for e in skipped:
+            print(f"skipping {e.name}: {e.unavailable_reason()}")
+    else:
+        names = list(dict.fromkeys(args.names))
+        blocked = [(n, experiments.get(n).unavailable_reason()) for n in names]
+        blocked = [(n, why) for n, why in blocked if why is not None]
+        if blocked:
+            for n, why in blocked:
+                print(f"symfast repro: {n} is {why}", file=sys.stderr)
+            return 2
+    records = _run_set(names, args, show_fig1_left_table=False)
+    cmd = "symfast repro " + ("--all" if args.all else " ".join(names)) + (" --full" if args.full else "")
+    _finish(records, Path(args.out), cmd)  # the combined report covers every record found in OUT
+    return 0
+
+
+def _add_repro(sub) -> None:
+    p = sub.add_parser(
+        "repro",
+        help="reproduce one or more experiments of the paper (see --list)",
+        description="Each run writes OUT/NAME/result.json (claim, verdict computed by a stated criterion, metrics, "
+        "config, seconds), PNG figure(s) and report.md, then rebuilds the combined OUT/report.md from every "
+        "record in OUT.",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="experiment(s) to run (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments and whether each is ready")
+    p.add_argument("--all", action="store_true", help="run every ready experiment (quick unless --full)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="about a minute each on 2 CPU cores (default)")
+    mode.add_argument("--full", action="store_true", help="the paper's appendix settings (slower)")
+    p.add_argument("--out", default="results", help="output directory (default: results/)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", dest="progress_off", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=_cmd_repro)
+
+
+_COMMANDS: list[Callable] = [_add_demo, _add_repro]
 
 
 def build_parser() -> argparse.ArgumentParser:

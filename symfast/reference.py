@@ -91,3 +91,76 @@ def dcs_jvp(
         return on
     off = v_dot if v_dot is not None else torch.zeros_like(w)
     return torch.where(_bool_mask(mask), on, off)
+
+
+# ----------------------------------------------------------------- dcs_group
+# Group gate (group lasso): theta_g = s_g * w_g for the groups along one dim.
+# With weight decay alpha * (|s|^2 + |w|^2), the minimum over factorizations of
+# a given theta is the group lasso penalty 2 * alpha * sum_g |theta_g|_2.
+
+
+def _gate_view(s: torch.Tensor, w: torch.Tensor, dim: int) -> torch.Tensor:
+    """s, shape (G,), as a tensor that broadcasts along ``dim`` of w."""
+    shape = [1] * w.dim()
+    shape[dim] = -1
+    return s.reshape(shape)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation type of the kernels: float for half types, else the dtype itself."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def dcs_group(w: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
+    """theta = w * s broadcast along dim: theta[..., g, ...] = s[g] * w[..., g, ...]."""
+    return w * _gate_view(s, w, dim)
+
+
+def dcs_group_backward(
+    grad: torch.Tensor,
+    w: torch.Tensor,
+    s: torch.Tensor,
+    dim: int,
+    w_needed: bool,
+    s_needed: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Vector-Jacobian product of dcs_group:
+    grad_w = grad * s (broadcast), grad_s[g] = sum of grad * w over every dim but ``dim``.
+
+    The sum is accumulated in float for half types (in the dtype otherwise)
+    and rounded once. A gradient that is not needed comes back as an empty
+    tensor of shape (0,).
+    """
+    dim = dim % w.dim()
+    grad_w = (grad * _gate_view(s, w, dim)).contiguous() if w_needed else w.new_empty(0)
+    if s_needed:
+        acc = _acc_dtype(w.dtype)
+        prod = grad.to(acc) * w.to(acc)
+        others = [d for d in range(w.dim()) if d != dim]
+        # sum(dim=[]) would reduce over everything: a 1-D w has nothing to sum.
+        grad_s = (prod.sum(dim=others) if others else prod).to(w.dtype)
+    else:
+        grad_s = s.new_empty(0)
+    return grad_w, grad_s
+
+
+def dcs_group_jvp(
+    w: torch.Tensor,
+    s: torch.Tensor,
+    dim: int,
+    w_dot: Optional[torch.Tensor],
+    s_dot: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Jacobian-vector product of dcs_group: theta_dot = w_dot * s + w * s_dot
+    (broadcast along dim); a missing tangent is zero.
+
+    The two products are summed in the accumulation type (float for half
+    types) and rounded once, as the kernels do.
+    """
+    acc = _acc_dtype(w.dtype)
+    out = torch.zeros(w.shape, dtype=acc, device=w.device)
+    if w_dot is not None:
+        out = out + w_dot.to(acc) * _gate_view(s, w, dim).to(acc)
+    if s_dot is not None:
+        out = out + w.to(acc) * _gate_view(s_dot, w, dim).to(acc)
+    return out.to(w.dtype)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import symfast
-from symfast import cli
+from symfast import cli, experiments
 from symfast.experiments import fig1_left
 
 VANILLA_MAX = 0.01
@@ -75,7 +75,8 @@ def test_quick_demo_reproduces_fig1_left(quick):
     for key in ("claim", "criterion", "verdict", "metrics", "config", "seconds"):
         assert key in res
     assert (out / "fig1_left.png").stat().st_size > 10_000
-    assert json.loads((out / "fig1_left.json").read_text()) == res
+    assert json.loads((out / "result.json").read_text()) == res
+    assert (out / "report.md").exists() and res["figures"] == ["fig1_left.png"]
 
     cfg, m = res["config"], res["metrics"]
     assert cfg["batch_size"] == 1 and cfg["d"] == 200
@@ -118,11 +119,15 @@ def test_deterministic_per_seed(tmp_path):
 
 
 def test_cli_demo(tmp_path, monkeypatch, capsys):
+    """The demo prints Figure 1-left's table; here the main job is cut to fig1-left (the other
+    experiments of the main job and the combined report are tested in tests/test_repro.py)."""
     real_run = fig1_left.run
     small = {"steps": 2000, "lrs": [1e-3, 4e-3, 2e-2], "noise_stds": [5.0, 1.0]}
-    monkeypatch.setattr(fig1_left, "run", lambda out, **kw: real_run(out, config=small, **kw))
+    monkeypatch.setattr(fig1_left, "run", lambda out, config=None, **kw: real_run(out, config=small, **kw))
+    monkeypatch.setattr(experiments, "MAIN_JOB", ("fig1-left",))
     assert cli.main(["demo", "--out", str(tmp_path), "--seed", "1", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "vanilla ==0" in text and "DCS ==0" in text and "diverged" in text
-    assert "verdict: " in text and str(tmp_path / "fig1_left.png") in text
-    assert (tmp_path / "fig1_left.png").exists() and (tmp_path / "fig1_left.json").exists()
+    assert "verdict: " in text and str(tmp_path / "fig1-left" / "fig1_left.png") in text
+    assert (tmp_path / "fig1-left" / "fig1_left.png").exists() and (tmp_path / "fig1-left" / "result.json").exists()
+    assert (tmp_path / "report.md").exists() and "claims reproduced" in text

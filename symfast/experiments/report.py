@@ -1,0 +1,115 @@
+"""The combined report: ``DIR/report.md`` with a summary table of claims and verdicts, every figure
+embedded, and the per-experiment details, built from the ``DIR/*/result.json`` records.
+
+``symfast demo`` and ``symfast repro`` rebuild it after every run, so it always reflects every
+experiment found in ``DIR``. Rebuild by hand with ``python -m symfast.experiments.report DIR``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from . import EXPERIMENTS
+from .common import REPORT_FILE, RESULT_FILE, _md_cell, experiment_markdown, load_record, short_claim
+
+
+def collect(out_root: str | Path) -> list[dict]:
+    """The records under ``out_root`` (one sub-folder per experiment), in registry order."""
+    out_root = Path(out_root)
+    order = {e.name: i for i, e in enumerate(EXPERIMENTS)}
+    recs = []
+    for path in sorted(out_root.glob(f"*/{RESULT_FILE}")):
+        rec = load_record(path)
+        if isinstance(rec, dict) and "experiment" in rec and "verdict" in rec:
+            recs.append(rec)
+    return sorted(recs, key=lambda r: (order.get(r["experiment"], len(order)), r["experiment"]))
+
+
+def _mode(rec: dict) -> str:
+    return "quick" if rec.get("config", {}).get("quick") else "full"
+
+
+def summary_markdown(records: Sequence[dict]) -> str:
+    lines = [
+        "| experiment | claim | verdict | measured | figure | time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        name = r["experiment"]
+        fig = r["figures"][0] if r.get("figures") else None
+        fig_cell = f"[{fig}]({name}/{fig})" if fig else ""
+        verdict = r["verdict"] if r["verdict"] == "reproduced" else f"**{r['verdict']}**"
+        lines.append(
+            f"| [{name}](#{_anchor(r)}) | {_md_cell(short_claim(r))} | {verdict} | {_md_cell(r.get('headline', ''))} "
+            f"| {fig_cell} | {r.get('seconds', 0):.0f} s ({_mode(r)}) |"
+        )
+    return "\n".join(lines)
+
+
+def _anchor(rec: dict) -> str:
+    # GitHub's heading anchors: lowercase, spaces to '-', punctuation dropped.
+    head = f"{rec['experiment']}: {rec.get('title', '')}".lower()
+    keep = "".join(ch for ch in head if ch.isalnum() or ch in " -_")
+    return keep.replace(" ", "-")
+
+
+def combined_markdown(records: Sequence[dict], *, command: Optional[str] = None) -> str:
+    n_ok = sum(r["verdict"] == "reproduced" for r in records)
+    lines = [
+        "# symfast: reproductions of 'Symmetry Leads to Structured Constraint of Learning'",
+        "",
+        f"{n_ok} of {len(records)} claims reproduced. Every verdict is computed from the measured numbers by "
+        "the criterion stated with it; nothing here is written by hand.",
+    ]
+    if command:
+        lines += ["", f"Produced by `{command}`."]
+    lines += ["", "## Summary", "", summary_markdown(records), ""]
+    ran = {r["experiment"] for r in records}
+    pending = [(e, e.unavailable_reason()) for e in EXPERIMENTS if e.name not in ran]
+    if pending:
+        lines += ["Not in this report:", ""]
+        for e, why in pending:
+            lines.append(f"- `{e.name}` ({e.title}): " + (why if why else "available, not run here "
+                                                             f"(`symfast repro {e.name}`)"))
+        lines.append("")
+    for r in records:
+        lines += [experiment_markdown(r, heading="##", fig_prefix=f"{r['experiment']}/"), ""]
+    return "\n".join(lines)
+
+
+def write_report(out_root: str | Path, *, command: Optional[str] = None,
+                 records: Optional[Iterable[dict]] = None) -> Path:
+    """Write ``out_root/report.md`` from ``records`` (default: every record found under ``out_root``)."""
+    out_root = Path(out_root)
+    recs = list(records) if records is not None else collect(out_root)
+    path = out_root / REPORT_FILE
+    path.write_text(combined_markdown(recs, command=command) + "\n")
+    return path
+
+
+def summary_text(records: Sequence[dict], width: int = 110) -> str:
+    """Plain-text summary table for the terminal: experiment, verdict, time, claim, and the numbers."""
+    lines = [f"{'experiment':<11} {'verdict':<15} {'time':>7}  claim / measured", "-" * width]
+    for r in records:
+        lines.append(f"{r['experiment']:<11} {r['verdict']:<15} {r.get('seconds', 0):>6.1f}s  {short_claim(r, 110)}")
+        lines.append(f"{'':<37}measured: {r.get('headline', '')}")
+    n_ok = sum(r["verdict"] == "reproduced" for r in records)
+    lines += ["-" * width, f"{n_ok} of {len(records)} claims reproduced"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m symfast.experiments.report DIR", file=sys.stderr)
+        return 2
+    path = write_report(args[0])
+    print(summary_text(collect(args[0])))
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
