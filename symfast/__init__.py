@@ -7,9 +7,10 @@ pure-PyTorch twins live in :mod:`symfast.reference`. Diagnostics live in
 (collapse and plasticity).
 """
 
-from . import metrics, reference, symmetry
+from . import metrics, nn, reference, symmetry
 from ._ops import dcs
 from ._ops_group import dcs_group
+from .convert import ConversionReport, SparsityReport, convert, export, param_groups, penalty, sparsity_report
 from .cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
 from .metrics import CollapseMonitor
 from .symmetry import Mirror, find_symmetries, stationary_report, verify
@@ -28,5 +29,13 @@ __all__ = [
     "stationary_report",
     "verify",
     "CollapseMonitor",
+    "nn",
+    "convert",
+    "penalty",
+    "param_groups",
+    "export",
+    "sparsity_report",
+    "ConversionReport",
+    "SparsityReport",
 ]
 __version__ = "0.1.0"
