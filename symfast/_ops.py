@@ -116,6 +116,22 @@ def _shape_carrier(*ts: Optional[Tensor]) -> Tensor:
     raise AssertionError("no tensor to carry the shape")
 
 
+def _first_order_only() -> bool:
+    """True when nothing will differentiate through a backward formula.
+
+    That is plain ``.backward()`` without ``create_graph`` (grad mode off), no
+    forward-AD dual level open, and no torch.func transform active. Then the
+    backward kernels are called directly, below autograd, skipping the nested
+    autograd.Function (its Python overhead was about a third of the DCS cost
+    of a small MLP's training step).
+    """
+    return (
+        not torch.is_grad_enabled()
+        and torch.autograd.forward_ad._current_level < 0
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
 def vjp(
     grad: Tensor,
     w: Optional[Tensor],
@@ -138,7 +154,11 @@ def vjp(
     carrier = _shape_carrier(w, u, grad)
     w = carrier if w is None else w
     u = carrier if u is None else u
-    gw, gu, gv = DCSBackwardFunction.apply(grad, w, u, mask, w_needed, u_needed, v_needed)
+    if _first_order_only():
+        with torch._C._AutoDispatchBelowAutograd():
+            gw, gu, gv = _lib_ops.dcs_backward(grad, w, u, mask, w_needed, u_needed, v_needed)
+    else:
+        gw, gu, gv = DCSBackwardFunction.apply(grad, w, u, mask, w_needed, u_needed, v_needed)
     return (gw if w_needed else None, gu if u_needed else None, gv if v_needed else None)
 
 

@@ -387,3 +387,39 @@ def test_cpu_and_cuda_agree(dtype):
     for a, b in zip(ops.dcs_backward(g, w, u, mask, True, True, True),
                     ops.dcs_backward(*map(cuda, (g, w, u, mask)), True, True, True)):
         torch.testing.assert_close(a, b.cpu(), atol=0, rtol=0)
+
+
+def test_forward_ad_over_first_order_backward_keeps_tangents():
+    """Backward without create_graph takes a fast path below autograd; it must not
+    drop forward-AD tangents that flow through the saved tensors."""
+    import torch.autograd.forward_ad as fwAD
+
+    w, u, wt = (_randn((4, 5), torch.float64, "cpu", s) for s in (1, 2, 3))
+    mask = torch.rand(4, 5) > 0.5
+    results = []
+    for fn in (symfast.dcs, ref.dcs):
+        uu = u.clone().requires_grad_()
+        with fwAD.dual_level():
+            wd = fwAD.make_dual(w, wt)
+            (gu,) = torch.autograd.grad(fn(wd, uu, None, mask).sum(), uu)
+            results.append((fwAD.unpack_dual(gu).primal.clone(), fwAD.unpack_dual(gu).tangent))
+    (p, t), (p_ref, t_ref) = results
+    assert t is not None and t_ref is not None
+    torch.testing.assert_close(p, p_ref, atol=0, rtol=0)
+    torch.testing.assert_close(t, t_ref, atol=0, rtol=0)
+
+
+def test_first_order_backward_uses_no_nested_autograd_function():
+    from symfast import _ops
+
+    w, u = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    calls = []
+    orig = _ops.DCSBackwardFunction.apply
+    _ops.DCSBackwardFunction.apply = lambda *a: calls.append(1) or orig(*a)
+    try:
+        symfast.dcs(w, u).sum().backward()
+        assert calls == []  # fast path
+        (g,) = torch.autograd.grad(symfast.dcs(w, u).sum(), w, create_graph=True)
+        assert calls == [1] and g.requires_grad  # double backward keeps the graph
+    finally:
+        _ops.DCSBackwardFunction.apply = orig
