@@ -7,11 +7,25 @@ pure-PyTorch twins live in :mod:`symfast.reference`. Diagnostics live in
 (collapse and plasticity).
 """
 
-from . import metrics, nn, reference, symmetry
+from . import collapse, curvature, metrics, nn, reference, symmetry
 from ._ops import dcs
 from ._ops_group import dcs_group
+from .collapse import (
+    approx_critical_learning_rate,
+    critical_learning_rate,
+    critical_weight_decay,
+    lyapunov_exponent,
+    weight_decay_threshold,
+)
 from .convert import ConversionReport, SparsityReport, convert, export, param_groups, penalty, sparsity_report
 from .cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
+from .curvature import (
+    UnsupportedOpError,
+    functional_loss,
+    per_sample_curvatures,
+    per_sample_directional_derivatives,
+    per_sample_hvp,
+)
 from .metrics import CollapseMonitor
 from .symmetry import Mirror, find_symmetries, stationary_report, verify
 
@@ -37,5 +51,17 @@ __all__ = [
     "sparsity_report",
     "ConversionReport",
     "SparsityReport",
+    "curvature",
+    "collapse",
+    "per_sample_directional_derivatives",
+    "per_sample_curvatures",
+    "per_sample_hvp",
+    "functional_loss",
+    "UnsupportedOpError",
+    "lyapunov_exponent",
+    "critical_learning_rate",
+    "approx_critical_learning_rate",
+    "critical_weight_decay",
+    "weight_decay_threshold",
 ]
 __version__ = "0.1.0"

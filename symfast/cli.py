@@ -6,6 +6,8 @@ Commands:
          verdicts, and the combined report results/report.md.
   repro  one experiment, several, or --all; --list shows the plan
          (symfast.experiments.EXPERIMENTS), with what is not ready yet.
+  train  sparse training of a real model (lm | digits) against a same-budget
+         magnitude-pruning baseline (symfast.train); DDP under torchrun.
 
 More commands (e.g. ``train``) plug in by adding a ``_add_<name>(subparsers)``
 function to ``_COMMANDS``.
@@ -201,7 +203,92 @@ def _add_repro(sub) -> None:
     p.set_defaults(func=_cmd_repro)
 
 
-_COMMANDS: list[Callable] = [_add_demo, _add_repro]
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from .train import TrainConfig, run
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = None
+    if world > 1:  # launched by torchrun: DistributedDataParallel, gloo on CPU, nccl on GPU
+        cuda = torch.cuda.is_available()
+        if cuda:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    cfg = TrainConfig(task=args.task, structure=args.structure, alpha=args.alpha, steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, threshold=args.threshold,
+                      width=args.width, depth=args.depth, context=args.context, quick=args.quick, seed=args.seed,
+                      eval_every=args.eval_every)
+    try:
+        m = run(cfg, args.out, resume=args.resume, stop_after=args.stop_after, progress=not args.progress_off,
+                device=device)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if m is None:
+            if rank == 0:
+                print(f"symfast train: stopped after step {args.stop_after}; continue with --resume --out {args.out}")
+            return 0
+        if rank == 0:
+            acc = "" if m["val_accuracy"] is None else f", accuracy {m['val_accuracy']:.3f}"
+            bacc = "" if m["magnitude_pruning_val_accuracy"] is None else \
+                f", accuracy {m['magnitude_pruning_val_accuracy']:.3f}"
+            print(f"symfast train {m['task']} ({m['structure']}, alpha {m['alpha']:g}, {m['steps']} steps, "
+                  f"{m['world_size']} process(es), {m['seconds']:.0f} s)")
+            print(f"  DCS exported:       sparsity {m['sparsity']:.3f}, val loss {m['val_loss']:.4f}{acc}; "
+                  f"params {m['params_before']} -> {m['params_after']} ({m['nonzero_params_after']} nonzero)")
+            print(f"  magnitude pruning:  same sparsity, val loss {m['magnitude_pruning_val_loss']:.4f}{bacc}")
+            print(f"  dense (unpruned):   val loss {m['dense_val_loss']:.4f}")
+            if m["inference"] is not None:
+                s = m["inference"]
+                print(f"  inference: dense {s['dense_ms']:.2f} ms, exported {s['exported_ms']:.2f} ms "
+                      f"(x{s['speedup']:.2f})")
+            print(f"  {args.out}/metrics.json, {args.out}/training.png, {args.out}/exported.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="sparse training of a real model (lm | digits) against a same-budget magnitude-pruning baseline",
+        description="Convert the task's model to DCS layers, train it on loss + penalty, export it, and train the "
+        "dense model with the same budget, magnitude-prune it to the same sparsity and fine-tune it for 10%% of "
+        "the budget. Writes OUT/metrics.json, OUT/training.png, OUT/exported.pt and OUT/checkpoints/. "
+        "Under torchrun (torchrun --nproc_per_node N -m symfast train ...) it runs DistributedDataParallel; "
+        "--batch-size is the global batch.",
+    )
+    p.add_argument("--task", choices=["lm", "digits"], default="lm", help="lm (default): byte transformer on the "
+                   "Python standard library's sources; digits: CNN on scikit-learn's digits")
+    p.add_argument("--structure", choices=["elementwise", "group", "lowrank"], default="elementwise")
+    p.add_argument("--alpha", type=float, default=None, help="DCS weight decay (task default: 3e-4)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (warm-up 5%%, cosine decay)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                   help="adam (default) or sgd (momentum 0.9); both with the coupled decay that equals the penalty")
+    p.add_argument("--threshold", type=float, default=None, help="export threshold: factor-product entries (groups, singular values) of size <= it become exact zeros (default 1e-2)")
+    p.add_argument("--width", type=int, default=None, help="lm: model width; digits: conv channels")
+    p.add_argument("--depth", type=int, default=None, help="lm: number of blocks")
+    p.add_argument("--context", type=int, default=None, help="lm: context length in bytes")
+    p.add_argument("--quick", action="store_true", help="a smaller run, about a minute on 2 CPU cores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: steps/10)")
+    p.add_argument("--out", default="results/train", help="output directory (default: results/train)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints (same result as one run)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop the DCS phase after N steps, checkpointed (an interruption; then --resume)")
+    p.add_argument("--no-progress", dest="progress_off", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=_cmd_train)
+
+
+_COMMANDS: list[Callable] = [_add_demo, _add_repro, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,20 @@
+"""symfast.train: sparse training of real models, with a magnitude-pruning baseline in the same run.
+
+* :func:`fit` trains one's own ``nn.Module`` on one's own map-style dataset (exactly resumable,
+  DistributedDataParallel under ``torchrun``); convert the model first with :func:`symfast.convert`
+  to train it under a DCS structure.
+* :func:`run` / ``symfast train`` runs a whole experiment on a shipped task (``lm``: a byte
+  transformer on the standard library's sources; ``digits``: a CNN on scikit-learn's digits).
+"""
+
+from .data import ByteWindows, digits_data, lm_data, stdlib_files
+from .loop import FitResult, cross_entropy, dcs_sparsity, evaluate, fit, lr_at
+from .models import ByteTransformer, DigitsCNN
+from .task import TrainConfig, defaults, inference_speedup, prune_like, run
+
+__all__ = [
+    "fit", "evaluate", "FitResult", "cross_entropy", "dcs_sparsity", "lr_at",
+    "ByteWindows", "lm_data", "digits_data", "stdlib_files",
+    "ByteTransformer", "DigitsCNN",
+    "TrainConfig", "run", "defaults", "prune_like", "inference_speedup",
+]

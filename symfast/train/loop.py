@@ -1,0 +1,294 @@
+r"""A small, exact training loop: :func:`fit` trains any ``nn.Module`` on any map-style dataset.
+
+Why a home-made loop rather than ``DataLoader(shuffle=True)``: the batch of step ``k`` is drawn by a
+generator seeded with ``(seed, k)``, so it depends on nothing but the seed and the step. A run that
+is stopped, checkpointed and resumed therefore sees exactly the batches of an uninterrupted run, and
+``N`` data-parallel processes split exactly the global batch a single process would use (rank ``r``
+takes the ``r``-th contiguous slice). The learning rate is a pure function of the step too (linear
+warm-up, then cosine decay), so resuming needs only the model, optimizer and RNG states.
+
+DCS models (from :func:`symfast.convert`) are trained with :func:`symfast.convert.param_groups`:
+coupled weight decay ``2 alpha`` on the factors, which is exactly ``loss + penalty(model)`` for
+SGD and Adam (not AdamW, see ``param_groups``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from ..convert import param_groups
+from ..nn.layers import DCSLayer
+
+__all__ = ["fit", "evaluate", "dcs_sparsity", "FitResult", "cross_entropy", "lr_at"]
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy over every position: ``output (..., C)`` logits, ``target (...)`` class indices."""
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+
+
+def lr_at(step: int, *, lr: float, steps: int, warmup: int, final_fraction: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``lr`` to ``final_fraction * lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+@torch.no_grad()
+def dcs_sparsity(model: nn.Module, *, threshold: float = 0.0) -> Optional[float]:
+    """Zero fraction of the DCS layers' weights theta after ``threshold`` (as :func:`symfast.export` zeroes them).
+
+    ``None`` for a model without DCS layers.
+    """
+    zeros = total = 0
+    for m in model.modules():
+        if isinstance(m, DCSLayer):
+            theta = m.parametrization.thresholded(threshold)
+            if hasattr(theta, "full_tensor"):  # FSDP2 shard
+                theta = theta.full_tensor()
+            zeros += int((theta == 0).sum())
+            total += theta.numel()
+    return zeros / total if total else None
+
+
+def _batch(data: Dataset, idx: Tensor, device) -> List[Tensor]:
+    items = default_collate([data[int(i)] for i in idx])
+    if isinstance(items, Tensor):
+        items = [items]
+    return [t.to(device) for t in items]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, *, loss_fn: Callable = cross_entropy, batch_size: int = 64,
+             max_samples: Optional[int] = 2048, device=None) -> Dict[str, float]:
+    """Mean loss (and top-1 accuracy when the target holds class indices) on ``max_samples`` evenly spaced items.
+
+    The items are fixed (``linspace`` over the dataset), so every evaluation of a run, and of its
+    baseline, sees the same validation set. The model is put in eval mode and restored after.
+    """
+    device = device or next(model.parameters()).device
+    n = len(data) if max_samples is None else min(len(data), max_samples)
+    idx = torch.linspace(0, len(data) - 1, n).round().long()
+    was = model.training
+    model.eval()
+    loss_sum, correct, count, positions = 0.0, 0, 0, 0
+    try:
+        for s in range(0, n, batch_size):
+            x, y = _batch(data, idx[s: s + batch_size], device)[:2]
+            out = model(x)
+            loss_sum += float(loss_fn(out, y)) * len(x)
+            count += len(x)
+            if not y.is_floating_point() and out.shape[:-1] == y.shape:
+                correct += int((out.argmax(-1) == y).sum())
+                positions += y.numel()
+    finally:
+        model.train(was)
+    res = {"loss": loss_sum / count}
+    if positions:
+        res["accuracy"] = correct / positions
+    return res
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did. ``history``: one dict per logged step (``step``, ``loss``, ``lr``, and at
+    validation steps ``val_loss``, ``val_accuracy``, ``sparsity``); ``val``: the final validation."""
+
+    steps: int
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    val: Dict[str, float] = field(default_factory=dict)
+    resumed_from: Optional[int] = None
+    stopped_early: bool = False
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, *, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam or SGD (momentum 0.9) over :func:`symfast.convert.param_groups` (the DCS penalty as coupled decay)."""
+    groups = param_groups(model, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    raise ValueError(f"symfast.train.fit: optimizer must be one of {OPTIMIZERS}, got {name!r} "
+                     "(AdamW's decoupled decay does not minimize loss + penalty; see symfast.convert.param_groups)")
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Optional[Dataset] = None,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    optimizer: str | torch.optim.Optimizer = "adam",
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
+    warmup: Optional[int] = None,
+    final_lr_fraction: float = 0.0,
+    seed: int = 0,
+    eval_every: Optional[int] = None,
+    eval_samples: Optional[int] = 2048,
+    sparsity_threshold: float = 0.0,
+    checkpoint: Optional[str | os.PathLike] = None,
+    checkpoint_every: Optional[int] = None,
+    resume: bool = False,
+    stop_after: Optional[int] = None,
+    progress: bool = True,
+    desc: str = "train",
+    device=None,
+    parallel: str = "ddp",
+) -> FitResult:
+    r"""Trains ``model`` for ``steps`` steps on ``train_data``; returns a :class:`FitResult`.
+
+    Works with one's own module and dataset: ``train_data[i]`` must return ``(input, target)``
+    (tensors, collated with ``default_collate``) and ``loss_fn(model(input), target)`` a scalar.
+    A model converted by :func:`symfast.convert` is trained on ``loss + penalty(model)``, through the
+    optimizer's coupled weight decay (:func:`symfast.convert.param_groups`); a plain model without decay.
+
+    Step ``k`` uses the items ``randint(len(train_data), (batch_size,))`` of a generator seeded with
+    ``seed * 1_000_003 + k`` and the learning rate :func:`lr_at` (warm-up ``warmup`` steps, default
+    5%, then cosine decay to ``final_lr_fraction * lr``).
+
+    Distributed: when ``torch.distributed`` is initialized (e.g. under ``torchrun``), the model is
+    wrapped in ``DistributedDataParallel`` and rank ``r`` of ``W`` takes the ``r``-th slice of each
+    global batch of ``batch_size`` items (``batch_size`` must be divisible by ``W``). Gradients are
+    averaged, so training matches one process with the same global batch up to float rounding.
+
+    Checkpoints: with ``checkpoint`` (a file), the model, optimizer and RNG states and the history
+    are saved every ``checkpoint_every`` steps (default: at each validation) and at the end (rank 0
+    writes). ``resume=True`` continues from it when it exists, to the same result as an
+    uninterrupted run. ``stop_after=k`` stops after step ``k`` (checkpointed), as an interruption would.
+
+    ``parallel="fsdp"`` shards the model with FSDP2 (``torch.distributed.fsdp.fully_shard``, one
+    group for the whole model) instead of DDP, for models that do not fit one device; the optimizer
+    is built on the sharded parameters (pass ``optimizer`` by name). Checkpoints are not available
+    with FSDP2 here (they would need ``torch.distributed.checkpoint``); gather the trained model with
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(
+    full_state_dict=True))``.
+    """
+    rank, world = _dist()
+    if steps < 1:
+        raise ValueError(f"symfast.train.fit: steps must be >= 1, got {steps}")
+    if batch_size % world:
+        raise ValueError(f"symfast.train.fit: batch_size ({batch_size}) must be divisible by the world size ({world})")
+    device = device or next(model.parameters()).device
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    eval_every = eval_every or max(1, steps // 10)
+    checkpoint_every = checkpoint_every or eval_every
+    if parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"symfast.train.fit: parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    net = model
+    if world > 1 and parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        if checkpoint is not None or isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError("symfast.train.fit: with parallel='fsdp', give the optimizer by name and no checkpoint")
+        fully_shard(model)  # parameters become DTensor shards: the optimizer must be built after this
+    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(model, optimizer, lr)
+    base_lrs = [g["lr"] / lr if lr else 1.0 for g in opt.param_groups]  # per-group scale of the schedule
+
+    result = FitResult(steps=steps)
+    start = 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start = state["step"]
+        result.history = state["history"]
+        result.resumed_from = start
+
+    def save(step: int) -> None:
+        if ckpt is None:
+            return
+        if rank == 0:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
+            torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "history": result.history}, tmp)
+            os.replace(tmp, ckpt)  # atomic: an interruption never leaves half a checkpoint
+        if world > 1:
+            dist.barrier()
+
+    if world > 1 and parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if getattr(device, "type", "cpu") == "cuda" else None)
+    per_rank = batch_size // world
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=desc, leave=False, dynamic_ncols=True)
+    model.train()
+    step = start
+    try:
+        while step < steps:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = torch.randint(len(train_data), (batch_size,), generator=g)[rank * per_rank: (rank + 1) * per_rank]
+            x, y = _batch(train_data, idx, device)[:2]
+            cur = lr_at(step, lr=lr, steps=steps, warmup=warmup, final_fraction=final_lr_fraction)
+            for grp, scale in zip(opt.param_groups, base_lrs):
+                grp["lr"] = cur * scale
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            opt.step()
+            step += 1
+            logged = loss.detach()
+            if world > 1:
+                logged = logged.clone()
+                dist.all_reduce(logged)
+                logged /= world
+            rec: Dict[str, Any] = {"step": step, "loss": float(logged), "lr": cur}
+            if val_data is not None and (step % eval_every == 0 or step == steps):
+                v = evaluate(model, val_data, loss_fn=loss_fn, max_samples=eval_samples, device=device)
+                rec["val_loss"] = v["loss"]
+                if "accuracy" in v:
+                    rec["val_accuracy"] = v["accuracy"]
+                sp = dcs_sparsity(model, threshold=sparsity_threshold)
+                if sp is not None:
+                    rec["sparsity"] = sp
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{v['loss']:.3f}",
+                                    **({} if sp is None else {"sparsity": f"{sp:.2f}"}))
+            result.history.append(rec)
+            if bar is not None:
+                bar.update(1)
+            if step % checkpoint_every == 0 or step == steps or step == stop_after:
+                save(step)
+            if stop_after is not None and step >= stop_after and step < steps:
+                result.stopped_early = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if val_data is not None:
+        last = [h for h in result.history if "val_loss" in h]
+        result.val = ({"loss": last[-1]["val_loss"], **({"accuracy": last[-1]["val_accuracy"]}
+                      if "val_accuracy" in last[-1] else {})} if last else {})
+    return result
