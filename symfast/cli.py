@@ -250,6 +250,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"  {args.out}/metrics.json, {args.out}/training.png, {args.out}/exported.pt")
     finally:
         if dist.is_initialized():
+            # Drain outstanding gloo work first: torch's ProcessGroupGloo
+            # teardown can deadlock on the GIL while a worker thread still
+            # holds an AsyncWork (seen on torch 2.13 in tests).
+            if sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
     return 0
 

@@ -11,9 +11,9 @@ gradients is the full-batch gradient.
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import gloo_group, spawn_workers
 from symfast.convert import convert, penalty
 from symfast.nn import permutation_mirror
 
@@ -50,8 +50,7 @@ def _loss(model, x, y):
 
 def _worker(rank, init_file, mode):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, init_file, WORLD):
         x, y = _data()
         reference = _model()
         (_loss(reference, x, y) + penalty(reference)).backward()
@@ -82,13 +81,11 @@ def _worker(rank, init_file, mode):
         assert set(got) == set(expected)
         for n, g in got.items():
             torch.testing.assert_close(g, expected[n], rtol=1e-10, atol=1e-12, msg=f"rank {rank}: {n}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(tmp_path, mode):
     init_file = tmp_path / f"{mode}_init"
-    mp.spawn(_worker, args=(str(init_file), mode), nprocs=WORLD, join=True)
+    spawn_workers(_worker, (str(init_file), mode), nprocs=WORLD)
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):

@@ -1,16 +1,15 @@
 """symfast.train: exact resume, DDP parity with one process, export/metrics, and the magnitude-pruning baseline."""
 
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from conftest import gloo_group, spawn_workers
 from symfast.cli import main
 from symfast.convert import convert
 from symfast.train import evaluate, fit, lm_data, prune_like, stdlib_files
@@ -68,8 +67,7 @@ def test_resume_is_bitwise_identical(tmp_path, optimizer):
 
 def _ddp_worker(rank, init_file, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, init_file, 2):
         train, val = _data()
         model = _model("group")
         r = fit(model, train, val, **FIT)
@@ -79,8 +77,6 @@ def _ddp_worker(rank, init_file, out):
         if rank == 0:
             torch.save({"history": r.history, "state": model.state_dict(), "fsdp_history": rf.history,
                         "fsdp_state": fsdp_state}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
@@ -89,14 +85,7 @@ def test_ddp_and_fsdp2_two_processes_match_one_process(tmp_path):
     single = _model("group")
     r = fit(single, train, val, **FIT)
     out = tmp_path / "ddp.pt"
-    ctx = mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=5) and time.monotonic() < deadline:  # join returns as each process ends
-        pass
-    for p in ctx.processes:
-        if p.is_alive():
-            p.terminate()
-    assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
+    spawn_workers(_ddp_worker, (str(tmp_path / "init"), str(out)), nprocs=2)
     got = torch.load(out, weights_only=False)
     losses = [h["loss"] for h in r.history]
     assert np.allclose([h["loss"] for h in got["history"]], losses, rtol=1e-5, atol=1e-6)
