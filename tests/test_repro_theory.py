@@ -109,3 +109,11 @@ def test_theorem4_signature(tmp_path):
     assert p4["fraction_off_mirror"][0] > 0 and p4["fraction_off_mirror"][-1] == 0
     assert math.isfinite(p4["gamma1_observed"]) and p4["max_condition_above_gamma1"] <= 1e-6
     assert rec["verdict"] == "reproduced"
+
+
+def test_lyapunov_deterministic_per_seed(tmp_path):
+    cfg = {"settings": [[0.25, 1.0]], "chains": 20, "n_lrs": 4, "max_steps": 1000}
+    a = lyapunov.run(tmp_path / "a", progress=False, config=cfg)
+    b = lyapunov.run(tmp_path / "b", progress=False, config=cfg)
+    c = lyapunov.run(tmp_path / "c", progress=False, seed=1, config=cfg)
+    assert a["metrics"] == b["metrics"] and a["metrics"] != c["metrics"]

@@ -231,8 +231,12 @@ def compute(cfg: dict, progress: bool) -> tuple[dict, list]:
 
 def _plot(rec: dict, plot: list, out_dir: Path) -> str:
     n = len(plot)
-    fig = new_figure((5.2 * n, 4.6))
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig = new_figure((5.2 * ncols, 4.6 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
     for ax, (key, v) in zip(axes, plot):
         lrs = v["lrs"]
         ax.plot(lrs, v["collapse_fraction"], "o-", color="k", ms=4, label="observed: collapsed / (collapsed + escaped)")
