@@ -52,7 +52,8 @@ CLAIM = (
     "discernible effect on the model performance'; DCS costs twice the memory at batch size 1, under 10% more at "
     "batch size 128."
 )
-CLAIM_SHORT = "DCS on every parameter: comparable accuracy, very sparse, similar time; memory overhead small at batch 128"
+CLAIM_SHORT = ("DCS on every parameter: comparable accuracy, very sparse, similar time; memory overhead small at "
+               "batch 128")
 
 MIN_SPARSITY = 0.5  # at the judged alpha: at least half of the parameters prunable ...
 MAX_ACC_DROP = 0.02  # ... with the zeroed model within 2 points of vanilla
@@ -83,7 +84,8 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "hidden": 64,
         "val_fraction": 0.2,
         "batch_size": 128,
-        "lr": 0.1,
+        # full: 0.05; at 0.1 the vanilla CNN diverged to chance accuracy within 8000 steps (seed 0)
+        "lr": 0.1 if quick else 0.05,
         "momentum": 0.9,
         "steps": 2_500 if quick else 8_000,
         "vanilla_weight_decay": 5e-4,  # App. A.4
@@ -275,14 +277,16 @@ def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: boo
             f"Sparsity is judged at |theta| <= {cfg['zero_threshold']:g} (every such parameter is then set to exactly "
             f"0 and the accuracy re-measured), not the paper's 1e-6: in {cfg['steps']} steps (the paper: 200 epochs "
             "of CIFAR-10) the pruned entries have not yet decayed to 1e-6; their fraction below 1e-6 is reported.",
-            f"Constant lr {cfg['lr']:g} (the paper: cosine); a cosine schedule halves the integrated decay and "
+            f"Constant lr {cfg['lr']:g} (quick 0.1; full 0.05, since at 0.1 the vanilla CNN diverged to chance "
+            "accuracy within 8000 steps) (the paper: cosine); a cosine schedule halves the integrated decay and "
             "leaves the pruned entries larger in so few steps.",
             "The judged alpha (5e-4) was chosen after a pilot: at 1e-3 the network is sparser (~98%) but loses 2-3.5 "
             "points of accuracy (seeds 0, 1); at 2.5e-4 (the paper's weight decay on the factors) it is far less "
             "sparse in so few steps; at 2e-3 the whole network collapsed to 0 (chance accuracy) within 2000 steps.",
             "Memory is counted, not sampled from the allocator: parameters, gradients, momentum buffers and the "
             "tensors autograd saves for backward during one step. The CNN's activations are small against its "
-            "parameters compared with ResNet18 on 32x32 images, which makes the batch-128 ratio larger here. DCS's extra bytes do not grow with the batch size "
+            "parameters compared with ResNet18 on 32x32 images, which makes the batch-128 ratio larger here. "
+            "DCS's extra bytes do not grow with the batch size "
             f"({mem['dcs_extra_bytes_at_1']:,} at batch 1, {mem['dcs_extra_bytes_at_batch']:,} at batch "
             f"{cfg['batch_size']}); by linear extrapolation the overhead falls to 10% at batch "
             f"~{mem['batch_for_10pct_overhead']:.0f}.",
@@ -290,7 +294,8 @@ def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: boo
         for a in cfg["alphas"]:
             m = metrics[alpha_key(a)]
             notes.append(f"alpha {a:g}: acc {m['val_accuracy']:.3f}, zeroed {m['zeroed_val_accuracy']:.3f}, sparsity "
-                         f"{m['sparsity']:.3f} (<1e-6: {m['sparsity_paper_threshold']:.3f}), time x{m['time_ratio']:.2f}")
+                         f"{m['sparsity']:.3f} (<1e-6: {m['sparsity_paper_threshold']:.3f}), "
+                         f"time x{m['time_ratio']:.2f}")
         rec = make_record(experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT,
                           criteria=_criteria(primary), metrics=metrics, config=cfg, headline=headline, notes=notes)
         fig = _plot(rec, hists, out_dir)
@@ -313,14 +318,20 @@ def _plot(rec: dict, hists: dict, out_dir: Path) -> str:
             label="DCS (every parameter)")
     ax.plot(xs, [m[alpha_key(a)]["zeroed_val_accuracy"] for a in cfg["alphas"]], "s--", color="tab:blue",
             mfc="none", ms=9, label=f"DCS, params <= {cfg['zero_threshold']:g} set to 0")
-    for a, x in zip(cfg["alphas"], xs):
+    for i, (a, x) in enumerate(zip(cfg["alphas"], xs)):
         ax.annotate(f"alpha {a:g}", (x, m[alpha_key(a)]["val_accuracy"]), textcoords="offset points",
-                    xytext=(-30, -14), fontsize=8)
+                    xytext=(-34, -14 if i % 2 == 0 else 9), fontsize=8)
     ax.axhline(van["val_accuracy"] - MAX_ACC_DROP, color="0.5", ls=":", lw=0.8,
                label=f"vanilla - {MAX_ACC_DROP:g} (criterion)")
-    ax.set_xlim(-0.03, 1.03)
-    lo = min([van["val_accuracy"]] + [m[alpha_key(a)]["zeroed_val_accuracy"] for a in cfg["alphas"]])
+    ax.set_xlim(-0.03, 1.05)
+    accs = [van["val_accuracy"]] + [m[alpha_key(a)]["zeroed_val_accuracy"] for a in cfg["alphas"]]
+    lo = min([v for v in accs if v >= 0.5] or [0.0])
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    collapsed = [a for a in cfg["alphas"] if m[alpha_key(a)]["val_accuracy"] < max(0.0, lo - 0.05)]
+    if collapsed:
+        ax.text(1.03, 0.998, "off the axis (collapsed to 0, chance accuracy):\n" + ", ".join(
+            f"alpha {a:g} (acc {m[alpha_key(a)]['val_accuracy']:.2f})" for a in collapsed), fontsize=7.5,
+            ha="right", va="top", color="tab:red")
     ax.set_xlabel(f"sparsity (fraction of parameters with |theta| <= {cfg['zero_threshold']:g})")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
@@ -356,7 +367,8 @@ def _plot(rec: dict, hists: dict, out_dir: Path) -> str:
         ax.text(bb.get_x() + bb.get_width() / 2, v + 0.03, f"x{v:.2f}{verdict}", ha="center", fontsize=8.5,
                 color="k" if lim is None or v <= lim else "tab:red")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(MAX_MEM_RATIO_BATCH, color="tab:blue", ls=":", lw=0.8, label=f"paper: < x{MAX_MEM_RATIO_BATCH} at batch 128")
+    ax.axhline(MAX_MEM_RATIO_BATCH, color="tab:blue", ls=":", lw=0.8,
+               label=f"paper: < x{MAX_MEM_RATIO_BATCH} at batch 128")
     ax.axhline(MAX_TIME_RATIO, color="tab:gray", ls=":", lw=0.8, label=f"criterion: time <= x{MAX_TIME_RATIO}")
     ax.set_ylabel(f"DCS / vanilla (alpha {cfg['primary_alpha']:g})")
     ax.set_ylim(0, max(vals + [MAX_TIME_RATIO]) * 1.2)

@@ -45,7 +45,8 @@ CLAIM = (
     "for post-activation values, which further supports the claim that the block structures are due to the symmetry, "
     "not because of linearity.'"
 )
-CLAIM_SHORT = "with weight decay the penultimate neurons form homogeneous blocks (pre- and post-activation); without, rarely"
+CLAIM_SHORT = ("with weight decay the penultimate neurons form homogeneous blocks (pre- and post-activation); "
+               "without, rarely")
 
 MIN_BLOCK_GAIN = 0.15  # weight decay: +15 points of the neurons in blocks, pre- and post-activation
 MIN_NEAR_IDENTICAL = 0.10  # weight decay: at least 10% of neurons have a near-identical twin ...
@@ -233,8 +234,9 @@ def _plot(rec: dict, mats: dict, out_dir: Path) -> str:
             im = ax.imshow(mats[wd][kind].numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
             mm = mk[kind]
             primary = wd_key(wd) == m["primary"]
+            dead = f"\n{mk['dead_neurons']} dead neurons (constant 0: the blank band)" if kind == "post" else ""
             ax.set_title(f"wd {wd:g}{' (judged)' if primary else ''}, {kind}-activation\n"
-                         f"{mm['block_count']} blocks, {mm['in_block_fraction']:.0%} in blocks, {mk['dead_neurons']} dead (blank band)",
+                         f"{mm['block_count']} blocks, {mm['in_block_fraction']:.0%} of neurons in blocks{dead}",
                          fontsize=9, color=verdict_color(rec["verdict"]) if primary else "k")
             ax.set_xlabel("neuron (sorted by top eigenvector)", fontsize=8)
             if j == 0:
