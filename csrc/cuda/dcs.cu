@@ -36,60 +36,14 @@
 
 #include "../dcs_checks.h"
 #include "../dcs_dispatch.h"
+#include "common.cuh"
 
 namespace symfast {
 namespace {
 
 constexpr int kThreads = 256;
 
-// ------------------------------------------------------- memory primitives
-// N elements that are loaded and stored as one access of sizeof(T) * N bytes.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) aligned_vector {
-  T val[N];
-};
-
-// Elements per 16-byte access: the widest global load a thread can issue.
-template <typename T>
-constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-
-template <int V, typename T>
-__device__ __forceinline__ aligned_vector<T, V> load_vec(const T* p, int64_t i) {
-  return *reinterpret_cast<const aligned_vector<T, V>*>(p + i);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_vec(T* p, int64_t i, const aligned_vector<T, V>& x) {
-  *reinterpret_cast<aligned_vector<T, V>*>(p + i) = x;
-}
-
-// True when p can be accessed as aligned_vector<T, V>. A null pointer (an
-// operand the instantiation does not read) counts as aligned.
-template <int V, typename T>
-bool is_aligned(const T* p) {
-  return reinterpret_cast<std::uintptr_t>(p) % alignof(aligned_vector<T, V>) == 0;
-}
-
-// ------------------------------------------------------------- arithmetic
-// IEEE multiply and add with round-to-nearest, immune to compiler flags:
-// nvcc contracts a*b + c into an FMA by default (one rounding instead of two)
-// and --use_fast_math, which setup.py passes, flushes float32 subnormals to
-// zero. Either would make the GPU differ from the CPU kernels and from
-// reference.py. PTX operations with an explicit rounding mode are never
-// contracted, and without .ftz they keep subnormals. Doubles are never
-// flushed, so the _rn intrinsics suffice for them.
-__device__ __forceinline__ float mul_rn(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+using namespace ::symfast::cuda;  // aligned_vector, load_vec, mul_rn, sm_count, ...
 
 // Product of two storage values, computed in the accumulation type and rounded
 // once to T, as the CPU kernels do.
@@ -258,19 +212,13 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Op op, cons
 // with dev as the current device (the callers hold a CUDAGuard).
 template <int V, typename Op>
 int resident_blocks(c10::DeviceIndex dev) {
-  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};  // 0: not asked yet
-  TORCH_INTERNAL_ASSERT(dev >= 0 && dev < C10_COMPILE_TIME_MAX_GPUS, "bad device index ",
-                        static_cast<int>(dev));
-  int blocks = cache[dev].load(std::memory_order_relaxed);
-  if (blocks == 0) {
-    int sms = 0, per_sm = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
+  return cached_per_device(cache, dev, [dev] {
+    int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &per_sm, elementwise_kernel<V, Op>, kThreads, /*dynamicSMemSize=*/0));
-    blocks = std::max(1, sms * per_sm);
-    cache[dev].store(blocks, std::memory_order_relaxed);
-  }
-  return blocks;
+    return sm_count(dev) * per_sm;
+  });
 }
 
 template <int V, typename Op>

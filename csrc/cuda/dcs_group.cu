@@ -30,8 +30,8 @@
 // sum in float for half types and float32 and in double for float64.
 //
 // theta, grad_w and theta_dot match the CPU kernels bit for bit: products
-// and sums use explicitly rounded operations (mul_rn/add_rn below, as in
-// csrc/cuda/dcs.cu), which neither FMA contraction nor fast-math flags change.
+// and sums use explicitly rounded operations (mul_rn/add_rn in common.cuh),
+// which neither FMA contraction nor fast-math flags change.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,6 +49,7 @@
 #include <type_traits>
 
 #include "../dcs_checks.h"
+#include "common.cuh"
 
 namespace symfast {
 namespace {
@@ -73,48 +74,7 @@ int64_t pow2_ceil(int64_t x) {
   return p;
 }
 
-// ------------------------------------------------------- memory primitives
-template <typename T, int N>
-struct alignas(sizeof(T) * N) aligned_vector {
-  T val[N];
-};
-
-// Elements per 16-byte access.
-template <typename T>
-constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-
-template <int V, typename T>
-__device__ __forceinline__ aligned_vector<T, V> load_vec(const T* p, int64_t i) {
-  return *reinterpret_cast<const aligned_vector<T, V>*>(p + i);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_vec(T* p, int64_t i, const aligned_vector<T, V>& x) {
-  *reinterpret_cast<aligned_vector<T, V>*>(p + i) = x;
-}
-
-// A null pointer (an operand the instantiation does not read) counts as aligned.
-template <int V, typename T>
-bool is_aligned(const T* p) {
-  return reinterpret_cast<std::uintptr_t>(p) % alignof(aligned_vector<T, V>) == 0;
-}
-
-// ------------------------------------------------------------- arithmetic
-// IEEE multiply and add with round-to-nearest that nvcc never contracts into
-// an FMA and that keep float32 subnormals (no .ftz), so results equal the CPU
-// kernels' and reference.py's. The same as in csrc/cuda/dcs.cu.
-__device__ __forceinline__ float mul_rn(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+using namespace ::symfast::cuda;  // aligned_vector, load_vec, mul_rn, sm_count, ...
 
 // ----------------------------------------------------------- element ops
 // Each op is a struct of raw pointers with
@@ -221,22 +181,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Streaming multiprocessors of device dev, asked once per device with the
-// runtime API (no ATen/cuda/CUDAContext.h, which needs the cuBLAS and cuSPARSE
-// headers), as csrc/cuda/dcs.cu does. Concurrent first calls may both ask, and
-// store the same value.
-int sm_count(c10::DeviceIndex dev) {
-  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};  // 0: not asked yet
-  TORCH_INTERNAL_ASSERT(dev >= 0 && dev < C10_COMPILE_TIME_MAX_GPUS, "bad device index ",
-                        static_cast<int>(dev));
-  int sms = cache[dev].load(std::memory_order_relaxed);
-  if (sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    sms = std::max(1, sms);
-    cache[dev].store(sms, std::memory_order_relaxed);
-  }
-  return sms;
-}
 
 // Runs op over the n > 0 elements of v on the current stream of device dev.
 // The grid is capped at one wave (2048 resident threads per SM, the limit on
