@@ -291,3 +291,38 @@ def experiment_markdown(record: dict, *, heading: str = "#", fig_prefix: str = "
 def short_claim(record: dict, width: int = 100) -> str:
     claim = record.get("claim_short") or record["claim"]
     return claim if len(claim) <= width else claim[: width - 3].rstrip() + "..."
+
+
+# ------------------------------------------------------------------- driver
+def run_experiment(
+    module: Any,
+    out_dir: str | Path,
+    *,
+    quick: bool,
+    seed: int,
+    progress: bool,
+    config: Optional[dict],
+    headline: Callable[[dict], str],
+    notes: Sequence[str] = (),
+) -> dict:
+    """The common ``run()`` of an experiment module.
+
+    ``module`` provides EXPERIMENT, TITLE, CLAIM, CLAIM_SHORT, CRITERIA,
+    ``make_config(quick, seed, **overrides)``, ``compute(cfg, progress) -> (metrics, plot_data)``
+    and ``_plot(record, plot_data, out_dir) -> figure path``. Runs ``compute``
+    under :func:`torch_threads`, judges the metrics, draws the figure and writes
+    ``result.json`` and ``report.md`` into ``out_dir``; returns the record.
+    """
+    with torch_threads():
+        t0 = time.perf_counter()
+        cfg = module.make_config(quick, seed, **(config or {}))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics, plot_data = module.compute(cfg, progress)
+        rec = make_record(
+            experiment=module.EXPERIMENT, title=module.TITLE, claim=module.CLAIM,
+            claim_short=module.CLAIM_SHORT, criteria=module.CRITERIA, metrics=metrics, config=cfg,
+            headline=headline(metrics), notes=notes,
+        )
+        fig = module._plot(rec, plot_data, out_dir)
+        return write_record(rec, out_dir, t0=t0, figures=[fig])

@@ -23,7 +23,7 @@ forward-over-reverse, in float64; the closed forms are written out independently
 
 from __future__ import annotations
 
-import time
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -32,15 +32,7 @@ from tqdm import tqdm
 
 import symfast
 
-from .common import (
-    Criterion,
-    make_record,
-    new_figure,
-    save_figure,
-    torch_threads,
-    verdict_color,
-    write_record,
-)
+from .common import run_experiment, Criterion, new_figure, save_figure, verdict_color
 
 EXPERIMENT = "eq6"
 TITLE = "Eq. 6 / Sec. 4.2: Hessian of the DCS two-layer linear net at w = u = 0"
@@ -315,33 +307,29 @@ def _plot(rec: dict, pd: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "eq6.png")
 
 
+def _headline(metrics: dict) -> str:
+    m = metrics
+    headline = (
+        f"{m['per_sample']['samples']} samples, d={m['per_sample']['d']}: max entry error "
+        f"{m['per_sample']['max_abs_entry_error']:.1e}, eigenvalue error "
+        f"{m['per_sample']['max_eigenvalue_error']:.1e}, "
+        f"eigenvector residual {m['per_sample']['max_eigenvector_residual']:.1e}; masked DCS "
+        f"{m['masked_dcs']['max_abs_entry_error']:.1e}"
+    )
+    return headline
+
+
+NOTES = [
+    "The paper's sentence pairs (1, 1) with xy and (1, -1) with -xy; eq. 6 itself gives -xy on (1, 1) and "
+    "+xy on (1, -1). The check uses eq. 6's pairing; the set of eigenvalues is the paper's.",
+    "Each eigenvalue is d-fold degenerate, so eigh's individual eigenvectors are arbitrary within each "
+    "eigenspace: the check compares eigenspaces (projectors) and the residuals |H n - lambda n| of the "
+    "predicted vectors, not eigh's vectors one by one.",
+]
+
+
 def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: bool = True,
         config: Optional[dict] = None) -> dict:
     """Compute the Hessians, compare with eq. 6; writes eq6.png, result.json and report.md into ``out_dir``."""
-    with torch_threads():
-        t0 = time.perf_counter()
-        cfg = make_config(quick, seed, **(config or {}))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics, pd = compute(cfg, progress)
-        m = metrics
-        headline = (
-            f"{m['per_sample']['samples']} samples, d={m['per_sample']['d']}: max entry error "
-            f"{m['per_sample']['max_abs_entry_error']:.1e}, eigenvalue error "
-            f"{m['per_sample']['max_eigenvalue_error']:.1e}, "
-            f"eigenvector residual {m['per_sample']['max_eigenvector_residual']:.1e}; masked DCS "
-            f"{m['masked_dcs']['max_abs_entry_error']:.1e}"
-        )
-        rec = make_record(
-            experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT, criteria=CRITERIA,
-            metrics=metrics, config=cfg, headline=headline,
-            notes=[
-                "The paper's sentence pairs (1, 1) with xy and (1, -1) with -xy; eq. 6 itself gives -xy on (1, 1) and "
-                "+xy on (1, -1). The check uses eq. 6's pairing; the set of eigenvalues is the paper's.",
-                "Each eigenvalue is d-fold degenerate, so eigh's individual eigenvectors are arbitrary within each "
-                "eigenspace: the check compares eigenspaces (projectors) and the residuals |H n - lambda n| of the "
-                "predicted vectors, not eigh's vectors one by one.",
-            ],
-        )
-        fig = _plot(rec, pd, out_dir)
-        return write_record(rec, out_dir, t0=t0, figures=[fig])
+    return run_experiment(sys.modules[__name__], out_dir, quick=quick, seed=seed, progress=progress,
+                          config=config, headline=_headline, notes=NOTES)

@@ -24,7 +24,7 @@ must fail there (a check that cannot fail proves nothing):
 from __future__ import annotations
 
 import math
-import time
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -33,15 +33,7 @@ from tqdm import tqdm
 
 import symfast
 
-from .common import (
-    Criterion,
-    make_record,
-    new_figure,
-    save_figure,
-    torch_threads,
-    verdict_color,
-    write_record,
-)
+from .common import run_experiment, Criterion, new_figure, save_figure, verdict_color
 
 EXPERIMENT = "fig4"
 TITLE = "Figure 4 / App. A.1: stationary conditions of (wu-1)^2 and -|theta|^2+|theta|^4, with SGD trajectories"
@@ -322,31 +314,27 @@ def _plot(rec: dict, paths: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "fig4.png")
 
 
+def _headline(metrics: dict) -> str:
+    m = metrics
+    headline = (
+        f"on-condition drift: rescaling {m['rescaling']['max_dev_on_conditions']:.1e}, rotation "
+        f"{m['rotation']['max_angle_change']:.1e}; broken-symmetry controls leave by "
+        f">= {m['rescaling_control']['min_dev_from_u_eq_w']:.2f} / "
+        f"{m['rotation_control']['min_angle_change_off_axes']:.2f}"
+    )
+    return headline
+
+
+NOTES = [
+    "SGD noise: one random label (rescaling) or one random coefficient a (rotation) per step; the "
+    "per-sample losses keep the symmetry for every sample, as Theorem 4 requires.",
+    "Trajectories on u = -w go to the origin, a saddle of L (SGD converges to the symmetric saddle "
+    "and stays).",
+]
+
+
 def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: bool = True,
         config: Optional[dict] = None) -> dict:
     """Run the SGD trajectories; writes fig4.png, result.json and report.md into ``out_dir``."""
-    with torch_threads():
-        t0 = time.perf_counter()
-        cfg = make_config(quick, seed, **(config or {}))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics, paths = compute(cfg, progress)
-        m = metrics
-        headline = (
-            f"on-condition drift: rescaling {m['rescaling']['max_dev_on_conditions']:.1e}, rotation "
-            f"{m['rotation']['max_angle_change']:.1e}; broken-symmetry controls leave by "
-            f">= {m['rescaling_control']['min_dev_from_u_eq_w']:.2f} / "
-            f"{m['rotation_control']['min_angle_change_off_axes']:.2f}"
-        )
-        rec = make_record(
-            experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT, criteria=CRITERIA,
-            metrics=metrics, config=cfg, headline=headline,
-            notes=[
-                "SGD noise: one random label (rescaling) or one random coefficient a (rotation) per step; the "
-                "per-sample losses keep the symmetry for every sample, as Theorem 4 requires.",
-                "Trajectories on u = -w go to the origin, a saddle of L (SGD converges to the symmetric saddle "
-                "and stays).",
-            ],
-        )
-        fig = _plot(rec, paths, out_dir)
-        return write_record(rec, out_dir, t0=t0, figures=[fig])
+    return run_experiment(sys.modules[__name__], out_dir, quick=quick, seed=seed, progress=progress,
+                          config=config, headline=_headline, notes=NOTES)

@@ -21,7 +21,7 @@ only sensible estimator.
 
 from __future__ import annotations
 
-import time
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -30,15 +30,7 @@ from tqdm import tqdm
 
 import symfast
 
-from .common import (
-    Criterion,
-    make_record,
-    new_figure,
-    save_figure,
-    torch_threads,
-    verdict_color,
-    write_record,
-)
+from .common import run_experiment, Criterion, new_figure, save_figure, verdict_color
 
 EXPERIMENT = "lasso"
 TITLE = "Sec. 4.5: L1 equivalence - DCS (theta = w*u) with weight decay vs scikit-learn's Lasso path"
@@ -298,30 +290,26 @@ def _plot(rec: dict, plot: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "lasso.png")
 
 
+def _headline(metrics: dict) -> str:
+    s = metrics["summary"]
+    headline = (
+        f"{s['path_points']} path points: max |DCS - sklearn| {s['max_coef_abs_diff']:.1e}, "
+        f"{s['support_mismatches']} support mismatches, KKT violation {s['max_kkt_violation']:.1e}"
+    )
+    return headline
+
+
+NOTES = [
+    "The factor 2: min over w * u = theta of alpha (|w|^2 + |u|^2) is 2 alpha |theta|_1, and "
+    "sklearn's data term is 1/(2n)|y - X theta|^2, so DCS weight decay alpha matches sklearn "
+    "alpha 2 alpha.",
+    "The optimizer reaches the zeros only asymptotically (w_i, u_i shrink geometrically towards the "
+    f"symmetric point); supports are compared at |theta| > {SUPPORT_TOL:g}.",
+]
+
+
 def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: bool = True,
         config: Optional[dict] = None) -> dict:
     """Fit both paths; writes lasso.png, result.json and report.md into ``out_dir``."""
-    with torch_threads():
-        t0 = time.perf_counter()
-        cfg = make_config(quick, seed, **(config or {}))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics, plot = compute(cfg, progress)
-        s = metrics["summary"]
-        headline = (
-            f"{s['path_points']} path points: max |DCS - sklearn| {s['max_coef_abs_diff']:.1e}, "
-            f"{s['support_mismatches']} support mismatches, KKT violation {s['max_kkt_violation']:.1e}"
-        )
-        rec = make_record(
-            experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT, criteria=CRITERIA,
-            metrics=metrics, config=cfg, headline=headline,
-            notes=[
-                "The factor 2: min over w * u = theta of alpha (|w|^2 + |u|^2) is 2 alpha |theta|_1, and "
-                "sklearn's data term is 1/(2n)|y - X theta|^2, so DCS weight decay alpha matches sklearn "
-                "alpha 2 alpha.",
-                "The optimizer reaches the zeros only asymptotically (w_i, u_i shrink geometrically towards the "
-                f"symmetric point); supports are compared at |theta| > {SUPPORT_TOL:g}.",
-            ],
-        )
-        fig = _plot(rec, plot, out_dir)
-        return write_record(rec, out_dir, t0=t0, figures=[fig])
+    return run_experiment(sys.modules[__name__], out_dir, quick=quick, seed=seed, progress=progress,
+                          config=config, headline=_headline, notes=NOTES)

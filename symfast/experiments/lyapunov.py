@@ -33,7 +33,7 @@ What is measured:
 from __future__ import annotations
 
 import math
-import time
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +43,7 @@ from tqdm import tqdm
 import symfast
 from symfast.collapse import approx_critical_learning_rate, critical_learning_rate, lyapunov_exponent
 
-from .common import Criterion, make_record, new_figure, save_figure, torch_threads, verdict_color, write_record
+from .common import Criterion, new_figure, save_figure, verdict_color, run_experiment
 
 EXPERIMENT = "lyapunov"
 TITLE = "Eq. 9 / eq. 16 (Theorem 5): predicted vs observed critical learning rate of SGD collapse"
@@ -274,42 +274,38 @@ def _plot(rec: dict, plot: list, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "lyapunov.png")
 
 
+def _headline(metrics: dict) -> str:
+    s = metrics["summary"]
+    parts = [f"theta={v['theta_true']:g}: observed {v['lr_observed']:.3g}, exact {v['lr_exact']:.3g}, "
+             f"eq.9 {v['lr_eq9']:.3g}" for v in metrics["settings"].values()]
+    headline = "; ".join(parts) + (f"; observed/exact in [{s['min_ratio_observed_to_exact']:.3f}, "
+                                   f"{s['max_ratio_observed_to_exact']:.3f}]")
+    return headline
+
+
+NOTES = [
+    "The chains start at |(w, u)| = 1e-10 and are judged at 1e-20 (collapsed) or 1e-2 (escaped): this "
+    "measures the sign of the drift of log|z| in the regime of eq. 8 (the linearization), which is what "
+    "eq. 16 predicts. It does not measure how long a chain started far from the mirror takes to reach it "
+    "(Fig. 1-left does that).",
+    "Bounded data on purpose: with Gaussian x or noise, h = -xy is unbounded, and Lambda of a finite "
+    "sample first turns negative just below 1/max h (the log singularity of the largest sample), so the "
+    "first root returned by critical_learning_rate is that singularity, not the physically relevant sign "
+    "change. With bounded data the root lies well inside (0, 1/max h) (see singularity_lr_n1).",
+    "Eq. 9 is the second-order expansion of Lambda: accurate when the noise E[h^2] dominates E[h]^2 and "
+    "increasingly optimistic (too low) as the signal grows; with no noise at all (all h < 0) eq. 9 still "
+    "gives a finite rate while the exact Lambda is positive at every rate (no collapse).",
+    "The (1, -1) mirror has E[h] > 0 (GD itself contracts it); n2_always_contracting says whether its "
+    "Lyapunov exponent is negative over the whole sweep, so that collapse of (w, u) is decided by (1, 1).",
+    "Collapse fraction = collapsed / (collapsed + escaped); chains still between the boundaries at max_steps "
+    "(undecided: near lr*, where the drift of log|z| vanishes, and far above it) are left out and "
+    "reported (undecided, max_undecided_fraction, grey line in the figure).",
+]
+
+
 def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: bool = True,
         config: Optional[dict] = None) -> dict:
     """Sweep the learning rate, compare the collapse threshold with eq. 16 and eq. 9; writes lyapunov.png,
     result.json and report.md into ``out_dir``."""
-    with torch_threads():
-        t0 = time.perf_counter()
-        cfg = make_config(quick, seed, **(config or {}))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics, plot = compute(cfg, progress)
-        s = metrics["summary"]
-        parts = [f"theta={v['theta_true']:g}: observed {v['lr_observed']:.3g}, exact {v['lr_exact']:.3g}, "
-                 f"eq.9 {v['lr_eq9']:.3g}" for v in metrics["settings"].values()]
-        headline = "; ".join(parts) + (f"; observed/exact in [{s['min_ratio_observed_to_exact']:.3f}, "
-                                       f"{s['max_ratio_observed_to_exact']:.3f}]")
-        rec = make_record(
-            experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT, criteria=CRITERIA,
-            metrics=metrics, config=cfg, headline=headline,
-            notes=[
-                "The chains start at |(w, u)| = 1e-10 and are judged at 1e-20 (collapsed) or 1e-2 (escaped): this "
-                "measures the sign of the drift of log|z| in the regime of eq. 8 (the linearization), which is what "
-                "eq. 16 predicts. It does not measure how long a chain started far from the mirror takes to reach it "
-                "(Fig. 1-left does that).",
-                "Bounded data on purpose: with Gaussian x or noise, h = -xy is unbounded, and Lambda of a finite "
-                "sample first turns negative just below 1/max h (the log singularity of the largest sample), so the "
-                "first root returned by critical_learning_rate is that singularity, not the physically relevant sign "
-                "change. With bounded data the root lies well inside (0, 1/max h) (see singularity_lr_n1).",
-                "Eq. 9 is the second-order expansion of Lambda: accurate when the noise E[h^2] dominates E[h]^2 and "
-                "increasingly optimistic (too low) as the signal grows; with no noise at all (all h < 0) eq. 9 still "
-                "gives a finite rate while the exact Lambda is positive at every rate (no collapse).",
-                "The (1, -1) mirror has E[h] > 0 (GD itself contracts it); n2_always_contracting says whether its "
-                "Lyapunov exponent is negative over the whole sweep, so that collapse of (w, u) is decided by (1, 1).",
-                "Collapse fraction = collapsed / (collapsed + escaped); chains still between the boundaries at max_steps "
-                "(undecided: near lr*, where the drift of log|z| vanishes, and far above it) are left out and "
-                "reported (undecided, max_undecided_fraction, grey line in the figure).",
-            ],
-        )
-        fig = _plot(rec, plot, out_dir)
-        return write_record(rec, out_dir, t0=t0, figures=[fig])
+    return run_experiment(sys.modules[__name__], out_dir, quick=quick, seed=seed, progress=progress,
+                          config=config, headline=_headline, notes=NOTES)

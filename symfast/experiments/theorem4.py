@@ -34,7 +34,7 @@ What is measured (float64):
 from __future__ import annotations
 
 import math
-import time
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +45,7 @@ import symfast
 from symfast.collapse import critical_weight_decay, weight_decay_threshold
 from symfast.symmetry import Mirror, stationary_report, verify
 
-from .common import Criterion, make_record, new_figure, save_figure, torch_threads, verdict_color, write_record
+from .common import Criterion, new_figure, save_figure, verdict_color, run_experiment
 
 EXPERIMENT = "theorem4"
 TITLE = "Theorem 4, parts 1-4, on random losses with a given O-mirror"
@@ -410,37 +410,33 @@ def _plot(rec: dict, pd: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "theorem4.png")
 
 
+def _headline(metrics: dict) -> str:
+    m = metrics
+    headline = (
+        f"part 1 max {m['part1']['max_rel_grad_condition']:.1e} (control {m['part1']['control_min_rel_grad_condition']:.1e}); "
+        f"part 2 max {m['part2']['max_rel_block']:.1e} (control {m['part2']['control_min_rel_block']:.1e}); "
+        f"part 3 {m['part3']['fraction_correct']:.2f} of {m['part3']['points']} points, GD agreement "
+        f"{m['part3_gd']['agreement']:.2f}; part 4 gamma_1 = {m['part4']['gamma1_observed']:g}"
+    )
+    return headline
+
+
+NOTES = [
+    "Part 3 is checked twice: literally (gamma_0 = (l_0(sym) - l_0(w)) / |O^T w|^2, "
+    "symfast.collapse.weight_decay_threshold, against l_gamma evaluated at 0.98 and 1.02 gamma_0), and "
+    "locally as Sec. 4.3 uses it (GD is attracted to the symmetric solution iff xi* + 2 gamma > 0). "
+    "The local check uses gamma* at the symmetric minimum w_0(gamma) of each gamma; grid points within "
+    "near_band of gamma* are not counted (a finite GD run cannot call them).",
+    "Part 4 is an existence statement: gamma_1 is read off the grid as the smallest gamma from which "
+    "every GD run from random starts ends on the mirror; GD finds minima (or slow saddles) reachable "
+    "from those starts, not all minima.",
+    "The controls (off the mirror; an added odd term eps e_i . c that breaks the mirror) show the "
+    "zero checks can fail.",
+]
+
+
 def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: bool = True,
         config: Optional[dict] = None) -> dict:
     """Check Theorem 4 parts 1-4; writes theorem4.png, result.json and report.md into ``out_dir``."""
-    with torch_threads():
-        t0 = time.perf_counter()
-        cfg = make_config(quick, seed, **(config or {}))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics, pd = compute(cfg, progress)
-        m = metrics
-        headline = (
-            f"part 1 max {m['part1']['max_rel_grad_condition']:.1e} (control {m['part1']['control_min_rel_grad_condition']:.1e}); "
-            f"part 2 max {m['part2']['max_rel_block']:.1e} (control {m['part2']['control_min_rel_block']:.1e}); "
-            f"part 3 {m['part3']['fraction_correct']:.2f} of {m['part3']['points']} points, GD agreement "
-            f"{m['part3_gd']['agreement']:.2f}; part 4 gamma_1 = {m['part4']['gamma1_observed']:g}"
-        )
-        rec = make_record(
-            experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT, criteria=CRITERIA,
-            metrics=metrics, config=cfg, headline=headline,
-            notes=[
-                "Part 3 is checked twice: literally (gamma_0 = (l_0(sym) - l_0(w)) / |O^T w|^2, "
-                "symfast.collapse.weight_decay_threshold, against l_gamma evaluated at 0.98 and 1.02 gamma_0), and "
-                "locally as Sec. 4.3 uses it (GD is attracted to the symmetric solution iff xi* + 2 gamma > 0). "
-                "The local check uses gamma* at the symmetric minimum w_0(gamma) of each gamma; grid points within "
-                "near_band of gamma* are not counted (a finite GD run cannot call them).",
-                "Part 4 is an existence statement: gamma_1 is read off the grid as the smallest gamma from which "
-                "every GD run from random starts ends on the mirror; GD finds minima (or slow saddles) reachable "
-                "from those starts, not all minima.",
-                "The controls (off the mirror; an added odd term eps e_i . c that breaks the mirror) show the "
-                "zero checks can fail.",
-            ],
-        )
-        fig = _plot(rec, pd, out_dir)
-        return write_record(rec, out_dir, t0=t0, figures=[fig])
+    return run_experiment(sys.modules[__name__], out_dir, quick=quick, seed=seed, progress=progress,
+                          config=config, headline=_headline, notes=NOTES)
