@@ -293,6 +293,21 @@ def _normalize(input, mean, var, weight, bias, eps):
     return out
 
 
+def _normalize_by_statistics(input, dims, weight, bias, eps):
+    """(x - mean) / sqrt(var + eps) with the biased mean and variance over ``dims`` (in the
+    accumulation type), then the per-channel affine: batch and instance norm in primitive ops."""
+    x = _acc(input)
+    mean = x.mean(dims, keepdim=True)
+    centered = x - mean
+    var = (centered * centered).mean(dims, keepdim=True)
+    out = (centered * torch.rsqrt(var + eps)).to(input.dtype)
+    if weight is not None:
+        out = out * _channel_view(weight, input.dim())
+    if bias is not None:
+        out = out + _channel_view(bias, input.dim())
+    return out
+
+
 def _batch_norm_impl(mode, input, running_mean, running_var, weight, bias, training, eps):
     if input.dim() < 2:
         raise ValueError(
@@ -300,17 +315,7 @@ def _batch_norm_impl(mode, input, running_mean, running_var, weight, bias, train
     use_batch_stats = training or running_mean is None or running_var is None
     if use_batch_stats:
         mode.coupled("training-mode batch_norm (batch statistics)")
-        dims = [0] + list(range(2, input.dim()))
-        x = _acc(input)
-        mean = x.mean(dims, keepdim=True)
-        centered = x - mean
-        var = (centered * centered).mean(dims, keepdim=True)
-        out = (centered * torch.rsqrt(var + eps)).to(input.dtype)
-        if weight is not None:
-            out = out * _channel_view(weight, input.dim())
-        if bias is not None:
-            out = out + _channel_view(bias, input.dim())
-        return out
+        return _normalize_by_statistics(input, [0] + list(range(2, input.dim())), weight, bias, eps)
     return _normalize(
         input, _channel_view(running_mean, input.dim()), _channel_view(running_var, input.dim()), weight, bias, eps
     )
@@ -321,17 +326,7 @@ def _instance_norm_impl(input, running_mean, running_var, weight, bias, use_inpu
         raise ValueError(
             f"instance_norm: expected an input with at least 3 dims (N, C, L, ...), got shape {tuple(input.shape)}")
     if use_input_stats:
-        dims = tuple(range(2, input.dim()))
-        x = _acc(input)
-        mean = x.mean(dims, keepdim=True)
-        centered = x - mean
-        var = (centered * centered).mean(dims, keepdim=True)
-        out = (centered * torch.rsqrt(var + eps)).to(input.dtype)
-        if weight is not None:
-            out = out * _channel_view(weight, input.dim())
-        if bias is not None:
-            out = out + _channel_view(bias, input.dim())
-        return out
+        return _normalize_by_statistics(input, tuple(range(2, input.dim())), weight, bias, eps)
     return _normalize(
         input, _channel_view(running_mean, input.dim()), _channel_view(running_var, input.dim()), weight, bias, eps
     )
