@@ -19,26 +19,9 @@ import torch
 import symfast
 from symfast import cli, experiments
 from symfast.experiments import common, eq6, fig1_mid, fig3, fig4, lasso, report
-
-RECORD_KEYS = {"experiment", "claim", "verdict", "metrics", "config", "seconds"}
-
-
-def _recomputed_verdict(rec: dict) -> str:
-    """The verdict from the record alone: every stated check re-evaluated on the stored metrics."""
-    crit = [common.Criterion(c["key"], c["op"], c["threshold"], c["text"]) for c in rec["checks"]]
-    return common.judge(rec["metrics"], crit)[0]
+from repro_checks import RECORD_KEYS, check_record
 
 
-def _check_record(rec: dict, out_dir) -> None:
-    assert RECORD_KEYS <= set(rec)
-    assert rec["verdict"] in (common.REPRODUCED, common.NOT_REPRODUCED)
-    assert rec["verdict"] == _recomputed_verdict(rec)
-    assert rec["seconds"] > 0 and rec["criterion"].startswith("reproduced iff")
-    assert json.loads((out_dir / "result.json").read_text()) == rec
-    for f in rec["figures"]:
-        assert (out_dir / f).stat().st_size > 20_000, f
-    md = (out_dir / "report.md").read_text()
-    assert rec["verdict"].upper() in md and all(f in md for f in rec["figures"])
 
 
 # ------------------------------------------------------------------ registry
@@ -86,7 +69,7 @@ def test_criterion_judging():
 # ----------------------------------------------------------------------- eq6
 def test_eq6_hessian_matches_closed_form_and_plain_autograd(tmp_path):
     rec = eq6.run(tmp_path, progress=False)
-    _check_record(rec, tmp_path)
+    check_record(rec, tmp_path)
     assert rec["verdict"] == "reproduced"
     m = rec["metrics"]
     assert m["per_sample"]["max_abs_entry_error"] <= 1e-12
@@ -112,7 +95,7 @@ def test_eq6_hessian_matches_closed_form_and_plain_autograd(tmp_path):
 # ---------------------------------------------------------------------- fig4
 def test_fig4_stationary_conditions_hold_and_controls_break(tmp_path):
     rec = fig4.run(tmp_path, progress=False, config={"steps": 400, "random_starts": 3})
-    _check_record(rec, tmp_path)
+    check_record(rec, tmp_path)
     m = rec["metrics"]
     assert m["rescaling"]["max_dev_on_conditions"] <= 1e-12
     assert m["rotation"]["max_angle_change"] <= 1e-12
@@ -132,7 +115,7 @@ def test_lasso_dcs_path_equals_sklearn(tmp_path):
     pytest.importorskip("sklearn")
     cfg = {"datasets": ["diabetes"], "n_alphas": 5}
     rec = lasso.run(tmp_path, progress=False, config=cfg)
-    _check_record(rec, tmp_path)
+    check_record(rec, tmp_path)
     s = rec["metrics"]["summary"]
     assert s["max_coef_abs_diff"] < 1e-4 and s["support_mismatches"] == 0 and s["max_kkt_violation"] < 1e-5
     assert rec["verdict"] == "reproduced"
@@ -188,7 +171,7 @@ def fig3_small(tmp_path_factory):
 
 def test_fig3_plasticity_signature(fig3_small):
     out, rec = fig3_small
-    _check_record(rec, out)
+    check_record(rec, out)
     m = rec["metrics"]
     for key in ("wd_0", "wd_1e-02"):
         q = m[key]
@@ -247,7 +230,7 @@ def test_fig1_mid_sgd_step_matches_autograd():
 def test_fig1_mid_rank_signature(tmp_path):
     cfg = {"mus": [0.02, 0.3], "steps": 20_000}
     rec = fig1_mid.run(tmp_path, progress=False, config=cfg)
-    _check_record(rec, tmp_path)
+    check_record(rec, tmp_path)
     s = rec["metrics"]["summary"]
     assert s["vanilla_all_finite"] and s["residual_all_finite"] and s["linear_all_finite"]
     # Strong noise: the factorization loses rank; weak noise: full rank. No symmetry: always full rank.

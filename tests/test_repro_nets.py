@@ -7,31 +7,18 @@ are not asserted where they depend on the run length (the quick and full runs ar
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from symfast import experiments
-from symfast.experiments import common
 
 pytest.importorskip("sklearn")
 
 from symfast.experiments import dcs_cnn, fig1_right  # noqa: E402
+from repro_checks import check_record
 
-RECORD_KEYS = {"experiment", "claim", "verdict", "metrics", "config", "seconds"}
 
-
-def _check_record(rec: dict, out_dir) -> None:
-    assert RECORD_KEYS <= set(rec)
-    crit = [common.Criterion(c["key"], c["op"], c["threshold"], c["text"]) for c in rec["checks"]]
-    assert rec["verdict"] == common.judge(rec["metrics"], crit)[0]
-    assert rec["seconds"] > 0 and rec["criterion"].startswith("reproduced iff")
-    assert json.loads((out_dir / "result.json").read_text()) == rec
-    for f in rec["figures"]:
-        assert (out_dir / f).stat().st_size > 20_000, f
-    md = (out_dir / "report.md").read_text()
-    assert rec["verdict"].upper() in md and all(f in md for f in rec["figures"])
 
 
 def test_registry_finds_both():
@@ -61,7 +48,7 @@ def fig1r(tmp_path_factory):
 
 def test_fig1_right_blocks_with_weight_decay(fig1r):
     out, rec = fig1r
-    _check_record(rec, out)
+    check_record(rec, out)
     m = rec["metrics"]
     w0, wd = m["wd_0"], m["wd_1e-02"]
     for kind in ("pre", "post"):  # more of the layer in homogeneous blocks, before and after the ReLU
@@ -103,7 +90,7 @@ def dcs(tmp_path_factory):
 
 def test_dcs_cnn_sparse_and_accurate(dcs):
     out, rec = dcs
-    _check_record(rec, out)
+    check_record(rec, out)
     m = rec["metrics"]
     van, d = m["vanilla"], m["alpha_1e-03"]
     # Every parameter is factored: twice the trainable numbers, the same function size.

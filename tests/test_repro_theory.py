@@ -6,7 +6,6 @@ ingredients are checked against independent oracles (closed forms, plain autogra
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -15,21 +14,10 @@ import torch
 import symfast
 from symfast import cli, experiments
 from symfast.collapse import approx_critical_learning_rate, critical_learning_rate
-from symfast.experiments import common, lyapunov, theorem4
+from symfast.experiments import lyapunov, theorem4
+from repro_checks import check_record
 
-RECORD_KEYS = {"experiment", "claim", "verdict", "metrics", "config", "seconds"}
 
-
-def _check_record(rec: dict, out_dir) -> None:
-    assert RECORD_KEYS <= set(rec)
-    crit = [common.Criterion(c["key"], c["op"], c["threshold"], c["text"]) for c in rec["checks"]]
-    assert rec["verdict"] == common.judge(rec["metrics"], crit)[0]
-    assert rec["seconds"] > 0 and rec["criterion"].startswith("reproduced iff")
-    assert json.loads((out_dir / "result.json").read_text()) == rec
-    for f in rec["figures"]:
-        assert (out_dir / f).stat().st_size > 20_000, f
-    md = (out_dir / "report.md").read_text()
-    assert rec["verdict"].upper() in md and all(f in md for f in rec["figures"])
 
 
 def test_listed_as_ready(capsys):
@@ -68,7 +56,7 @@ def test_lyapunov_curvatures_and_sgd_step():
 def test_lyapunov_threshold_signature(tmp_path):
     cfg = {"settings": [[0.25, 1.0]], "chains": 100, "n_lrs": 11, "max_steps": 8000}
     rec = lyapunov.run(tmp_path, progress=False, config=cfg)
-    _check_record(rec, tmp_path)
+    check_record(rec, tmp_path)
     v = rec["metrics"]["settings"]["theta0.25_sigma1"]
     # Below the exact root no chain collapses, well above it all do; the 50% point is within 10% of lr*.
     lrs, frac = v["lrs"], v["collapse_fraction"]
@@ -98,7 +86,7 @@ def test_theorem4_loss_has_the_mirror_and_control_breaks_it():
 
 def test_theorem4_signature(tmp_path):
     rec = theorem4.run(tmp_path, progress=False, config=SMALL_T4)
-    _check_record(rec, tmp_path)
+    check_record(rec, tmp_path)
     m = rec["metrics"]
     assert m["part1"]["max_rel_grad_condition"] <= 1e-12 and m["part1"]["control_min_rel_grad_condition"] > 1e-3
     assert m["part2"]["max_rel_block"] <= 1e-12 and m["part2"]["control_min_rel_block"] > 1e-3
