@@ -87,7 +87,7 @@ def make_batch(kind: str):
     return torch.randn(shape, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
 
-def build(kind: str, impl: str, structure, monkeypatch=None):
+def build(kind: str, impl: str, structure, monkeypatch=None, fused: bool = False):
     model = make_model(kind)
     if impl == "plain":
         groups = [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": 2 * ALPHA},
@@ -99,7 +99,9 @@ def build(kind: str, impl: str, structure, monkeypatch=None):
             assert monkeypatch is not None
             monkeypatch.setattr(structures, "dcs", reference.dcs)
             monkeypatch.setattr(structures, "dcs_group", reference.dcs_group)
-    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+    # fused=False is torch's default on CPU (a loop over tensors); fused=True is
+    # its one-kernel-per-tensor step (torch >= 2.4), the fast choice for both models.
+    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9, **({"fused": True} if fused else {}))
     run = torch.compile(model, fullgraph=True) if impl == "compiled" else model
     return model, run, opt
 
@@ -195,9 +197,10 @@ def test_training_step(benchmark, kind, impl, structure, monkeypatch):
     run_pedantic(benchmark, lambda: train_step(model, run, opt, x, y), "cpu")
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd-fused"])
 @pytest.mark.parametrize("structure", ["elementwise", "group"])
 @pytest.mark.parametrize("kind", MODELS)
-def test_overhead_paired(benchmark, kind, structure):
+def test_overhead_paired(benchmark, kind, structure, optimizer):
     """Step-time overhead measured in interleaved pairs: plain step, converted step, plain, converted, ...
 
     On a shared machine the load changes from second to second; timing the two
@@ -207,8 +210,9 @@ def test_overhead_paired(benchmark, kind, structure):
     """
     import time
 
-    plain = build(kind, "plain", None)
-    converted = build(kind, "symfast", structure)
+    fused = optimizer == "sgd-fused"
+    plain = build(kind, "plain", None, fused=fused)
+    converted = build(kind, "symfast", structure, fused=fused)
     x, y = make_batch(kind)
     ratios = []
 
@@ -220,11 +224,11 @@ def test_overhead_paired(benchmark, kind, structure):
         t2 = time.perf_counter()
         ratios.append((t2 - t1) / (t1 - t0))
 
-    benchmark.group = f"paired overhead {kind} batch={BATCH} cpu"
+    benchmark.group = f"paired overhead {kind} {optimizer} batch={BATCH} cpu"
     run_pedantic(benchmark, pair, "cpu")
     ratios.sort()
     overhead = ratios[len(ratios) // 2] - 1
-    benchmark.extra_info.update(model=kind, impl="paired", structure=structure, batch=BATCH,
+    benchmark.extra_info.update(model=kind, impl="paired", structure=structure, optimizer=optimizer, batch=BATCH,
                                 threads=torch.get_num_threads(), overhead=overhead, pairs=len(ratios),
                                 overhead_q25=ratios[len(ratios) // 4] - 1,
                                 overhead_q75=ratios[3 * len(ratios) // 4] - 1)
@@ -252,10 +256,10 @@ def _table(data: dict) -> str:
             f"{info['saved_bytes'] / 2**20:.2f} | {dcs} |"
         )
     if paired:
-        lines += ["", "| model | structure | step-time overhead, median of interleaved pairs (IQR) | pairs |",
-                  "|---|---|---|---|"]
-        for info in sorted(paired, key=lambda i: (i["model"], i["structure"])):
-            lines.append(f"| {info['model']} | {info['structure']} | {info['overhead']:+.1%} "
+        lines += ["", "| model | structure | optimizer | step-time overhead, median of interleaved pairs (IQR) | pairs |",
+                  "|---|---|---|---|---|"]
+        for info in sorted(paired, key=lambda i: (i["model"], i["structure"], i["optimizer"])):
+            lines.append(f"| {info['model']} | {info['structure']} | {info['optimizer']} | {info['overhead']:+.1%} "
                          f"({info['overhead_q25']:+.1%} .. {info['overhead_q75']:+.1%}) | {info['pairs']} |")
     machine = data.get("machine_info", {}).get("symfast", {})
     lines.append("")

@@ -55,6 +55,13 @@ TORCH_LIBRARY(symfast, m) {
   // A missing tangent counts as zero.
   m.def("dcs_group_jvp(Tensor w, Tensor s, int dim, Tensor? w_dot, Tensor? s_dot) -> Tensor");
 
+  // dcs / dcs_group with a C++ autograd node (csrc/autograd.cpp): the
+  // first-order training path of symfast.dcs / symfast.dcs_group, taken when
+  // no torch.func transform or forward-mode AD is active. Same values and
+  // gradients as the public ops; internal (the leading underscore).
+  m.def("_dcs_autograd(Tensor w, Tensor u, Tensor? v=None, Tensor? mask=None) -> Tensor");
+  m.def("_dcs_group_autograd(Tensor w, Tensor s, int dim) -> Tensor");
+
   // The cache of CPU output blocks (csrc/cpu/output_cache.h), exposed as
   // symfast.cpu_cache_info / set_cpu_cache_limit / empty_cpu_cache.
   m.def("cpu_cache_info() -> int[]", &symfast::cpu_cache_info);

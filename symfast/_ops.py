@@ -132,6 +132,19 @@ def _first_order_only() -> bool:
     )
 
 
+def _plain_autograd() -> bool:
+    """True when no torch.func transform and no forward-mode AD level is active.
+
+    Then ``symfast.dcs`` and ``symfast.dcs_group`` use the ops with a C++
+    autograd node (``torch.ops.symfast._dcs_autograd``, ``csrc/autograd.cpp``):
+    same values and gradients, to any order of reverse mode, with no Python in
+    the forward or the backward of a training step. The autograd.Functions
+    remain the path under torch.func and forward AD, which a C++ node does not
+    support.
+    """
+    return torch.autograd.forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()
+
+
 def vjp(
     grad: Tensor,
     w: Optional[Tensor],
@@ -393,4 +406,6 @@ def dcs(
         # torch.compile the op is called directly: its autograd comes from
         # register_autograd (same formulas) and AOTAutograd traces the backward.
         return _lib_ops.dcs(w, u, v, mask)
+    if _plain_autograd():
+        return _lib_ops._dcs_autograd(w, u, v, mask)
     return DCSFunction.apply(w, u, v, mask)

@@ -49,6 +49,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
 from ._checks import _require_tensor, check_like, check_primal
+from ._ops import _plain_autograd
 
 Tensor = torch.Tensor
 _lib_ops = torch.ops.symfast
@@ -462,4 +463,6 @@ def dcs_group(w: Tensor, s: Tensor, dim: int) -> Tensor:
         # torch.compile the op is called directly: its autograd comes from
         # register_autograd (same formulas) and AOTAutograd traces the backward.
         return _lib_ops.dcs_group(w, s, dim)
+    if _plain_autograd():
+        return _lib_ops._dcs_group_autograd(w, s, dim)
     return DCSGroupFunction.apply(w, s, dim)

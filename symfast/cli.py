@@ -81,7 +81,8 @@ def _run_set(names: Sequence[str], args: argparse.Namespace, *, show_fig1_left_t
     for i, name in enumerate(names, 1):
         exp = experiments.get(name)
         print(f"[{i}/{len(names)}] {name}: {exp.title} ({'quick' if quick else 'full'}, seed {args.seed})", flush=True)
-        rec = experiments.run(name, out, quick=quick, seed=args.seed, progress=not args.progress_off)
+        config = getattr(args, "configs", {}).get(name)  # repro --model/--data
+        rec = experiments.run(name, out, quick=quick, seed=args.seed, progress=not args.progress_off, config=config)
         if name == "fig1-left" and show_fig1_left_table:
             _print_fig1_left(rec, out / name)
         print(f"    -> {rec['verdict'].upper()} in {rec['seconds']:.1f} s: {rec['headline']}", flush=True)
@@ -145,6 +146,7 @@ def _print_list() -> None:
     print()
     print("symfast repro NAME [NAME ...] [--quick | --full] [--out DIR] [--seed N]; --all runs every ready one; "
           "symfast demo runs the main job.")
+    print("fig1-right and dcs-cnn also take --model resnet18 --data PATH: the paper's ResNet18 on CIFAR-10.")
 
 
 def _cmd_repro(args: argparse.Namespace) -> int:
@@ -177,10 +179,51 @@ def _cmd_repro(args: argparse.Namespace) -> int:
             for n, why in blocked:
                 print(f"symfast repro: {n} is {why}", file=sys.stderr)
             return 2
+    args.configs = _model_data_configs(names, args)
     records = _run_set(names, args, show_fig1_left_table=False)
     cmd = "symfast repro " + ("--all" if args.all else " ".join(names)) + (" --full" if args.full else "")
+    if args.model is not None:
+        cmd += f" --model {args.model}"
+    if args.data is not None:
+        cmd += f" --data {args.data}"
     _finish(records, Path(args.out), cmd)  # the combined report covers every record found in OUT
     return 0
+
+
+def _model_data_configs(names: Sequence[str], args: argparse.Namespace) -> dict:
+    """``{name: {'model': ..., 'data': ...}}`` from ``repro --model/--data``, checked before anything runs.
+
+    Only experiments whose module lists ``MODEL_CHOICES`` take the flags (fig1-right, dcs-cnn); any other, an unknown
+    model, a bad combination or a path without CIFAR-10 is an argparse error naming the flag (exit status 2).
+    """
+    from . import experiments
+
+    if args.model is None and args.data is None:
+        return {}
+    parser = args.repro_parser
+    flags = " and ".join(f for f, v in (("--model", args.model), ("--data", args.data)) if v is not None)
+    arg = "--model" if args.model is not None else "--data"
+    mods = {n: experiments.get(n).load() for n in names}
+    refused = [n for n, m in mods.items() if not hasattr(m, "MODEL_CHOICES")]
+    if refused:
+        takers = [e.name for e in experiments.EXPERIMENTS if e.available and hasattr(e.load(), "MODEL_CHOICES")]
+        verb = "apply" if " and " in flags else "applies"
+        parser.error(f"argument {arg}: {flags} {verb} only to {', '.join(takers)}, not to {', '.join(refused)}")
+    configs = {}
+    for n, m in mods.items():
+        if args.model is not None and args.model not in m.MODEL_CHOICES:
+            parser.error(f"argument --model: invalid choice for {n}: {args.model!r} (choose from "
+                         f"{', '.join(m.MODEL_CHOICES)})")
+        cfg = {k: v for k, v in (("model", args.model), ("data", args.data)) if v is not None}
+        try:
+            m.make_config(not args.full, args.seed, **cfg)  # the model/data combination and the data path
+        except (ValueError, FileNotFoundError) as exc:
+            msg = str(exc)
+            if msg.startswith("--data "):  # the data path's own error: "--data PATH: what is wrong"
+                parser.error(f"argument --data: {msg[len('--data '):]}")
+            parser.error(f"argument {arg}: {msg}")
+        configs[n] = cfg
+    return configs
 
 
 def _add_repro(sub) -> None:
@@ -200,7 +243,13 @@ def _add_repro(sub) -> None:
     p.add_argument("--out", default="results", help="output directory (default: results/)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", dest="progress_off", action="store_true", help="hide the progress bars")
-    p.set_defaults(func=_cmd_repro)
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="fig1-right and dcs-cnn only: 'resnet18' runs the paper's ResNet18 on CIFAR-10 (needs --data; "
+                   "on the GPU when there is one); default: the CPU-scale model on scikit-learn's digits")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="fig1-right and dcs-cnn only, with --model resnet18: the CIFAR-10 python-version directory "
+                   "(cifar-10-batches-py/, or its parent); nothing is downloaded")
+    p.set_defaults(func=_cmd_repro, repro_parser=p)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -426,3 +426,56 @@ def test_cpu_and_cuda_agree(dtype, shape, dim):
     gw, _ = ops.dcs_group_backward(g, w, s, dim, True, False)
     torch.testing.assert_close(cw.cpu(), gw, **EXACT)
     _assert_gate_grad(cs.cpu(), g, w, s, dim)
+
+
+# ------------------------------------------- the C++ autograd training path
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape,dim", [((5, 7), 0), ((5, 7), -1), ((4, 6, 3, 3), 1), ((0, 4), 1)])
+def test_training_path_equals_the_function_path(device, dtype, shape, dim):
+    """Outside torch.func and forward AD, dcs_group records a C++ node
+    (csrc/autograd.cpp); values and gradients equal the autograd.Function path
+    bit for bit, also for a non-contiguous w."""
+    from symfast._ops_group import DCSGroupFunction
+
+    w, s = _inputs(shape, dim, dtype, device, requires_grad=True)
+    wt = _randn(shape[::-1], dtype, device, 5).permute(*range(len(shape) - 1, -1, -1)).requires_grad_()
+    g = _randn(shape, dtype, device, 9)
+    for a in (w, wt):
+        fast, slow = dcs_group(a, s, dim), DCSGroupFunction.apply(a, s, dim)
+        assert fast.grad_fn.name() == "torch::autograd::CppNode<symfast::DCSGroupFunction>"
+        assert slow.grad_fn.name() == "DCSGroupFunctionBackward"
+        torch.testing.assert_close(fast, slow, **EXACT)
+        for x, y in zip(torch.autograd.grad(fast, (a, s), g), torch.autograd.grad(slow, (a, s), g)):
+            torch.testing.assert_close(x, y, **EXACT)
+
+
+def test_training_path_runs_no_python_in_backward():
+    import os
+    import sys
+
+    w, s = _inputs((6, 5), 1, torch.float32, "cpu", requires_grad=True)
+    theta = dcs_group(w, s, 1)
+    files = []
+    sys.setprofile(lambda frame, event, arg: files.append(frame.f_code.co_filename) if event == "call" else None)
+    try:
+        theta.sum().backward()
+    finally:
+        sys.setprofile(None)
+    package = os.path.dirname(symfast.__file__)
+    assert [f for f in files if f.startswith(package)] == []
+    assert w.grad is not None and s.grad is not None
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("shape,dim", [((3, 4), 0), ((2, 3, 2), -2), ((0, 3), 1)])
+def test_training_path_gradcheck_gradgradcheck_opcheck(device, shape, dim):
+    w, s = _inputs(shape, dim, torch.float64, device, requires_grad=True)
+    f = lambda w, s: ops._dcs_group_autograd(w, s, dim)
+    assert torch.autograd.gradcheck(f, (w, s))
+    assert torch.autograd.gradgradcheck(f, (w, s))
+    torch.library.opcheck(ops._dcs_group_autograd.default, (w, s, dim))
+    w.grad = s.grad = None
+    theta = ops._dcs_group_autograd(w, s.detach(), dim)  # the gate needs no gradient
+    theta.sum().backward()
+    assert w.grad is not None and s.grad is None

@@ -410,6 +410,9 @@ def test_forward_ad_over_first_order_backward_keeps_tangents():
 
 
 def test_first_order_backward_uses_no_nested_autograd_function():
+    """The autograd.Function path (torch.func, forward AD) calls the backward kernel
+    below autograd when nothing differentiates through it, and nests a Function
+    only under create_graph."""
     from symfast import _ops
 
     w, u = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
@@ -417,9 +420,103 @@ def test_first_order_backward_uses_no_nested_autograd_function():
     orig = _ops.DCSBackwardFunction.apply
     _ops.DCSBackwardFunction.apply = lambda *a: calls.append(1) or orig(*a)
     try:
-        symfast.dcs(w, u).sum().backward()
+        _ops.DCSFunction.apply(w, u, None, None).sum().backward()
         assert calls == []  # fast path
-        (g,) = torch.autograd.grad(symfast.dcs(w, u).sum(), w, create_graph=True)
+        (g,) = torch.autograd.grad(_ops.DCSFunction.apply(w, u, None, None).sum(), w, create_graph=True)
         assert calls == [1] and g.requires_grad  # double backward keeps the graph
     finally:
         _ops.DCSBackwardFunction.apply = orig
+
+
+# ------------------------------------------- the C++ autograd training path
+def _python_calls_in(fn):
+    """Files of the Python functions called while fn runs (this thread; the CPU
+    autograd engine runs backward on the calling thread)."""
+    import sys
+
+    files = []
+    sys.setprofile(lambda frame, event, arg: files.append(frame.f_code.co_filename) if event == "call" else None)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return files
+
+
+@pytest.mark.parametrize("mask_kind,with_v", [("none", False), ("bool", True), ("broadcast-last", True),
+                                              ("float", False)])
+def test_training_path_runs_no_python_in_backward(mask_kind, with_v):
+    """Outside torch.func and forward AD, symfast.dcs records a C++ node
+    (csrc/autograd.cpp): its backward runs no Python at all."""
+    w, u, v, mask = _inputs((6, 5), torch.float32, "cpu", mask_kind, with_v, requires_grad=True)
+    theta = symfast.dcs(w, u, v, mask)
+    assert theta.grad_fn.name() == "torch::autograd::CppNode<symfast::DCSFunction>"
+    g = _randn((6, 5), torch.float32, "cpu", 9)
+    files = _python_calls_in(lambda: theta.backward(g))
+    import os
+
+    package = os.path.dirname(symfast.__file__)
+    assert [f for f in files if f.startswith(package)] == [], files
+    assert w.grad is not None and u.grad is not None and (v is None or v.grad is not None)
+
+
+def test_training_path_switches_to_the_function_under_transforms():
+    import torch.autograd.forward_ad as fwAD
+
+    w, u = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    with fwAD.dual_level():
+        assert symfast.dcs(fwAD.make_dual(w, torch.ones(4)), u).grad_fn.name() == "DCSFunctionBackward"
+    seen = []
+    tf.grad(lambda w: seen.append(symfast.dcs(w, u)) or seen[-1].sum())(w.detach())
+    assert type(seen[0]).__name__ == "Tensor"  # ran under the transform, through DCSFunction
+    torch.testing.assert_close(tf.grad(lambda w: symfast.dcs(w, u).sum())(w.detach()), u.detach(), **EXACT)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mask_kind,with_v", [("none", False), ("bool", True), ("broadcast-col", True),
+                                              ("float", True)])
+def test_training_path_equals_the_function_path(device, dtype, mask_kind, with_v):
+    """Values and all three gradients bit for bit, including non-contiguous factors."""
+    from symfast._ops import DCSFunction
+
+    w, u, v, mask = _inputs((5, 8), dtype, device, mask_kind, with_v, requires_grad=True)
+    wt = _randn((8, 5), dtype, device, 4).t().requires_grad_()  # non-contiguous
+    g = _randn((5, 8), dtype, device, 9)
+    for a in (w, wt):
+        inputs = [t for t in (a, u, v) if t is not None]
+        fast = ops._dcs_autograd(a, u, v, mask)
+        slow = DCSFunction.apply(a, u, v, mask)
+        assert "CppNode" in fast.grad_fn.name() and slow.grad_fn.name() == "DCSFunctionBackward"
+        torch.testing.assert_close(fast, slow, **EXACT)
+        for x, y in zip(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(slow, inputs, g)):
+            torch.testing.assert_close(x, y, **EXACT)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("shape,mask_kind,with_v", GRAD_CASES)
+def test_training_path_gradcheck_gradgradcheck_opcheck(device, shape, mask_kind, with_v):
+    w, u, v, mask = _inputs(shape, torch.float64, device, mask_kind, with_v, requires_grad=True)
+    f = lambda w, u, v: ops._dcs_autograd(w, u, v, mask)
+    assert torch.autograd.gradcheck(f, (w, u, v))
+    assert torch.autograd.gradgradcheck(f, (w, u, v))
+    torch.library.opcheck(ops._dcs_autograd.default, (w, u, v, mask))
+
+
+def test_training_path_saves_only_the_factors_and_keeps_partial_grads():
+    w, u = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4)  # u needs no gradient
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        theta = symfast.dcs(w, u)
+    assert len(saved) == 2 and saved[0] is w and saved[1] is u  # theta is not saved
+    theta.sum().backward()
+    torch.testing.assert_close(w.grad, u, **EXACT)
+    assert u.grad is None
+
+
+def test_training_path_rejects_bad_input_like_the_public_op():
+    w = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="u must have w's shape"):
+        ops._dcs_autograd(w, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="u"):
+        symfast.dcs(w, torch.randn(4, 3))

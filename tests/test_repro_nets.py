@@ -29,8 +29,9 @@ def test_registry_finds_both():
 
 
 @pytest.mark.parametrize("mod", [fig1_right, dcs_cnn])
-def test_paper_scale_setting_not_implemented(mod, tmp_path):
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
+def test_paper_scale_setting_needs_cifar(mod, tmp_path):
+    # the ResNet18/CIFAR-10 path itself is tested in test_repro_cifar.py, on a synthetic CIFAR-format directory
+    with pytest.raises(FileNotFoundError, match="--data"):
         mod.run(tmp_path, progress=False, config={"model": "resnet18", "data": str(tmp_path)})
     with pytest.raises(TypeError, match="unknown config override"):
         mod.make_config(nonsense=1)

@@ -70,6 +70,15 @@ class Criterion:
         return f"{self.text} [{self.key} {self.op} {_fmt_value(self.threshold)}]"
 
 
+def apply_overrides(cfg: dict, overrides: dict) -> dict:
+    """Sets ``cfg[k] = v`` for each override; a key the config does not have is a TypeError."""
+    for k, v in overrides.items():
+        if k not in cfg:
+            raise TypeError(f"unknown config override {k!r}")
+        cfg[k] = v
+    return cfg
+
+
 def lookup(metrics: dict, key: str) -> Any:
     """``metrics`` at a dotted path; KeyError names the missing part."""
     node: Any = metrics

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import symfast
 
-from .common import run_experiment, Criterion, new_figure, save_figure, verdict_color
+from .common import apply_overrides, run_experiment, Criterion, new_figure, save_figure, verdict_color
 
 EXPERIMENT = "eq6"
 TITLE = "Eq. 6 / Sec. 4.2: Hessian of the DCS two-layer linear net at w = u = 0"
@@ -76,10 +76,7 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "ordering": "parameters flattened as (w_1, u_1, w_2, u_2, ...)",
         "figure_d": 4,
     }
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise TypeError(f"unknown config override {k!r}")
-        cfg[k] = v
+    apply_overrides(cfg, overrides)
     return cfg
 
 

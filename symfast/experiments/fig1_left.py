@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 import symfast
 
-from .common import Criterion, make_record, write_record
+from .common import apply_overrides, Criterion, make_record, write_record
 
 EXPERIMENT = "fig1-left"
 CLAIM = (
@@ -129,10 +129,7 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "batching": "all (noise_std, replicate, lr) models train at once as independent rows; "
         "they share the data stream of their replicate",
     }
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise TypeError(f"unknown config override {k!r}")
-        cfg[k] = v
+    apply_overrides(cfg, overrides)
     if cfg["primary_noise_std"] not in cfg["noise_stds"]:
         raise ValueError("primary_noise_std must be one of noise_stds")
     cfg["lrs"] = sorted(float(x) for x in cfg["lrs"])

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from .common import (
+    apply_overrides,
     Criterion,
     make_record,
     new_figure,
@@ -110,10 +111,7 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "lr_choice": "the largest lr of a coarse scan (0.003, 0.0045, 0.006, 0.008, 0.012) at which every model "
         "trains stably at every mu of the quick grid (the residual model diverges at 0.008 for mu = 0.02)",
     }
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise TypeError(f"unknown config override {k!r}")
-        cfg[k] = v
+    apply_overrides(cfg, overrides)
     cfg["mus"] = sorted(float(m) for m in cfg["mus"])
     return cfg
 

@@ -22,7 +22,16 @@ Dead neurons (zero post-activation on every test point) correlate 0 with the oth
 
 The weight decay of the paper's figure (1e-3) is for 100 epochs of CIFAR-10; in this short run on a small data set
 the effect needs a larger one: the judged setting is ``primary_weight_decay`` (1e-2), the others are reported.
-``config={'model': 'resnet18', 'data': PATH}`` (the paper's setting) is not implemented yet and raises.
+
+Paper scale (``config={'model': 'resnet18', 'data': PATH}``; ``symfast repro fig1-right --model resnet18 --data
+PATH``): :class:`symfast.train.resnet.ResNet18` (CIFAR variant) with a fully connected hidden layer of 128 neurons
+before the classifier (App. A.2: "the penultimate layer neurons of the fully connected layer with dimension 128"),
+trained on CIFAR-10 (:mod:`.cifar`, the python-version directory; random crop + flip) with SGD, batch 128, fixed
+lr 0.1, momentum 0.9, each weight decay from the same initialization and the same batches; full: 100 epochs on the
+50000 training images and weight decays 0, 5e-4, 1e-3; quick: 5 epochs on a 10000-image subset, weight decays 0 and
+1e-3 (the settings are in :data:`CIFAR_SETTINGS`). The judged weight decay is Fig. 5's 1e-3; the 128 neurons are
+analysed on the first 2000 test images (the paper's "2000 unseen test points") exactly as above: the same metrics,
+criteria and verdict. It runs on the GPU when there is one.
 """
 
 from __future__ import annotations
@@ -35,7 +44,8 @@ import torch
 from tqdm import tqdm
 
 from ..metrics import homogeneity
-from .common import Criterion, make_record, new_figure, save_figure, torch_threads, verdict_color, write_record
+from . import cifar
+from .common import apply_overrides, Criterion, make_record, new_figure, save_figure, torch_threads, verdict_color, write_record
 
 EXPERIMENT = "fig1-right"
 TITLE = "Figure 1-right / Figure 5: homogeneous blocks of penultimate neurons from the permutation symmetry"
@@ -66,7 +76,22 @@ def _criteria(primary: str) -> list[Criterion]:
     ]
 
 
+#: ``model`` (``--model``): the default (digits MLP) and the paper's network (ResNet18 on CIFAR-10, with ``data``).
+MODEL_CHOICES = ("mlp", "resnet18")
+_DEFAULT_DESC = "an MLP on scikit-learn's bundled digits"
+
+#: The paper-scale run's quick and full settings (model='resnet18'); they override :func:`_cifar_config`'s base.
+CIFAR_SETTINGS = {
+    "quick": {"train_subset": 10_000, "epochs": 5, "eval_points": 2_000, "weight_decays": [0.0, 1e-3]},
+    "full": {"train_subset": None, "epochs": 100, "eval_points": None, "weight_decays": [0.0, 5e-4, 1e-3]},
+}
+
+
 def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
+    model, data = overrides.get("model", MODEL_CHOICES[0]), overrides.get("data")
+    cifar.check_model_data(EXPERIMENT, model, data, default_model=MODEL_CHOICES[0], default_desc=_DEFAULT_DESC)
+    if model == "resnet18":
+        return _cifar_config(quick, seed, overrides)
     cfg = {
         "quick": quick,
         "seed": seed,
@@ -88,14 +113,32 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "replacement; the same init and minibatches for every weight decay",
         "neuron_params": "incoming weights, bias and outgoing weights of each penultimate neuron",
     }
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise TypeError(f"unknown config override {k!r}")
-        cfg[k] = v
-    if cfg["model"] != "mlp" or cfg["data"] is not None:
-        raise NotImplementedError(
-            "fig1-right: the paper's ResNet18/CIFAR-10 setting (model='resnet18', data=PATH) is not implemented yet; "
-            "only the default digits MLP (model='mlp', data=None) runs")
+    apply_overrides(cfg, overrides)
+    if 0.0 not in cfg["weight_decays"] or cfg["primary_weight_decay"] not in cfg["weight_decays"]:
+        raise ValueError("weight_decays must contain 0 and primary_weight_decay")
+    return cfg
+
+
+def _cifar_config(quick: bool, seed: int, overrides: dict) -> dict:
+    """The paper's setting (App. A.2): ResNet18 with a 128-neuron hidden layer on CIFAR-10."""
+    cfg = cifar.base_config(quick, seed)
+    cfg.update({
+        "width": 128,  # App. A.2: the penultimate (fully connected) layer has 128 neurons
+        "epochs": 100,
+        "test_points": 2_000,  # App. A.2: "2000 unseen test points"
+        "eval_points": None,  # accuracy on this many test (and training) images; None: all
+        "weight_decays": [0.0, 1e-3],
+        "primary_weight_decay": 1e-3,  # Fig. 5
+        "corr_threshold": 0.9,
+        "near_identical": 0.1,
+        "data_desc": "CIFAR-10 (python version), uint8 images normalized per channel; training: random 32x32 crop "
+        "of the 4-pixel zero-padded image and random horizontal flip; the first test_points test images for the "
+        "correlations",
+        "optimizer": "torch.optim.SGD, fixed lr, momentum, coupled weight decay, batches of batch_size from a "
+        "seeded shuffle per epoch; the same init and batches (and crops/flips) for every weight decay",
+        "neuron_params": "incoming weights, bias and outgoing weights of each neuron of the hidden FC layer",
+    })
+    cifar.finish_config(cfg, CIFAR_SETTINGS["quick" if quick else "full"], overrides)
     if 0.0 not in cfg["weight_decays"] or cfg["primary_weight_decay"] not in cfg["weight_decays"]:
         raise ValueError("weight_decays must contain 0 and primary_weight_decay")
     return cfg
@@ -147,8 +190,16 @@ def train_one(cfg: dict, wd: float, data, bar) -> dict:
         acc = (logits.argmax(1) == yte).double().mean().item()
         train_acc = (net(Xtr).argmax(1) == ytr).double().mean().item()
         params = torch.cat([net[2].weight, net[2].bias[:, None], net[4].weight.T], 1)
-    out = {"test_accuracy": acc, "train_accuracy": train_acc, "dead_neurons": int((post.abs().sum(0) == 0).sum()),
-           "final_loss": float(loss.detach())}
+    return _analyse(cfg, pre, post, params, test_accuracy=acc, train_accuracy=train_acc,
+                    final_loss=float(loss.detach()))
+
+
+def _analyse(cfg: dict, pre: torch.Tensor, post: torch.Tensor, params: torch.Tensor, *, test_accuracy: float,
+             train_accuracy: float, final_loss: float) -> tuple[dict, dict]:
+    """The metrics of one trained network from its penultimate neurons: activations ``pre``/``post`` ``[points,
+    n]`` on the held-out points and parameters ``params`` ``[n, ...]`` (incoming, bias, outgoing)."""
+    out = {"test_accuracy": test_accuracy, "train_accuracy": train_accuracy,
+           "dead_neurons": int((post.abs().sum(0) == 0).sum()), "final_loss": final_loss}
     mats = {}
     for kind, act in (("pre", pre), ("post", post)):
         H = homogeneity(params, activations=act, corr_threshold=cfg["corr_threshold"],
@@ -171,10 +222,15 @@ def train_one(cfg: dict, wd: float, data, bar) -> dict:
 
 def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: bool = True,
         config: Optional[dict] = None) -> dict:
-    """Train the MLP at each weight decay; writes fig1_right.png, result.json and report.md into ``out_dir``."""
+    """Train the network at each weight decay; writes fig1_right.png, result.json and report.md into ``out_dir``.
+
+    The default trains the digits MLP; ``config={'model': 'resnet18', 'data': PATH}`` the paper's ResNet18 on
+    CIFAR-10 (:func:`run_cifar`)."""
+    cfg = make_config(quick, seed, **(config or {}))
+    if cfg["model"] == "resnet18":
+        return run_cifar(cfg, out_dir, progress=progress)
     with torch_threads():
         t0 = time.perf_counter()
-        cfg = make_config(quick, seed, **(config or {}))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         data = load_digits_split(cfg)
@@ -184,40 +240,113 @@ def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: boo
                   leave=False) as bar:
             for wd in wds:
                 metrics[wd_key(wd)], mats[wd] = train_one(cfg, wd, data, bar)
-        base = metrics["wd_0"]
-        for wd in wds:
-            m = metrics[wd_key(wd)]
-            for kind in ("pre", "post"):
-                m[kind]["in_block_gain"] = m[kind]["in_block_fraction"] - base[kind]["in_block_fraction"]
-        primary = wd_key(cfg["primary_weight_decay"])
-        metrics["primary"] = primary
-        p = metrics[primary]
-        headline = (
-            f"neurons in blocks pre/post: wd 0 {base['pre']['in_block_fraction']:.2f}/"
-            f"{base['post']['in_block_fraction']:.2f}, wd {cfg['primary_weight_decay']:g} "
-            f"{p['pre']['in_block_fraction']:.2f}/{p['post']['in_block_fraction']:.2f}; near-identical "
-            f"{base['near_identical_fraction']:.2f} -> {p['near_identical_fraction']:.2f}; test acc "
-            f"{base['test_accuracy']:.3f} -> {p['test_accuracy']:.3f}"
-        )
         notes = [
             "CPU scale: an MLP on scikit-learn's digits stands in for the paper's ResNet18 on CIFAR-10 "
-            "(config model='resnet18', data=PATH is not implemented yet).",
+            "(that setting: --model resnet18 --data PATH, config model='resnet18', data=PATH).",
             f"The judged weight decay is {cfg['primary_weight_decay']:g}, not Fig. 5's 1e-3: this run is "
             f"{cfg['steps']} steps on 1297 points; the 1e-3 run is reported (see metrics and the figure).",
-            "Blocks: connected components of corr >= %g with >= 2 neurons, on the held-out points; near-identical: "
-            "relative squared distance of the neurons' parameters < %g." % (cfg["corr_threshold"],
-                                                                             cfg["near_identical"]),
         ]
+        return _judge_and_write(cfg, metrics, mats, out_dir, t0, notes)
+
+
+def make_resnet(cfg: dict) -> torch.nn.Module:
+    """ResNet18 (CIFAR variant, width ``resnet_width``) with a hidden FC layer of ``width`` neurons, seeded."""
+    from symfast.train.resnet import ResNet18
+
+    torch.manual_seed(int(cfg["seed"]))
+    return ResNet18(10, width=cfg["resnet_width"], hidden=cfg["width"])
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, n: Optional[int]):
+    return (x, y) if n is None else (x[:n], y[:n])
+
+
+def train_one_cifar(cfg: dict, wd: float, data, device: torch.device, bar) -> tuple[dict, dict]:
+    """One ResNet18 at weight decay ``wd`` on CIFAR-10 (uint8 tensors on ``device``); metrics as :func:`train_one`."""
+    xtr, ytr, xte, yte = data
+    net = make_resnet(cfg).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=wd)
+    loss = cifar.train_epochs(net, opt, xtr, ytr, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                              seed=int(cfg["seed"]) + 1, augmentation=cfg["augmentation"],
+                              on_step=lambda s: bar.update(1))
+    acc = cifar.accuracy(net, *_subset(xte, yte, cfg["eval_points"]))
+    train_acc = cifar.accuracy(net, *_subset(xtr, ytr, cfg["eval_points"]))
+    net.eval()
+    with torch.no_grad():
+        pre, post = net.penultimate(cifar.normalize(xte[: cfg["test_points"]]))
+        fc1, fc2 = net.fc[0], net.fc[2]
+        params = torch.cat([fc1.weight, fc1.bias[:, None], fc2.weight.T], 1)
+    return _analyse(cfg, pre.cpu(), post.cpu(), params.cpu(), test_accuracy=acc, train_accuracy=train_acc,
+                    final_loss=loss)
+
+
+def run_cifar(cfg: dict, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """The paper's setting: ResNet18 on CIFAR-10 at each weight decay (GPU when available), judged like the MLP."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, data, device = cifar.prepare("fig1-right", cfg)
+    if cfg["test_points"] > cfg["test_images"]:
+        raise ValueError(f"fig1-right: test_points {cfg['test_points']} exceeds the {cfg['test_images']} test images "
+                         f"of --data {cfg['data']}")
+    xtr, ytr, xte, yte = data
+    n_full = cfg["train_images_available"]
+    steps = cfg["epochs"] * -(-len(ytr) // cfg["batch_size"])
+    metrics, mats = {}, {}
+    wds = cfg["weight_decays"]
+    with tqdm(total=len(wds) * steps, desc="fig1-right (ResNet18, CIFAR-10)", unit="step", disable=not progress,
+              leave=False) as bar:
         for wd in wds:
-            m = metrics[wd_key(wd)]
-            notes.append(f"wd {wd:g}: in-block pre {m['pre']['in_block_fraction']:.2f}, post "
-                         f"{m['post']['in_block_fraction']:.2f}, blocks {m['pre']['block_count']}/"
-                         f"{m['post']['block_count']}, near-identical {m['near_identical_fraction']:.2f}, dead "
-                         f"{m['dead_neurons']}, test acc {m['test_accuracy']:.3f}")
-        rec = make_record(experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT,
-                          criteria=_criteria(primary), metrics=metrics, config=cfg, headline=headline, notes=notes)
-        fig = _plot(rec, mats, out_dir)
-        return write_record(rec, out_dir, t0=t0, figures=[fig])
+            metrics[wd_key(wd)], mats[wd] = train_one_cifar(cfg, wd, data, device, bar)
+    sub = f" (a seeded subset of the {n_full})" if len(ytr) < n_full else ""
+    notes = [
+        f"Paper scale: ResNet18 (CIFAR variant, width x{cfg['resnet_width']:g}) with a fully connected "
+        f"hidden layer of {cfg['width']} neurons before the classifier (App. A.2) on CIFAR-10 from "
+        f"{cfg['data_dir']}; device {cfg['device']}.",
+        f"{cfg['epochs']} epochs (App. A.2: 100) on {len(ytr)} training images{sub}, SGD batch {cfg['batch_size']}, "
+        f"fixed lr {cfg['lr']:g}, momentum {cfg['momentum']:g}"
+        + (", random crop + flip augmentation (the appendix does not say; standard practice)"
+           if cfg["augmentation"] else ", no augmentation")
+        + f"; accuracies on {cfg['eval_points'] or 'all'} test / training images, correlations on the first "
+        f"{cfg['test_points']} test images.",
+        f"The judged weight decay is {cfg['primary_weight_decay']:g} (Fig. 5: 1e-3).",
+    ]
+    return _judge_and_write(cfg, metrics, mats, out_dir, t0, notes)
+
+
+def _judge_and_write(cfg: dict, metrics: dict, mats: dict, out_dir: Path, t0: float, notes: list) -> dict:
+    """Gains against weight decay 0, the headline and notes, the record (verdict by :func:`_criteria`), the figure."""
+    wds = cfg["weight_decays"]
+    base = metrics["wd_0"]
+    for wd in wds:
+        m = metrics[wd_key(wd)]
+        for kind in ("pre", "post"):
+            m[kind]["in_block_gain"] = m[kind]["in_block_fraction"] - base[kind]["in_block_fraction"]
+    primary = wd_key(cfg["primary_weight_decay"])
+    metrics["primary"] = primary
+    p = metrics[primary]
+    headline = (
+        f"neurons in blocks pre/post: wd 0 {base['pre']['in_block_fraction']:.2f}/"
+        f"{base['post']['in_block_fraction']:.2f}, wd {cfg['primary_weight_decay']:g} "
+        f"{p['pre']['in_block_fraction']:.2f}/{p['post']['in_block_fraction']:.2f}; near-identical "
+        f"{base['near_identical_fraction']:.2f} -> {p['near_identical_fraction']:.2f}; test acc "
+        f"{base['test_accuracy']:.3f} -> {p['test_accuracy']:.3f}"
+    )
+    notes = list(notes) + [
+        "Blocks: connected components of corr >= %g with >= 2 neurons, on the held-out points; near-identical: "
+        "relative squared distance of the neurons' parameters < %g." % (cfg["corr_threshold"],
+                                                                         cfg["near_identical"]),
+    ]
+    for wd in wds:
+        m = metrics[wd_key(wd)]
+        notes.append(f"wd {wd:g}: in-block pre {m['pre']['in_block_fraction']:.2f}, post "
+                     f"{m['post']['in_block_fraction']:.2f}, blocks {m['pre']['block_count']}/"
+                     f"{m['post']['block_count']}, near-identical {m['near_identical_fraction']:.2f}, dead "
+                     f"{m['dead_neurons']}, test acc {m['test_accuracy']:.3f}")
+    rec = make_record(experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT,
+                      criteria=_criteria(primary), metrics=metrics, config=cfg, headline=headline, notes=notes)
+    fig = _plot(rec, mats, out_dir)
+    return write_record(rec, out_dir, t0=t0, figures=[fig])
 
 
 def _plot(rec: dict, mats: dict, out_dir: Path) -> str:
@@ -259,8 +388,14 @@ def _plot(rec: dict, mats: dict, out_dir: Path) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left")
     ax.set_title(f"homogeneity vs weight decay: {rec['verdict']}", color=verdict_color(rec["verdict"]), fontsize=10)
-    fig.suptitle(
-        f"Fig. 1-right / 5 at CPU scale: correlation of the {cfg['width']} penultimate neurons of an MLP on digits "
-        f"({cfg['steps']:,} SGD steps, batch {cfg['batch_size']}, lr {cfg['lr']:g}, momentum {cfg['momentum']:g}); "
-        f"{cfg['test_points']} held-out points", fontsize=10.5)
+    if cfg["model"] == "resnet18":
+        title = (f"Fig. 1-right / 5: correlation of the {cfg['width']} penultimate neurons of a ResNet18 (width "
+                 f"x{cfg['resnet_width']:g}) on CIFAR-10 ({cfg['epochs']} epochs on {cfg['train_images']:,} images, "
+                 f"batch {cfg['batch_size']}, lr {cfg['lr']:g}, momentum {cfg['momentum']:g}); "
+                 f"{cfg['test_points']} test points")
+    else:
+        title = (f"Fig. 1-right / 5 at CPU scale: correlation of the {cfg['width']} penultimate neurons of an MLP on "
+                 f"digits ({cfg['steps']:,} SGD steps, batch {cfg['batch_size']}, lr {cfg['lr']:g}, momentum "
+                 f"{cfg['momentum']:g}); {cfg['test_points']} held-out points")
+    fig.suptitle(title, fontsize=10.5)
     return save_figure(fig, out_dir, "fig1_right.png")

@@ -45,6 +45,7 @@ from tqdm import tqdm
 import symfast
 
 from .common import (
+    apply_overrides,
     Criterion,
     judge,
     make_record,
@@ -117,10 +118,7 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "init": "w, u ~ init_scale * N(0, 1); vanilla starts from theta = w * u (same function); same init for all",
         "dead": "|gradient of the training objective on probe_points fresh points| <= dead_tol",
     }
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise TypeError(f"unknown config override {k!r}")
-        cfg[k] = v
+    apply_overrides(cfg, overrides)
     if cfg["primary_weight_decay"] not in cfg["weight_decays"]:
         raise ValueError("primary_weight_decay must be one of weight_decays")
     return cfg

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import symfast
 
-from .common import run_experiment, Criterion, new_figure, save_figure, verdict_color
+from .common import apply_overrides, run_experiment, Criterion, new_figure, save_figure, verdict_color
 
 EXPERIMENT = "fig4"
 TITLE = "Figure 4 / App. A.1: stationary conditions of (wu-1)^2 and -|theta|^2+|theta|^4, with SGD trajectories"
@@ -77,10 +77,7 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "rotation_radii": [0.15, 1.1],
         "sgd": "plain SGD, one sample per step, each trajectory with its own sample stream",
     }
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise TypeError(f"unknown config override {k!r}")
-        cfg[k] = v
+    apply_overrides(cfg, overrides)
     return cfg
 
 

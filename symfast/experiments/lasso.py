@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import symfast
 
-from .common import run_experiment, Criterion, new_figure, save_figure, verdict_color
+from .common import apply_overrides, run_experiment, Criterion, new_figure, save_figure, verdict_color
 
 EXPERIMENT = "lasso"
 TITLE = "Sec. 4.5: L1 equivalence - DCS (theta = w*u) with weight decay vs scikit-learn's Lasso path"
@@ -82,10 +82,7 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "sklearn": "sklearn.linear_model.lasso_path on the same standardized data (objective 1/(2n)|y - X theta|^2 + "
         "alpha |theta|_1)",
     }
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise TypeError(f"unknown config override {k!r}")
-        cfg[k] = v
+    apply_overrides(cfg, overrides)
     return cfg
 
 

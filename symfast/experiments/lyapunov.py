@@ -43,7 +43,7 @@ from tqdm import tqdm
 import symfast
 from symfast.collapse import approx_critical_learning_rate, critical_learning_rate, lyapunov_exponent
 
-from .common import Criterion, new_figure, save_figure, verdict_color, run_experiment
+from .common import apply_overrides, Criterion, new_figure, save_figure, verdict_color, run_experiment
 
 EXPERIMENT = "lyapunov"
 TITLE = "Eq. 9 / eq. 16 (Theorem 5): predicted vs observed critical learning rate of SGD collapse"
@@ -90,10 +90,7 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
                  "n/2 draws, each also with eps negated (so E[h] = -theta_true exactly)"),
         "model": "theta = symfast.dcs(w, u) = w * u, loss 1/2 (x theta - y)^2, SGD batch 1, no weight decay",
     }
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise TypeError(f"unknown config override {k!r}")
-        cfg[k] = v
+    apply_overrides(cfg, overrides)
     return cfg
 
 

@@ -45,7 +45,7 @@ import symfast
 from symfast.collapse import critical_weight_decay, weight_decay_threshold
 from symfast.symmetry import Mirror, stationary_report, verify
 
-from .common import Criterion, new_figure, save_figure, verdict_color, run_experiment
+from .common import apply_overrides, Criterion, new_figure, save_figure, verdict_color, run_experiment
 
 EXPERIMENT = "theorem4"
 TITLE = "Theorem 4, parts 1-4, on random losses with a given O-mirror"
@@ -111,10 +111,7 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "off_tol": 1e-6,
         "dtype": "float64",
     }
-    for k_, v in overrides.items():
-        if k_ not in cfg:
-            raise TypeError(f"unknown config override {k_!r}")
-        cfg[k_] = v
+    apply_overrides(cfg, overrides)
     return cfg
 
 
