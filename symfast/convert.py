@@ -293,6 +293,12 @@ def param_groups(model: nn.Module, *, weight_decay: float = 0.0) -> List[Dict[st
     (relative L2; 0.16 max abs) away from it, with 13 of the 14 zero
     coefficients still above 1e-4 in magnitude, i.e. no sparsity.
 
+    A DCS model has about twice as many parameter tensors as the plain one, so
+    the optimizer's own cost doubles; on CPU prefer torch's fused step
+    (``torch.optim.SGD(param_groups(model), lr=..., momentum=..., fused=True)``,
+    likewise Adam; torch >= 2.4), which makes one pass per tensor instead of
+    several (see the README's training-step benchmark).
+
     The groups are a snapshot: after changing a layer's alpha, make new ones.
     """
     decay: Dict[float, List[nn.Parameter]] = defaultdict(list)
