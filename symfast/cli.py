@@ -276,7 +276,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every)
     try:
         m = run(cfg, args.out, resume=args.resume, stop_after=args.stop_after, progress=not args.progress_off,
-                device=device)
+                device=device, parallel=args.parallel)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if m is None:
             if rank == 0:
@@ -286,10 +286,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
             acc = "" if m["val_accuracy"] is None else f", accuracy {m['val_accuracy']:.3f}"
             bacc = "" if m["magnitude_pruning_val_accuracy"] is None else \
                 f", accuracy {m['magnitude_pruning_val_accuracy']:.3f}"
+            procs = f"{m['world_size']} process(es)" + (f", {m['parallel']}" if m["world_size"] > 1 else "")
             print(f"symfast train {m['task']} ({m['structure']}, alpha {m['alpha']:g}, {m['steps']} steps, "
-                  f"{m['world_size']} process(es), {m['seconds']:.0f} s)")
-            print(f"  DCS exported:       sparsity {m['sparsity']:.3f}, val loss {m['val_loss']:.4f}{acc}; "
+                  f"{procs}, {m['seconds']:.0f} s)")
+            kept = "" if m["ranks"] is None else \
+                f"rank {sum(r for r, _ in m['ranks'].values())}/{sum(f for _, f in m['ranks'].values())}, "
+            print(f"  DCS exported:       {kept}sparsity {m['sparsity']:.3f}, val loss {m['val_loss']:.4f}{acc}; "
                   f"params {m['params_before']} -> {m['params_after']} ({m['nonzero_params_after']} nonzero)")
+            if "svd_truncation_val_loss" in m:
+                sacc = "" if m["svd_truncation_val_accuracy"] is None else \
+                    f", accuracy {m['svd_truncation_val_accuracy']:.3f}"
+                ranks = sum(r for r, _ in m["svd_truncation_ranks"].values())
+                print(f"  SVD truncation:     same ranks (sum {ranks}), val loss {m['svd_truncation_val_loss']:.4f}"
+                      f"{sacc}; params {m['svd_truncation_params_after']}")
             print(f"  magnitude pruning:  same sparsity, val loss {m['magnitude_pruning_val_loss']:.4f}{bacc}")
             print(f"  dense (unpruned):   val loss {m['dense_val_loss']:.4f}")
             if m["inference"] is not None:
@@ -315,8 +324,9 @@ def _add_train(sub) -> None:
         description="Convert the task's model to DCS layers, train it on loss + penalty, export it, and train the "
         "dense model with the same budget, magnitude-prune it to the same sparsity and fine-tune it for 10%% of "
         "the budget. Writes OUT/metrics.json, OUT/training.png, OUT/exported.pt and OUT/checkpoints/. "
-        "Under torchrun (torchrun --nproc_per_node N -m symfast train ...) it runs DistributedDataParallel; "
-        "--batch-size is the global batch.",
+        "For --structure lowrank it also fine-tunes the dense model truncated by SVD to the DCS model's ranks. "
+        "Under torchrun (torchrun --nproc_per_node N -m symfast train ...) it runs DistributedDataParallel, or "
+        "FSDP2 with --parallel fsdp; --batch-size is the global batch.",
     )
     p.add_argument("--task", choices=["lm", "digits"], default="lm", help="lm (default): byte transformer on the "
                    "Python standard library's sources; digits: CNN on scikit-learn's digits")
@@ -335,7 +345,16 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: steps/10)")
     p.add_argument("--out", default="results/train", help="output directory (default: results/train)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints (same result as one run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints (same result as one run). The settings must be those the run "
+                   "started with (OUT/checkpoints/config.json; a difference is an error naming it): only "
+                   "--eval-every may differ (it changes which steps are validated and checkpointed, not the "
+                   "result), and so may --no-progress, --stop-after, --parallel and the number of processes "
+                   "(checkpoints hold full states)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: ddp (default, DistributedDataParallel) or fsdp (FSDP2 fully_shard, for "
+                   "models that do not fit one device; checkpoints are gathered to full states, written by rank 0 "
+                   "in the single-process format). Ignored in a single process")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop the DCS phase after N steps, checkpointed (an interruption; then --resume)")
     p.add_argument("--no-progress", dest="progress_off", action="store_true", help="hide the progress bars")

@@ -410,12 +410,12 @@ def _dead_outputs(m: nn.Module) -> Tensor:
     w = m.weight
     if isinstance(m, nn.Embedding):
         return (w == 0).all(dim=0)
-    return (w.reshape(w.shape[0], -1) == 0).all(dim=1)
+    return (w.flatten(1) == 0).all(dim=1)  # flatten, not reshape(n, -1): n may be 0 (a rank-0 thin layer)
 
 
 def _dead_inputs(m: nn.Module) -> Tensor:
     w = m.weight.transpose(0, 1)
-    return (w.reshape(w.shape[0], -1) == 0).all(dim=1)
+    return (w.flatten(1) == 0).all(dim=1)
 
 
 @torch.no_grad()

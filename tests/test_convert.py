@@ -356,6 +356,32 @@ def test_lowrank_exports_two_thin_layers_when_smaller():
     torch.testing.assert_close(ex(xc), conv(xc), rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("dead", [(0,), (2,), (0, 2)])
+def test_lowrank_export_of_a_dead_layer_is_rank_zero(dead):
+    """A low-rank layer whose every singular value is below the threshold exports as
+    two width-0 layers (only the bias is left), inside or at the end of a chain,
+    with the same function and no warning."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _convert(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), "lowrank")
+    with torch.no_grad():
+        for i in dead:
+            for p in model[i].parametrization.parameters():
+                p.zero_()
+    x = torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exported = export(model, threshold=1e-6)
+    torch.testing.assert_close(exported(x), model(x), rtol=0, atol=1e-6)
+    rows = sparsity_report(model).rows
+    for i in dead:
+        assert rows[i // 2]["rank"] == 0
+    widths = [m.out_features for m in exported.modules() if isinstance(m, nn.Linear)]
+    assert widths.count(0) == len(dead)  # one width-0 thin layer per dead layer
+
+
 # ------------------------------------------------------ where users work
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_state_dict_round_trip_is_bit_exact(structure):

@@ -1,6 +1,12 @@
 """symfast.train: exact resume, DDP parity with one process, export/metrics, and the magnitude-pruning baseline."""
 
 import json
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ from torch.utils.data import TensorDataset
 from conftest import gloo_group, spawn_workers
 from symfast.cli import main
 from symfast.convert import convert
+import symfast.train.task as task
 from symfast.train import evaluate, fit, lm_data, prune_like, stdlib_files
 from symfast.train.loop import dcs_sparsity
 
@@ -101,6 +108,98 @@ def test_ddp_and_fsdp2_two_processes_match_one_process(tmp_path):
     assert not np.allclose([h["loss"] for h in rh.history], losses, rtol=1e-3)
 
 
+def _full(model):
+    """A (possibly FSDP2-sharded) model's state as plain tensors; collective when sharded."""
+    return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+            for n, t in model.state_dict().items()}
+
+
+def _fsdp_resume_worker(rank, init_file, tmp):
+    torch.set_num_threads(1)
+    tmp = Path(tmp)
+    with gloo_group(rank, init_file, 2):
+        train, val = _data()
+        straight = _model("group")
+        r1 = fit(straight, train, val, parallel="fsdp", **FIT)
+        ck = tmp / "fsdp.pt"
+        first = _model("group")
+        r2 = fit(first, train, val, parallel="fsdp", checkpoint=ck, stop_after=5, **FIT)
+        assert r2.stopped_early and len(r2.history) == 5
+        if rank == 0:
+            shutil.copy(ck, tmp / "fsdp_at_5.pt")  # for the single process to resume
+        dist.barrier()
+        resumed = _model("group")  # a fresh process: new model, other global RNG state
+        torch.manual_seed(123 + rank)
+        r3 = fit(resumed, train, val, parallel="fsdp", checkpoint=ck, resume=True, **FIT)
+        assert r3.resumed_from == 5
+        # A checkpoint written by one process resumes under FSDP2 too.
+        from_single = _model("group")
+        r4 = fit(from_single, train, val, parallel="fsdp", checkpoint=tmp / "single_at_5.pt", resume=True, **FIT)
+        assert r4.resumed_from == 5
+        states = [_full(m) for m in (straight, resumed, from_single)]
+        if rank == 0:
+            torch.save({"straight": r1.history, "resumed": r3.history, "from_single": r4.history,
+                        "states": states}, tmp / "fsdp_out.pt")
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
+def test_fsdp2_checkpoint_resume_matches_and_is_portable(tmp_path):
+    train, val = _data()
+    single = _model("group")
+    r = fit(single, train, val, **FIT)
+    r_stop = fit(_model("group"), train, val, checkpoint=tmp_path / "single_at_5.pt", stop_after=5, **FIT)
+    assert r_stop.stopped_early
+    spawn_workers(_fsdp_resume_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    got = torch.load(tmp_path / "fsdp_out.pt", weights_only=False)
+    straight, resumed, from_single = got["states"]
+
+    # FSDP2 stopped at step 5 and resumed = FSDP2 uninterrupted (same sharded arithmetic: tight).
+    assert [h["step"] for h in got["resumed"]] == list(range(1, 13))
+    for key in ("loss", "val_loss", "sparsity"):
+        a = [h[key] for h in got["straight"] if key in h]
+        assert np.allclose([h[key] for h in got["resumed"] if key in h], a, rtol=1e-7, atol=1e-9), key
+    for n, a in straight.items():
+        torch.testing.assert_close(resumed[n], a, rtol=1e-6, atol=1e-7)
+    # A single process's checkpoint resumed under FSDP2 ends where one process ends (float rounding).
+    losses = [h["loss"] for h in r.history]
+    assert np.allclose([h["loss"] for h in got["from_single"]], losses, rtol=1e-5, atol=1e-6)
+    for n, a in single.state_dict().items():
+        torch.testing.assert_close(from_single[n], a, rtol=1e-5, atol=1e-6)
+
+    # The FSDP2 checkpoint is a single process's checkpoint: plain CPU tensors, optimizer keyed by index ...
+    ck = torch.load(tmp_path / "fsdp_at_5.pt", weights_only=False)
+    ref = _model("group")
+    assert list(ck["model"]) == list(ref.state_dict())
+    assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in ck["model"].values())
+    n_params = len(list(ref.parameters()))
+    assert sorted(ck["optimizer"]["state"]) == list(range(n_params))
+    assert sorted(i for g in ck["optimizer"]["param_groups"] for i in g["params"]) == list(range(n_params))
+    # ... so one process resumes it, and ends where the uninterrupted single run ends.
+    again = _model("group")
+    r5 = fit(again, train, val, checkpoint=tmp_path / "fsdp_at_5.pt", resume=True, **FIT)
+    assert r5.resumed_from == 5
+    assert np.allclose([h["loss"] for h in r5.history], losses, rtol=1e-5, atol=1e-6)
+    for n, a in single.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[n], a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(straight[n], a, rtol=1e-5, atol=1e-6)
+    # Had the optimizer state not been restored (fresh Adam moments at step 5), the losses would differ.
+    fresh = _model("group")
+    fresh.load_state_dict(ck["model"])
+    r6 = fit(fresh, train, val, **{**FIT, "steps": 12})
+    assert not np.allclose([h["loss"] for h in r6.history][5:], losses[5:], rtol=1e-3)
+
+
+def test_fit_refuses_what_it_cannot_do(tmp_path):
+    train, val = _data()
+    m = _model()
+    with pytest.raises(ValueError, match="optimizer must be a name"):
+        fit(m, train, val, parallel="fsdp", optimizer=torch.optim.SGD(m.parameters(), lr=0.1), **FIT)
+    ck = tmp_path / "ck.pt"
+    fit(_model(), train, val, checkpoint=ck, stop_after=3, **FIT)
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0.01, now 0.02.*seed: checkpoint 0, now 1"):
+        fit(_model(), train, val, checkpoint=ck, resume=True, seed=1, **{**FIT, "lr": 0.02})
+
+
 def test_prune_like_is_global_magnitude_pruning():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Conv1d(7, 4, 1), nn.Linear(3, 2))
@@ -187,3 +286,206 @@ def test_group_export_is_physically_smaller_and_timed(tmp_path):
     assert min(hidden) < 4 * 64
     assert m["inference"]["dense_ms"] > 0 and m["inference"]["exported_ms"] > 0
     assert m["inference"]["speedup"] == pytest.approx(m["inference"]["dense_ms"] / m["inference"]["exported_ms"])
+
+
+# ------------------------------------------------------------- symfast train --quick (the issue's acceptance run)
+ISSUE_KEYS = ("task", "structure", "alpha", "steps", "sparsity", "val_loss", "val_accuracy", "params_before",
+              "params_after", "magnitude_pruning_val_loss")
+
+
+@pytest.mark.slow  # ~10 s on 2 cores; part of the normal run (nothing deselects "slow")
+def test_cli_quick_default_run_reaches_half_sparsity(tmp_path):
+    t = time.monotonic()
+    assert main(["train", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    seconds = time.monotonic() - t
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for k in ISSUE_KEYS:
+        assert k in m, k
+    assert (m["task"], m["structure"], m["steps"]) == ("lm", "elementwise", 200)  # the defaults, quick settings
+    assert m["sparsity"] >= 0.5
+    assert m["val_accuracy"] is None and 0 < m["val_byte_accuracy"] < 1  # lm: byte accuracy, under its own key
+    for k in ("val_loss", "magnitude_pruning_val_loss", "dense_val_loss"):
+        assert math.isfinite(m[k]) and m[k] > 0, k
+    assert m["params_after"] <= m["params_before"]
+    assert seconds < 120, f"--quick took {seconds:.0f} s (should be about a minute on 2 cores)"
+
+
+# ------------------------------------------------------------- --resume checks the settings
+def test_resume_with_other_settings_is_refused_before_training(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run_cli(b, "--stop-after", "7") == 0
+    ck = (b / "checkpoints" / "dcs.pt").read_bytes()
+    calls = []
+    real_fit = task.fit
+    monkeypatch.setattr(task, "fit", lambda *a, **k: calls.append(k) or real_fit(*a, **k))
+    with pytest.raises(ValueError) as err:
+        _run_cli(b, "--resume", "--alpha", "1e-3", "--structure", "group", "--steps", "30")
+    msg = str(err.value)
+    for part in ("structure: checkpoint 'elementwise', now 'group'", "alpha: checkpoint 0.0003, now 0.001",
+                 "steps: checkpoint 20, now 30", "only eval_every may differ"):
+        assert part in msg, (part, msg)
+    assert "lr:" not in msg and "seed:" not in msg  # only the differing settings are named
+    assert calls == [] and (b / "checkpoints" / "dcs.pt").read_bytes() == ck  # nothing was trained
+    with pytest.raises(ValueError, match="threshold: checkpoint 0.01, now 0.02"):
+        _run_cli(b, "--resume", "--threshold", "0.02")
+    # --eval-every may differ: the run resumes and ends where an uninterrupted run ends.
+    assert _run_cli(b, "--resume", "--eval-every", "4") == 0
+    assert _run_cli(a) == 0
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert mb["resumed_from"] == 7 and calls
+    for k in ISSUE_KEYS + ("magnitude_pruning_val_accuracy", "dense_val_loss"):
+        assert ma[k] == mb[k], k
+
+
+# ------------------------------------------------------------- the low-rank baseline: truncated SVD
+class _Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 7)
+        self.lin = nn.Linear(7, 9)
+        self.conv = nn.Conv2d(3, 5, 3)
+
+
+def test_svd_truncate_is_the_best_rank_r_approximation_and_keeps_its_rank():
+    torch.manual_seed(0)
+    m = _Three()
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    ranks = {"emb": 0, "lin": 3, "conv": 2}
+    t = task.svd_truncate(m, ranks)
+    for n, t0 in m.state_dict().items():
+        assert torch.equal(t0, before[n]), n  # the model itself is not changed
+    for name, r in ranks.items():
+        w = m.get_submodule(name).weight.detach().double().numpy()
+        w = w.reshape(w.shape[0], -1)
+        u, sv, vt = np.linalg.svd(w, full_matrices=False)  # independent: numpy's SVD
+        best = (u[:, :r] * sv[:r]) @ vt[:r]
+        theta = t.get_submodule(name).parametrization().detach().numpy().reshape(w.shape)  # float32
+        assert np.allclose(theta, best, atol=1e-5), name
+        assert np.linalg.matrix_rank(theta) == r, name  # at float32's tolerance
+        assert np.linalg.norm(w - theta) == pytest.approx(np.sqrt((sv[r:] ** 2).sum()), rel=1e-5)  # Eckart-Young
+    torch.testing.assert_close(t.lin.bias, m.lin.bias)
+    # Trained, the layers keep rank <= r (factorized form), and the rank-0 layer stays exactly zero.
+    start = t.lin.parametrization().detach().clone()
+    opt = torch.optim.Adam(t.parameters(), lr=0.05)
+    x = torch.randn(4, 7)
+    for _ in range(5):
+        opt.zero_grad()
+        (t.lin(x).pow(2).sum() + t.emb(torch.arange(12)).sum() + t.conv(torch.randn(2, 3, 5, 5)).sin().sum()).backward()
+        opt.step()
+    assert torch.linalg.matrix_rank(t.lin.parametrization().detach()) == 3
+    assert torch.linalg.matrix_rank(t.conv.parametrization().detach().reshape(5, -1)) == 2
+    assert not t.emb.parametrization().detach().any()
+    assert not torch.allclose(t.lin.parametrization().detach(), start, atol=1e-3)  # it did train
+    with pytest.raises(ValueError, match="rank for 'lin' must be in"):
+        task.svd_truncate(m, {"lin": 8})
+
+
+def _weight_matrix(m):
+    """The weight of an exported layer as a float32 matrix (rows = output units), thin pairs multiplied out."""
+    if isinstance(m, nn.Sequential):  # Linear(in, r) -> Linear(r, out), conv -> 1x1 conv, Embedding -> Linear
+        first, second = m[0], m[1]
+        f = first.weight.detach()
+        s2 = second.weight.detach().reshape(second.weight.shape[0], -1)
+        if isinstance(first, nn.Embedding):
+            return f @ s2.t()  # (num, r) @ (r, dim)
+        return s2 @ f.reshape(f.shape[0], -1)
+    return m.weight.detach().reshape(m.weight.shape[0], -1)
+
+
+def _lowrank_cli(out, *extra):
+    return _run_cli(out, "--structure", "lowrank", "--threshold", "0.3", "--alpha", "1e-3", "--steps", "40",
+                    "--lr", "1e-2", "--eval-every", "10", *extra)
+
+
+def test_lowrank_run_has_the_svd_truncation_baseline_at_the_dcs_ranks(tmp_path, capsys):
+    assert _lowrank_cli(tmp_path) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for k in ("svd_truncation_val_loss", "svd_truncation_val_accuracy", "svd_truncation_params_after"):
+        assert math.isfinite(m[k]), k
+    assert 0 <= m["svd_truncation_val_accuracy"] <= 1
+    assert "SVD truncation:" in capsys.readouterr().out
+    intended = {n: r for n, (r, _) in m["ranks"].items()}
+    assert any(r < full for r, full in m["ranks"].values())  # the truncation truncates something
+    # Independently: the exported baseline's weights have exactly the DCS model's ranks ...
+    base = torch.load(tmp_path / "svd_truncation.pt", weights_only=False)
+    dcs = torch.load(tmp_path / "exported.pt", weights_only=False)
+    for name, r in intended.items():
+        assert int(torch.linalg.matrix_rank(_weight_matrix(base.get_submodule(name)))) == r, name
+        assert int(torch.linalg.matrix_rank(_weight_matrix(dcs.get_submodule(name)))) == r, name
+    assert m["svd_truncation_ranks"] == {n: [r, r] for n, r in intended.items()}
+    assert m["svd_truncation_params_after"] == m["params_after"] < m["params_before"]
+    # ... and it was fine-tuned (10% of the budget) from the truncated dense model.
+    assert [h["step"] for h in m["history"]["svd_finetune"]] == [1, 2, 3, 4]
+    from symfast.train import digits_data
+
+    _, val, _ = digits_data(seed=0)
+    assert evaluate(base, val)["loss"] == pytest.approx(m["svd_truncation_val_loss"], rel=1e-6)
+    # Other structures keep the magnitude-pruning baseline only.
+    assert _run_cli(tmp_path / "e") == 0
+    assert "svd_truncation_val_loss" not in json.loads((tmp_path / "e" / "metrics.json").read_text())
+
+
+# ------------------------------------------------------------- --parallel fsdp from the command line
+def test_cli_parallel_flag_reaches_fit(tmp_path, monkeypatch):
+    seen = []
+    real_fit = task.fit
+    monkeypatch.setattr(task, "fit", lambda *a, **k: seen.append(k["parallel"]) or real_fit(*a, **k))
+    assert _lowrank_cli(tmp_path, "--parallel", "fsdp", "--steps", "10") == 0
+    assert seen == ["fsdp"] * 4  # DCS, dense, magnitude fine-tune, SVD fine-tune
+    seen.clear()
+    assert _run_cli(tmp_path / "d", "--steps", "10") == 0
+    assert seen == ["ddp"] * 3
+    with pytest.raises(SystemExit):
+        main(["train", "--parallel", "zero3"])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_fsdp_worker(rank, ports, tmp):
+    import torch.distributed.tensor as dtensor
+
+    torch.set_num_threads(1)
+    torch.cuda.is_available = lambda: False  # gloo on CPU even where there is a GPU (nccl needs one per rank)
+    tmp = Path(tmp)
+    seen = []
+    real_fit = task.fit
+
+    def spy(model, *a, **k):
+        res = real_fit(model, *a, **k)
+        seen.append((k["parallel"], all(isinstance(p, dtensor.DTensor) for p in model.parameters())))
+        return res
+
+    task.fit = spy
+    for port, (out, *extra) in zip(ports, (["fsdp"], ["stopped", "--stop-after", "7"])):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE="2")
+        assert _lowrank_cli(tmp / out, "--parallel", "fsdp", *extra) == 0  # inits and ends the process group
+    if rank == 0:
+        (tmp / "seen.json").write_text(json.dumps(seen))
+    os._exit(0)  # no interpreter teardown (see conftest.gloo_group)
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
+def test_cli_fsdp_two_processes_match_one_and_resume_in_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # compare with the workers' CPU runs
+    assert _lowrank_cli(tmp_path / "single") == 0
+    spawn_workers(_cli_fsdp_worker, ([_free_port(), _free_port()], str(tmp_path)), nprocs=2)
+    # Every phase ran sharded: DCS, dense, magnitude fine-tune, SVD fine-tune; then the stopped run's DCS phase.
+    assert json.loads((tmp_path / "seen.json").read_text()) == [["fsdp", True]] * 5
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("single", "fsdp"))
+    assert (two["world_size"], two["parallel"]) == (2, "fsdp")
+    assert two["ranks"] == one["ranks"]
+    for k in ("val_loss", "val_accuracy", "magnitude_pruning_val_loss", "svd_truncation_val_loss", "dense_val_loss"):
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
+    # The FSDP2 run stopped at step 7 resumes in one process (its checkpoint holds full states) and
+    # ends where the single uninterrupted run ends.
+    assert not (tmp_path / "stopped" / "metrics.json").exists()
+    assert _lowrank_cli(tmp_path / "stopped", "--resume") == 0
+    three = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    assert (three["resumed_from"], three["world_size"]) == (7, 1)
+    for k in ("val_loss", "magnitude_pruning_val_loss", "svd_truncation_val_loss"):
+        assert three[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k

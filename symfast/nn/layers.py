@@ -39,6 +39,7 @@ without drawing any random number, computing the same function.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -293,7 +294,11 @@ class DCSLayer:
         elif self._parameters.get("bias") is not None:
             bias = self._parameters["bias"].detach()
         if isinstance(self.parametrization, LowRank):
-            thin = self._thin(threshold, bias)
+            with warnings.catch_warnings():
+                # A dead layer (rank 0) exports as two thin layers of width 0, whose
+                # random init torch warns is a no-op; their weights are copied anyway.
+                warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+                thin = self._thin(threshold, bias)
             if thin is not None:
                 return thin.train(self.training)
         dense = self._make_dense(theta.shape, bias is not None, theta.device, theta.dtype)

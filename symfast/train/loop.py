@@ -131,6 +131,59 @@ def make_optimizer(model: nn.Module, name: str, lr: float, *, weight_decay: floa
                      "(AdamW's decoupled decay does not minimize loss + penalty; see symfast.convert.param_groups)")
 
 
+def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> List[str]:
+    """The qualified names of ``opt``'s parameters in the order of ``opt.state_dict()``'s indices."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    try:
+        return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    except KeyError:
+        raise ValueError("symfast.train.fit: the argument optimizer holds parameters that are not the model's") \
+            from None
+
+
+def _full_states(model: nn.Module, opt: torch.optim.Optimizer, sharded: bool, rank: int):
+    """``(model.state_dict(), opt.state_dict())`` as one process holds them; gathered (on CPU) under FSDP2.
+
+    Under FSDP2 every rank must call this (it all-gathers); only rank 0's result is complete. The
+    optimizer state, which torch's full state dict keys by parameter name, is keyed back by index
+    so that the checkpoint is the one a single process writes.
+    """
+    if not sharded:
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, opt, options=options)
+    if rank != 0:
+        return None, None
+    index = {n: i for i, n in enumerate(_optimizer_names(model, opt))}
+    opt_state = {"state": {index[n]: v for n, v in by_name["state"].items()},
+                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+    return model_state, opt_state
+
+
+def _load_states(model: nn.Module, opt: torch.optim.Optimizer, model_state, opt_state, sharded: bool) -> None:
+    """Loads a checkpoint's (single-process format) states; under FSDP2 each rank keeps its shards."""
+    if not sharded:
+        model.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    names = _optimizer_names(model, opt)
+    if len(names) != sum(len(g["params"]) for g in opt_state["param_groups"]):
+        raise ValueError("symfast.train.fit: the checkpoint's optimizer has a different number of parameters "
+                         f"than the model's ({len(names)})")
+    by_name = {"state": {names[i]: v for i, v in opt_state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, opt, by_name, options=options)
+
+
 def fit(
     model: nn.Module,
     train_data: Dataset,
@@ -177,12 +230,22 @@ def fit(
     writes). ``resume=True`` continues from it when it exists, to the same result as an
     uninterrupted run. ``stop_after=k`` stops after step ``k`` (checkpointed), as an interruption would.
 
+    The checkpoint also records ``steps``, ``batch_size``, ``lr``, ``warmup``, ``final_lr_fraction``,
+    ``seed`` and the optimizer's name; resuming with any of them different is a ``ValueError`` (the
+    world size may differ).
+
     ``parallel="fsdp"`` shards the model with FSDP2 (``torch.distributed.fsdp.fully_shard``, one
     group for the whole model) instead of DDP, for models that do not fit one device; the optimizer
-    is built on the sharded parameters (pass ``optimizer`` by name). Checkpoints are not available
-    with FSDP2 here (they would need ``torch.distributed.checkpoint``); gather the trained model with
+    is built on the sharded parameters, so ``optimizer`` must be given by name (an optimizer object
+    is a ``ValueError``). The model stays sharded after ``fit``: gather it with
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(
-    full_state_dict=True))``.
+    full_state_dict=True))``. Checkpoints under FSDP2 gather the full model and optimizer states
+    (``get_model_state_dict`` / ``get_optimizer_state_dict`` with ``StateDictOptions(
+    full_state_dict=True, cpu_offload=True)``, on CPU) and rank 0 writes them in the same format
+    as a single process (``model.state_dict()``, ``optimizer.state_dict()`` keyed by parameter
+    index), so one checkpoint resumes under any world size, DDP, FSDP2 or a single process; resuming
+    under FSDP2 reads it on every rank (on CPU) and shards it with ``set_model_state_dict`` /
+    ``set_optimizer_state_dict``. The full state must fit in each rank's CPU memory.
     """
     rank, world = _dist()
     if steps < 1:
@@ -195,23 +258,39 @@ def fit(
     checkpoint_every = checkpoint_every or eval_every
     if parallel not in ("ddp", "fsdp"):
         raise ValueError(f"symfast.train.fit: parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    if parallel == "fsdp" and isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError("symfast.train.fit: with parallel='fsdp', the argument optimizer must be a name "
+                         f"({' or '.join(map(repr, OPTIMIZERS))}), not an optimizer object: FSDP2 replaces the "
+                         "parameters by shards, and the optimizer has to be built on those")
     net = model
-    if world > 1 and parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        if checkpoint is not None or isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError("symfast.train.fit: with parallel='fsdp', give the optimizer by name and no checkpoint")
+    sharded = world > 1 and parallel == "fsdp"
+    if sharded:
+        try:
+            from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+        except ImportError:
+            try:
+                from torch.distributed._composable.fsdp import fully_shard  # torch 2.4, 2.5
+            except ImportError:
+                raise ValueError("symfast.train.fit: parallel='fsdp' needs FSDP2 (fully_shard, torch >= 2.4); "
+                                 f"torch {torch.__version__} has none: use parallel='ddp'") from None
         fully_shard(model)  # parameters become DTensor shards: the optimizer must be built after this
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(model, optimizer, lr)
     base_lrs = [g["lr"] / lr if lr else 1.0 for g in opt.param_groups]  # per-group scale of the schedule
+    run_config = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+                  "final_lr_fraction": final_lr_fraction, "seed": seed,
+                  "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__}
 
     result = FitResult(steps=steps)
     start = 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume and ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        state = torch.load(ckpt, map_location="cpu" if sharded else device, weights_only=False)
+        differ = {k: (v, run_config[k]) for k, v in state.get("config", {}).items()
+                  if k in run_config and v != run_config[k]}
+        if differ:
+            raise ValueError(f"symfast.train.fit: cannot resume from {ckpt}: it was written with other settings ("
+                             + ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items()) + ")")
+        _load_states(model, opt, state["model"], state["optimizer"], sharded)
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -222,13 +301,14 @@ def fit(
     def save(step: int) -> None:
         if ckpt is None:
             return
+        model_state, opt_state = _full_states(model, opt, sharded, rank)  # collective under FSDP2
         if rank == 0:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
-            torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            torch.save({"step": step, "model": model_state, "optimizer": opt_state,
                         "rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                        "history": result.history}, tmp)
+                        "history": result.history, "config": run_config}, tmp)
             os.replace(tmp, ckpt)  # atomic: an interruption never leaves half a checkpoint
         if world > 1:
             dist.barrier()

@@ -8,7 +8,16 @@ r"""``symfast train``: one run = a DCS model, its export, and the magnitude-prun
    ``steps`` with the same optimizer and schedule; then ``torch.nn.utils.prune.global_unstructured``
    (L1) prunes the same layers to the same number of zeros; then it is fine-tuned with its mask for
    10% of the budget (lr / 10); its validation loss is ``magnitude_pruning_val_loss``.
-4. ``DIR/metrics.json``, ``DIR/training.png`` (loss and sparsity against steps), ``DIR/exported.pt``.
+4. For ``structure="lowrank"`` also the truncated-SVD baseline (:func:`svd_truncate`): each converted
+   weight of the same trained dense model becomes its best rank-r approximation, r = the rank of
+   the exported DCS layer, held as two factors; fine-tuned in that factorized form (so the rank
+   stays <= r) for the same 10% of the budget at lr / 10; ``svd_truncation_val_loss``.
+5. ``DIR/metrics.json``, ``DIR/training.png`` (loss and sparsity against steps; for lowrank the
+   per-layer ranks instead of sparsity), ``DIR/exported.pt``
+   (and ``DIR/svd_truncation.pt``, the exported SVD baseline, for lowrank).
+
+``--resume`` first compares the run's settings with ``DIR/checkpoints/config.json`` (written when
+the run started): any difference except :data:`RESUME_MAY_DIFFER` is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -32,9 +41,15 @@ from .data import digits_data, lm_data
 from .loop import evaluate, fit
 from .models import ByteTransformer, DigitsCNN
 
-__all__ = ["TrainConfig", "run", "prune_like", "inference_speedup"]
+__all__ = ["TrainConfig", "run", "prune_like", "svd_truncate", "inference_speedup", "check_resume_config",
+           "RESUME_MAY_DIFFER"]
 
 TASKS = ("lm", "digits")
+PARALLEL = ("ddp", "fsdp")
+#: Settings that may differ between a run and its ``--resume``: the validation frequency (it also sets
+#: how often checkpoints are written) changes which steps the history validates, not the trained
+#: weights or the final metrics. Everything else in :class:`TrainConfig` must match.
+RESUME_MAY_DIFFER = ("eval_every",)
 
 
 @dataclass
@@ -101,8 +116,49 @@ def _weighted_modules(model: nn.Module, names) -> list:
 
 
 def prune_like(model: nn.Module, names, zeros: int) -> None:
-    """Global L1 magnitude pruning of the ``weight`` of the modules ``names`` to exactly ``zeros`` zeros (masks stay)."""
+    """Global L1 magnitude pruning of the ``weight`` of the modules ``names`` to exactly ``zeros`` zeros (masks stay).
+
+    The pruned ``weight`` attributes are left detached (the pruning hook recomputes them from
+    ``weight_orig * weight_mask`` at every forward), so the model can still be deep-copied.
+    """
     prune.global_unstructured(_weighted_modules(model, names), pruning_method=prune.L1Unstructured, amount=int(zeros))
+    for m, name in _weighted_modules(model, names):
+        setattr(m, name, getattr(m, name).detach())
+
+
+@torch.no_grad()
+def svd_truncate(model: nn.Module, ranks: Dict[str, int]) -> nn.Module:
+    r"""A copy of the plain ``model`` whose layers ``ranks`` (``{name: r}``) hold the best rank-``r`` approximation
+    of their weight, as two trainable factors.
+
+    Each weight, viewed as the matrix ``(shape[0], prod(shape[1:]))`` (as :func:`symfast.convert`'s
+    lowrank structure views it), has the SVD ``U S V^T``; the layer becomes a lowrank DCS layer with
+    ``alpha = 0`` (no penalty) and factors ``a = U_r S_r^{1/2}``, ``b = V_r S_r^{1/2}``, so its
+    weight ``a b^T`` is the Eckart-Young truncation and stays of rank ``<= r`` when trained.
+    ``r = 0`` gives zero factors of width one, which training cannot move (both gradients vanish).
+    :func:`symfast.export` turns the result into plain (thin where smaller) torch layers.
+    """
+    out = copy.deepcopy(model)
+    factors = {}
+    for name, r in ranks.items():
+        w = out.get_submodule(name).weight
+        mat = w.double().reshape(w.shape[0], -1)
+        if not 0 <= r <= min(mat.shape):
+            raise ValueError(f"svd_truncate: rank for {name!r} must be in [0, {min(mat.shape)}], got {r}")
+        u, sv, vh = torch.linalg.svd(mat, full_matrices=False)
+        root = sv[:r].sqrt()
+        a, b = u[:, :r] * root, vh[:r].t() * root
+        if r == 0:
+            a, b = mat.new_zeros(mat.shape[0], 1), mat.new_zeros(mat.shape[1], 1)
+        factors[name] = (a.to(w.dtype), b.to(w.dtype))
+        w.zero_()  # rank 0: accepted by any rank below; the factors are set after the conversion
+    out = convert(out, structure="lowrank", alpha=0.0, include=lambda n, m: n in ranks,
+                  rank=lambda n, m: max(1, ranks[n]) if n in ranks else None, warn=False)
+    for name, (a, b) in factors.items():
+        p = out.get_submodule(name).parametrization
+        p.a.copy_(a)
+        p.b.copy_(b)
+    return out
 
 
 @torch.inference_mode()
@@ -133,7 +189,8 @@ def inference_speedup(dense: nn.Module, small: nn.Module, x: torch.Tensor, *, re
     return res
 
 
-def _plot(path: Path, sparse_hist, dense_hist, ft_hist, steps: int, title: str) -> None:
+def _plot(path: Path, sparse_hist, dense_hist, ft_hist, steps: int, title: str, svd_hist=None,
+          ranks=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,32 +208,100 @@ def _plot(path: Path, sparse_hist, dense_hist, ft_hist, steps: int, title: str) 
     if ft_hist:
         a.plot(*zip(*[(steps + h["step"], h["val_loss"]) for h in ft_hist if "val_loss" in h]), "^-", color="C3",
                label="magnitude-pruned, fine-tune val")
+    if svd_hist:
+        a.plot(*zip(*[(steps + h["step"], h["val_loss"]) for h in svd_hist if "val_loss" in h]), "v-", color="C2",
+               label="SVD-truncated, fine-tune val")
     a.set_xlabel("step")
     a.set_ylabel("loss")
     a.set_yscale("log")
     a.legend(fontsize=8)
     a.set_title("loss")
-    pts = [(h["step"], h["sparsity"]) for h in sparse_hist if "sparsity" in h]
-    b.plot(*zip(*pts), "o-", color="C0", label="DCS (zero fraction after threshold)")
-    b.set_ylim(0, 1)
-    b.set_xlabel("step")
-    b.set_ylabel("sparsity of converted weights")
-    b.legend(fontsize=8)
-    b.set_title("sparsity")
+    if ranks:  # lowrank: nothing is zero; show the rank each exported layer keeps
+        names = list(ranks)
+        b.bar(range(len(names)), [r / full for r, full in ranks.values()], color="C0")
+        b.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        b.set_ylim(0, 1)
+        b.set_ylabel("rank kept / full rank")
+        b.set_title("ranks of the exported DCS layers (= SVD baseline's)")
+    else:
+        pts = [(h["step"], h["sparsity"]) for h in sparse_hist if "sparsity" in h]
+        b.plot(*zip(*pts), "o-", color="C0", label="DCS (zero fraction after threshold)")
+        b.set_ylim(0, 1)
+        b.set_xlabel("step")
+        b.set_ylabel("sparsity of converted weights")
+        b.legend(fontsize=8)
+        b.set_title("sparsity")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _config_dict(cfg: TrainConfig) -> Dict[str, Any]:
+    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+
+
+def check_resume_config(cfg: TrainConfig, checkpoints: str | os.PathLike) -> None:
+    """``ValueError`` naming every setting of the resolved ``cfg`` that differs from ``checkpoints/config.json``.
+
+    The settings in :data:`RESUME_MAY_DIFFER` may differ; without a ``config.json`` there is nothing to check.
+    """
+    path = Path(checkpoints) / "config.json"
+    if not path.exists():
+        return
+    saved, now = json.loads(path.read_text()), _config_dict(cfg)
+    differ = [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    if differ:
+        raise ValueError(
+            f"symfast train --resume: the run in {path.parent.parent} was started with other settings ("
+            + "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in differ)
+            + f"). Resume with the same flags (only {', '.join(RESUME_MAY_DIFFER)} may differ), or use another --out."
+        )
+
+
+def _write_config(cfg: TrainConfig, checkpoints: Path) -> None:
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoints / "config.json.tmp"
+    tmp.write_text(json.dumps(_config_dict(cfg), indent=1))
+    os.replace(tmp, checkpoints / "config.json")  # atomic: another rank may be reading it
+
+
+def _fit(model: nn.Module, *args, parallel: str, world: int, **kw):
+    """:func:`fit`; under FSDP2 it trains a sharded copy and loads the gathered result back into ``model``.
+
+    So ``model`` stays a plain module on every rank (for export, evaluation and the baselines).
+    """
+    if not (parallel == "fsdp" and world > 1):
+        return fit(model, *args, parallel=parallel, **kw)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    work = copy.deepcopy(model)
+    res = fit(work, *args, parallel=parallel, **kw)
+    model.load_state_dict(get_model_state_dict(work, options=StateDictOptions(full_state_dict=True)))
+    return res
+
+
 def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_after: Optional[int] = None,
-        progress: bool = True, device=None) -> Optional[Dict[str, Any]]:
-    """Runs ``symfast train`` with ``cfg``; writes ``out/metrics.json`` etc. Returns the metrics (``None`` if stopped)."""
+        progress: bool = True, device=None, parallel: str = "ddp") -> Optional[Dict[str, Any]]:
+    """Runs ``symfast train`` with ``cfg``; writes ``out/metrics.json`` etc. Returns the metrics (``None`` if stopped).
+
+    ``parallel`` (``"ddp"`` or ``"fsdp"``) is passed to :func:`fit` for every training phase; it
+    matters only when ``torch.distributed`` is initialized. Under FSDP2 each phase trains a sharded
+    copy, and the trained model is gathered on every rank for export and evaluation. With
+    ``resume``, the settings are checked against the run's ``config.json`` before anything is trained.
+    """
     t0 = time.time()
+    if parallel not in PARALLEL:
+        raise ValueError(f"symfast train: parallel must be one of {PARALLEL}, got {parallel!r}")
     cfg = cfg.resolved()
     out = Path(out)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    ck = out / "checkpoints"
+    if resume and (ck / "config.json").exists():
+        check_resume_config(cfg, ck)
+    elif rank == 0:
+        _write_config(cfg, ck)
     device = torch.device(device) if device is not None else torch.device("cpu")
     dense, train, val, data_info = build(cfg)
     dense = dense.to(device)
@@ -188,11 +313,10 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
     converted = [n for n, _, _ in report.converted]
     common = dict(batch_size=cfg.batch_size, optimizer=cfg.optimizer, seed=cfg.seed, eval_every=cfg.eval_every,
                   eval_samples=cfg.eval_samples,
-                  progress=progress, device=device, resume=resume)
-    ck = out / "checkpoints"
+                  progress=progress, device=device, resume=resume, parallel=parallel, world=world)
 
-    r_sparse = fit(sparse, train, val, steps=cfg.steps, lr=cfg.lr, sparsity_threshold=cfg.threshold,
-                   checkpoint=ck / "dcs.pt", stop_after=stop_after, desc=f"DCS {cfg.structure}", **common)
+    r_sparse = _fit(sparse, train, val, steps=cfg.steps, lr=cfg.lr, sparsity_threshold=cfg.threshold,
+                    checkpoint=ck / "dcs.pt", stop_after=stop_after, desc=f"DCS {cfg.structure}", **common)
     if r_sparse.stopped_early:
         return None
     exported = export(sparse, threshold=cfg.threshold)
@@ -205,18 +329,35 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
 
     # ---- baseline: same budget dense, global magnitude pruning to the same zeros, 10% fine-tune with the mask
     dense.load_state_dict(init_state)
-    r_dense = fit(dense, train, val, steps=cfg.steps, lr=cfg.lr, checkpoint=ck / "dense.pt",
-                  desc="dense baseline", **common)
+    r_dense = _fit(dense, train, val, steps=cfg.steps, lr=cfg.lr, checkpoint=ck / "dense.pt",
+                   desc="dense baseline", **common)
     dense_val = evaluate(dense, val, device=device, max_samples=final_n)
     trained_dense = copy.deepcopy(dense)
     prune_like(dense, converted, zeros)
     ft_steps = max(1, round(cfg.finetune_fraction * cfg.steps))
-    r_ft = fit(dense, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0, checkpoint=ck / "finetune.pt",
-               desc="prune + fine-tune", **{**common, "seed": cfg.seed + 1})
+    r_ft = _fit(dense, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0, checkpoint=ck / "finetune.pt",
+                desc="prune + fine-tune", **{**common, "seed": cfg.seed + 1})
     for m, name in _weighted_modules(dense, converted):
         prune.remove(m, name)
     base_zeros = sum(int((dense.get_submodule(n).weight == 0).sum()) for n in converted)
     base = evaluate(dense, val, device=device, max_samples=final_n)
+
+    # ---- lowrank: truncated-SVD baseline at the exported DCS ranks, fine-tuned in factorized form
+    svd: Dict[str, Any] = {}
+    r_svd = None
+    if cfg.structure == "lowrank":
+        target = {r["name"]: r["rank"] for r in rep.rows}
+        svd_model = svd_truncate(trained_dense, target)
+        r_svd = _fit(svd_model, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0, checkpoint=ck / "svd.pt",
+                     desc="SVD truncate + fine-tune", **{**common, "seed": cfg.seed + 1})
+        svd_exported = export(svd_model)
+        got = {r["name"]: r["rank"] for r in sparsity_report(svd_model).rows}
+        sv_ev = evaluate(svd_exported, val, device=device, max_samples=final_n)
+        svd = {"svd_truncation_val_loss": sv_ev["loss"],
+               "svd_truncation_val_accuracy": sv_ev.get("accuracy") if cfg.task == "digits" else None,
+               "svd_truncation_val_byte_accuracy": sv_ev.get("accuracy") if cfg.task == "lm" else None,
+               "svd_truncation_ranks": {n: [got[n], target[n]] for n in target},
+               "svd_truncation_params_after": sum(p.numel() for p in svd_exported.parameters())}
 
     speed = None
     if cfg.structure == "group":
@@ -237,6 +378,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         "magnitude_pruning_val_loss": base["loss"],
         "magnitude_pruning_val_accuracy": base.get("accuracy") if cfg.task == "digits" else None,
         "magnitude_pruning_sparsity": base_zeros / numel,
+        **svd,
         "dense_val_loss": dense_val["loss"],
         "dense_val_accuracy": dense_val.get("accuracy") if cfg.task == "digits" else None,
         "val_byte_accuracy": ev.get("accuracy") if cfg.task == "lm" else None,
@@ -245,21 +387,30 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         "threshold": cfg.threshold,
         "converted": converted,
         "not_converted": [n for n, *_ in report.not_converted],
-        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "config": _config_dict(cfg),
         "finetune_steps": ft_steps,
         "data": data_info,
         "world_size": world,
+        "parallel": parallel,
         "resumed_from": r_sparse.resumed_from,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "seconds": time.time() - t0,
-        "history": {"dcs": r_sparse.history, "dense": r_dense.history, "finetune": r_ft.history},
+        "history": {"dcs": r_sparse.history, "dense": r_dense.history, "finetune": r_ft.history,
+                    **({"svd_finetune": r_svd.history} if r_svd is not None else {})},
     }
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(exported, out / "exported.pt")
-        title = (f"{cfg.task}, {cfg.structure}, alpha={cfg.alpha:g}: DCS val {ev['loss']:.3f} at sparsity "
-                 f"{sparsity:.2f} vs magnitude pruning {base['loss']:.3f}")
-        _plot(out / "training.png", r_sparse.history, r_dense.history, r_ft.history, cfg.steps, title)
+        if r_svd is not None:
+            torch.save(svd_exported, out / "svd_truncation.pt")
+        if svd:
+            kept = sum(r for r, _ in metrics["ranks"].values()), sum(f for _, f in metrics["ranks"].values())
+            versus = f"rank {kept[0]}/{kept[1]} vs SVD truncation {svd['svd_truncation_val_loss']:.3f}"
+        else:
+            versus = f"sparsity {sparsity:.2f} vs magnitude pruning {base['loss']:.3f}"
+        title = f"{cfg.task}, {cfg.structure}, alpha={cfg.alpha:g}: DCS val {ev['loss']:.3f} at {versus}"
+        _plot(out / "training.png", r_sparse.history, r_dense.history, r_ft.history, cfg.steps, title,
+              svd_hist=r_svd.history if r_svd is not None else None, ranks=metrics["ranks"])
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
