@@ -29,10 +29,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # 1M: the whole working set (17-42 MB in float32) fits or nearly fits a large
 # last-level cache (32 MB on the 2-core CI box), so its copy baseline measures
 # cache bandwidth and per-call overhead shows; 16M (64 MB per float32 operand)
-# is memory bound everywhere. GPU-sized cases (64M, 256M) come later.
-SIZES = {"1M": 1 << 20, "16M": 1 << 24}
+# is memory bound everywhere. 64M and 256M (0.25 and 1 GiB per float32 operand,
+# 2.7 and 10.7 GiB per masked forward+backward) are the GPU-sized cases: far
+# beyond any L2 (50-60 MB on an H100/H200) and long enough (milliseconds) that
+# launch overhead does not show. They run on CUDA only (see ``sizes_for``): on
+# the CPU they would take minutes and tens of GiB for no new information.
+SIZES = {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26, "256M": 1 << 28}
+CPU_SIZES = ("1M", "16M")
+CUDA_ONLY_SIZES = ("64M", "256M")
 
-TARGET_SECONDS = 1.5
+
+def sizes_for(device: str) -> tuple:
+    """The SIZES keys benchmarked on ``device``: the GPU-sized ones on CUDA only."""
+    return CPU_SIZES + CUDA_ONLY_SIZES if device.startswith("cuda") else CPU_SIZES
+
+
+# Seconds of timed work per benchmark; SYMFAST_BENCH_SECONDS overrides it (the
+# GPU check script uses less: GPU medians are steady, and device time is short).
+TARGET_SECONDS = float(os.environ.get("SYMFAST_BENCH_SECONDS", "1.5"))
 MIN_ROUNDS = 7
 MAX_ROUNDS = 200
 WARMUP_CALLS = 2
@@ -128,12 +142,21 @@ def machine_description() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cuda_version": torch.version.cuda,
     }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["cuda_capability"] = f"{props.major}.{props.minor}"
+        info["cuda_multiprocessors"] = props.multi_processor_count
+        info["cuda_memory_gib"] = round(props.total_memory / 2**30, 1)
+        l2 = getattr(props, "L2_cache_size", None)
+        if l2:
+            info["cuda_l2_mib"] = round(l2 / 2**20, 1)
     # Settings that change what is measured: thread count, allocator and huge
     # pages (torch's THP_MEM_ALLOC_ENABLE, symfast's output cache), preloads.
     info["env"] = {
         k: os.environ[k]
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "SYMFAST_CPU_CACHE_MB",
-                  "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "CUDA_VISIBLE_DEVICES")
+                  "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "CUDA_VISIBLE_DEVICES",
+                  "SYMFAST_BENCH_SECONDS")
         if k in os.environ
     }
     try:

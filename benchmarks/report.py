@@ -2,6 +2,8 @@
 
     python benchmarks/report.py                       # run everything, print, write JSON
     python benchmarks/report.py -k "16M and float32"  # only some cases (pytest -k)
+    python benchmarks/report.py -k "cuda and (64M or 256M)"   # the GPU targets (CUDA only)
+    python benchmarks/report.py --bench group         # the dcs_group benchmark (test_group.py)
     python benchmarks/report.py --json raw.json       # from `pytest benchmarks --benchmark-json=raw.json`
     python benchmarks/report.py --markdown            # the table in README form
 
@@ -9,8 +11,14 @@ For each case: medians of symfast, the eager reference and
 torch.compile(reference); speed-ups; the bandwidth symfast achieves
 (bytes_moved / median, with bytes_moved the minimum a fused implementation must
 move, see ``bench_utils.bytes_moved``), that of a same-traffic device copy, and
-their ratio. The JSON record (default ``benchmarks/results/<machine>.json``)
-names the machine, torch and symfast versions and the date, and holds the rows.
+their ratio. The JSON record (default ``benchmarks/results/<machine>.json``,
+``group-<machine>.json`` for ``--bench group``) names the machine, torch and
+symfast versions and the date, and holds the rows.
+
+GPU targets (issue 6): on CUDA, the masked forward+backward at 64M elements and
+more reaches at least ``TARGET_PCT_OF_COPY`` % of the same-traffic copy's
+bandwidth and ``TARGET_VS_COMPILED`` x torch.compile(reference). Such rows get
+a ``targets`` entry with the verdicts, also printed under the table.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import re
 import subprocess
 import sys
@@ -30,11 +37,16 @@ from typing import Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 IMPLS = ("symfast", "eager", "compiled", "copy")
+# --bench: the benchmark module, and the prefix of the record's default name.
+BENCHES = {"dcs": ("test_dcs.py", ""), "group": ("test_group.py", "group-")}
+TARGET_PCT_OF_COPY = 80.0
+TARGET_VS_COMPILED = 1.1
+TARGET_MIN_NUMEL = 1 << 26  # 64M
 
 
-def run_pytest(json_path: Path, keyword: Optional[str], extra: List[str]) -> None:
+def run_pytest(json_path: Path, keyword: Optional[str], extra: List[str], bench: str = "dcs") -> None:
     cmd = [
-        sys.executable, "-m", "pytest", str(HERE / "test_dcs.py"), "-q", "-p", "no:cacheprovider",
+        sys.executable, "-m", "pytest", str(HERE / BENCHES[bench][0]), "-q", "-p", "no:cacheprovider",
         f"--benchmark-json={json_path}", "--benchmark-sort=name",
     ]
     if keyword:
@@ -62,9 +74,11 @@ def build_rows(raw: dict) -> List[dict]:
     cases: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
     for bench in raw.get("benchmarks", []):
         x = bench.get("extra_info", {})
-        if "impl" not in x:
+        if "impl" not in x or "bytes_moved" not in x:
             continue
-        key = (x["op"], x["mask"], x["numel"], x["dtype"], x["device"])
+        # dcs cases have a mask kind, dcs_group cases a dim (and a shape).
+        key = (x["op"], x.get("mask"), x.get("dim"), tuple(x.get("shape") or ()), x["numel"], x["dtype"],
+               x["device"])
         cases[key][x["impl"]] = {
             "median_s": bench["stats"]["median"],
             "iqr_s": bench["stats"]["iqr"],
@@ -80,15 +94,23 @@ def build_rows(raw: dict) -> List[dict]:
 
     rows = []
     order = {"forward": 0, "forward+backward": 1}
-    for key in sorted(cases, key=lambda k: (k[4], order.get(k[0], 9), k[1], k[2], k[3])):
-        op, mask, numel, dtype, device = key
+
+    def sort_key(k):  # device, op, mask, dim, shape, numel, dtype
+        return (k[6], order.get(k[0], 9), str(k[1]), -1 if k[2] is None else k[2], k[3], k[4], k[5])
+
+    for key in sorted(cases, key=sort_key):
+        op, mask, dim, shape, numel, dtype, device = key
         impls = cases[key]
         moved = next(iter(impls.values()))["bytes_moved"]
         sym, eag, com, cpy = (ms(impls.get(i)) for i in IMPLS)
         gbps = lambda t: None if t is None else moved / (t * 1e-3) / 1e9  # noqa: E731
+        if dim is None:
+            head = {"case": f"{'fwd' if op == 'forward' else 'fwd+bwd'} mask={mask}", "op": op, "mask": mask}
+        else:
+            head = {"case": f"{'fwd' if op.endswith(' forward') else 'fwd+bwd'} dim={dim}"
+                    + (" " + "x".join(map(str, shape)) if shape else ""), "op": op, "dim": dim, "shape": list(shape)}
         rows.append({
-            "case": f"{'fwd' if op == 'forward' else 'fwd+bwd'} mask={mask}",
-            "op": op, "mask": mask, "numel": numel, "dtype": dtype, "device": device,
+            **head, "numel": numel, "dtype": dtype, "device": device,
             "bytes_moved": moved,
             "symfast_ms": sym, "eager_ms": eag, "compiled_ms": com, "copy_ms": cpy,
             "speedup_vs_eager": ratio(eag, sym),
@@ -99,7 +121,38 @@ def build_rows(raw: dict) -> List[dict]:
             "iqr_ms": {i: impls[i]["iqr_s"] * 1e3 for i in impls},
             "rounds": {i: impls[i]["rounds"] for i in impls},
         })
+        target = targets_for(rows[-1])
+        if target is not None:
+            rows[-1]["targets"] = target
     return rows
+
+
+def targets_for(row: dict) -> Optional[dict]:
+    """Verdicts of the GPU targets for a CUDA dcs forward+backward row of 64M elements or more, else None."""
+    if not (row["device"].startswith("cuda") and row["op"] == "forward+backward" and row.get("mask") is not None
+            and row["numel"] >= TARGET_MIN_NUMEL):
+        return None
+    pct, vs = row["pct_of_copy"], row["speedup_vs_compiled"]
+    return {
+        "pct_of_copy_min": TARGET_PCT_OF_COPY, "pct_of_copy_ok": None if pct is None else pct >= TARGET_PCT_OF_COPY,
+        "vs_compiled_min": TARGET_VS_COMPILED, "vs_compiled_ok": None if vs is None else vs >= TARGET_VS_COMPILED,
+    }
+
+
+def format_targets(rows: List[dict]) -> str:
+    """One line per row that has GPU targets: measured against wanted, PASS/FAIL."""
+    lines = []
+    for r in rows:
+        t = r.get("targets")
+        if t is None:
+            continue
+        ok = bool(t["pct_of_copy_ok"]) and bool(t["vs_compiled_ok"])
+        pct = "-" if r["pct_of_copy"] is None else f"{r['pct_of_copy']:.0f}%"
+        vs = "-" if r["speedup_vs_compiled"] is None else f"{r['speedup_vs_compiled']:.2f}x"
+        lines.append(f"target {'PASS' if ok else 'FAIL'}: {r['case']} {human_numel(r['numel'])} {r['dtype']} "
+                     f"{r['device']}: {pct} of copy (>= {t['pct_of_copy_min']:.0f}%), {vs} compiled "
+                     f"(>= {t['vs_compiled_min']}x)")
+    return "\n".join(lines)
 
 
 COLUMNS = [
@@ -147,6 +200,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", type=Path, help="where to write the record (default benchmarks/results/<machine>.json)")
     p.add_argument("--raw-out", type=Path, help="also keep pytest-benchmark's own JSON here (when running)")
     p.add_argument("-k", dest="keyword", help="pytest -k expression selecting cases (when running)")
+    p.add_argument("--bench", choices=sorted(BENCHES), default="dcs",
+                   help="which benchmark module to run: dcs (test_dcs.py, default) or group (test_group.py)")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
     args = p.parse_args(argv)
@@ -159,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(args.raw_out) if args.raw_out else Path(tmp) / "benchmarks.json"
-            run_pytest(path.resolve(), args.keyword, args.pytest_args)
+            run_pytest(path.resolve(), args.keyword, args.pytest_args, args.bench)
             raw = json.loads(path.read_text())
         source = str(args.raw_out) if args.raw_out else "pytest run by report.py"
 
@@ -172,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         info = dict(machine_description(), note="described by report.py, not by the benchmark run")
     rows = build_rows(raw)
     if not rows:
-        raise SystemExit("report.py: no dcs benchmarks in the results (check -k)")
+        raise SystemExit(f"report.py: no {args.bench} benchmarks in the results (check -k)")
 
     record = {
         "machine": {k: v for k, v in info.items() if k not in ("torch", "symfast")},
@@ -184,7 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "bytes_moved_note": "minimal DRAM traffic of a fused implementation; see benchmarks/bench_utils.py",
         "rows": rows,
     }
-    out = args.out or HERE / "results" / f"{record['machine_slug']}.json"
+    out = args.out or HERE / "results" / f"{BENCHES[args.bench][1]}{record['machine_slug']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
 
@@ -200,6 +255,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if foreign > 0.05:
             print("warning: the machine was shared during the run; timings are noisy (rerun when idle)")
     print(format_table(rows, args.markdown))
+    targets = format_targets(rows)
+    if targets:
+        print("\n" + targets)
     print(f"\nwrote {out}")
     return 0
 

@@ -37,6 +37,11 @@ barrier (one forward+backward of the MLP went from 3 ms to 190-280 ms);
 
     pytest benchmarks/test_bench_curvature.py -s --benchmark-columns=median,iqr,rounds
     OMP_NUM_THREADS=1 pytest benchmarks/test_bench_curvature.py -s   # on a busy shared machine
+
+Where a GPU is visible every case also runs on CUDA (ids ending in ``-cuda``;
+``-k cuda`` selects them): model, batch and directions on the GPU, each timed
+call ending with a device synchronize. The CPU cases and their ids are the same
+with or without a GPU.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ import torch.nn.functional as F
 
 from symfast.curvature import functional_loss, per_sample_curvatures
 
-from bench_utils import run_pedantic
+from bench_utils import DEVICES, run_pedantic, sync
 
 TARGET_COST = 5.0  # symfast / fwdbwd at most
 TARGET_SPEEDUP = 40.0  # vmap / symfast at least
@@ -102,8 +107,15 @@ CASES = [
 IMPLS = ["fwdbwd", "vmap", "compiled", "symfast"]  # symfast last: it reads the others' medians
 _MEDIANS: Dict[str, Dict[str, float]] = {}
 
+# (case, device): every case on the CPU, with the ids it always had, and on CUDA
+# where a GPU is visible, with "-cuda" appended.
+CASE_DEVICES = [pytest.param(c, "cpu", id=c.id) for c in CASES] + [
+    pytest.param(c, "cuda", id=f"{c.id}-cuda") for c in CASES if "cuda" in DEVICES
+]
 
-def _setup(case: Case):
+
+def _setup(case: Case, device: str = "cpu"):
+    # Drawn on the CPU in the same order for every device, then moved.
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     if case.name.startswith("mlp"):
@@ -113,8 +125,9 @@ def _setup(case: Case):
         model = TransformerBlock()
         x = torch.randn(case.batch, 16, 64, generator=gen)
     y = torch.randint(0, 10, (case.batch,), generator=gen)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     loss_fn, params = functional_loss(model, nn.CrossEntropyLoss(reduction="none"))
-    dirs = {k: torch.randn((case.K,) + v.shape, generator=gen) for k, v in params.items()}
+    dirs = {k: torch.randn((case.K,) + v.shape, generator=gen).to(device) for k, v in params.items()}
     return model, loss_fn, params, dirs, (x, y)
 
 
@@ -159,7 +172,8 @@ def _impls(case: Case, model, loss_fn, params, dirs, x, y) -> Dict[str, Callable
     return fns
 
 
-def _interleaved_medians(fns: Dict[str, Callable[[], object]], reset: Callable[[], None], rounds: int):
+def _interleaved_medians(fns: Dict[str, Callable[[], object]], reset: Callable[[], None], rounds: int,
+                         device: str = "cpu"):
     """Medians from rounds that run every implementation back to back (A B C A B C ...).
 
     A burst of other people's load then hits all implementations of a round
@@ -170,19 +184,22 @@ def _interleaved_medians(fns: Dict[str, Callable[[], object]], reset: Callable[[
     for _ in range(rounds):
         for name, fn in fns.items():
             reset()
+            sync(device)
             start = time.perf_counter()
             out = fn()
+            sync(device)
             times[name].append(time.perf_counter() - start)
             del out
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_curvature(benchmark, case: Case, impl: str):
-    model, loss_fn, params, dirs, (x, y) = _setup(case)
-    benchmark.group = f"per-sample curvature {case.id} cpu"
-    benchmark.extra_info.update(case=case.id, impl=impl, batch=case.batch, K=case.K, chunk_size=case.chunk_size,
+@pytest.mark.parametrize("case,device", CASE_DEVICES)
+def test_curvature(benchmark, case: Case, device: str, impl: str):
+    model, loss_fn, params, dirs, (x, y) = _setup(case, device)
+    benchmark.group = f"per-sample curvature {case.id} {device}"
+    benchmark.extra_info.update(case=case.id, device=device, impl=impl, batch=case.batch, K=case.K,
+                                chunk_size=case.chunk_size,
                                 n_params=sum(p.numel() for p in params.values()), threads=torch.get_num_threads())
     if impl in ("vmap", "compiled") and case.K > 1:
         pytest.skip("vmap baselines timed for K = 1 only (they cost K times as much)")
@@ -193,7 +210,7 @@ def test_curvature(benchmark, case: Case, impl: str):
     def reset():
         model.zero_grad(set_to_none=True)
 
-    out = run_pedantic(benchmark, fns[impl], "cpu", setup=reset)
+    out = run_pedantic(benchmark, fns[impl], device, setup=reset)
     if impl != "fwdbwd":
         assert out.shape == (case.batch, case.K)
     if impl == "symfast":
@@ -202,12 +219,13 @@ def test_curvature(benchmark, case: Case, impl: str):
         torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
 
     median = benchmark.stats.stats.median
-    _MEDIANS.setdefault(case.id, {})[impl] = median
+    key = case.id if device == "cpu" else f"{case.id}-{device}"
+    _MEDIANS.setdefault(key, {})[impl] = median
     benchmark.extra_info["median_s"] = median
     if impl != "symfast":
         return
-    m = _MEDIANS[case.id]
-    line = f"\n{case.id}:"
+    m = _MEDIANS[key]
+    line = f"\n{key}:"
     if "fwdbwd" in m:
         cost = median / m["fwdbwd"]
         benchmark.extra_info["cost_vs_fwdbwd"] = round(cost, 3)
@@ -222,7 +240,7 @@ def test_curvature(benchmark, case: Case, impl: str):
         line += f", speed-up over compiled vmap {m['compiled'] / median:.1f} x"
     # The same ratios from interleaved rounds (see _interleaved_medians).
     timed = {k: fns[k] for k in (("fwdbwd", "symfast", "vmap") if case.K == 1 else ("fwdbwd", "symfast"))}
-    im = _interleaved_medians(timed, reset, rounds=INTERLEAVED_ROUNDS)
+    im = _interleaved_medians(timed, reset, rounds=INTERLEAVED_ROUNDS, device=device)
     benchmark.extra_info["interleaved_cost_vs_fwdbwd"] = round(im["symfast"] / im["fwdbwd"], 3)
     line += f" | interleaved: symfast = {im['symfast'] / im['fwdbwd']:.2f} x fwdbwd"
     if "vmap" in im:

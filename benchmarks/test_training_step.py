@@ -32,10 +32,20 @@ CPU kernels take outputs of 1 MiB or more from their own block cache
 and gradient here is below 1 MiB (784x256 float32 = 784 KiB) and the case
 checks that the cache handled no request during the measured step.
 
+On CUDA (collected only where a GPU is visible): ``test_training_step_cuda``,
+a ResNet18 for 32x32 inputs (``symfast.train.ResNet18``, 11.2M parameters, batch
+norm left as it is) at batch 128 on random 3x32x32 inputs, ``plain`` against
+``symfast`` (elementwise and group) and ``eager`` (elementwise). ``peak_bytes``
+there is ``torch.cuda.max_memory_allocated()`` during one step above what was
+allocated before it (the CPU cases' meaning), and ``cuda_max_memory_allocated``
+the absolute peak (weights, optimizer state and batch included).
+
 Run ``python benchmarks/test_training_step.py`` for the overhead/memory table
-(it also writes ``benchmarks/results/training_step-<machine>.json``), or
-``pytest benchmarks/test_training_step.py``. Timings on a shared machine are
-noisy: read medians, and the recorded ``foreign_cpu_fraction``.
+(it also writes ``benchmarks/results/training_step-<machine>.json``, or the
+path given by ``--out PATH``; other arguments go to pytest, e.g. ``-k resnet18``
+for the GPU cases only), or ``pytest benchmarks/test_training_step.py``.
+Timings on a shared machine are noisy: read medians, and the recorded
+``foreign_cpu_fraction``.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ from symfast.convert import convert, param_groups
 import symfast.nn.structures as structures
 from symfast import reference
 
-from bench_utils import run_pedantic
+from bench_utils import run_pedantic, sync
 
 BATCH = 128
 ALPHA = 5e-4
@@ -69,8 +79,22 @@ CASES = [
 ]
 
 
+# The GPU cases: a real network, on CUDA only (see the module docstring).
+CUDA_MODELS = ("resnet18",)
+CUDA_CASES = [
+    ("plain", None),
+    ("symfast", "elementwise"),
+    ("eager", "elementwise"),
+    ("symfast", "group"),
+]
+
+
 def make_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
+    if kind == "resnet18":
+        from symfast.train import ResNet18
+
+        return ResNet18(num_classes=10)
     if kind == "mlp":
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                              nn.Linear(256, 10))
@@ -87,8 +111,8 @@ def make_batch(kind: str):
     return torch.randn(shape, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
 
-def build(kind: str, impl: str, structure, monkeypatch=None, fused: bool = False):
-    model = make_model(kind)
+def build(kind: str, impl: str, structure, monkeypatch=None, fused: bool = False, device: str = "cpu"):
+    model = make_model(kind).to(device)
     if impl == "plain":
         groups = [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": 2 * ALPHA},
                   {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
@@ -168,6 +192,18 @@ def dcs_memory(model) -> dict:
     }
 
 
+def record_saved_memory(benchmark, model, run, impl, x, y) -> None:
+    """What one forward saves for backward; for converted models also what the DCS ops save, which must be only
+    the factors (the memory target)."""
+    params = list(model.parameters())
+    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: F.cross_entropy(run(x), y), exclude=params)
+    if impl != "plain":
+        mem = dcs_memory(model)
+        benchmark.extra_info.update(mem)
+        assert mem["dcs_saved_bytes"] <= mem["factor_bytes"], mem
+        assert mem["dcs_saved_new_bytes"] == 0, mem
+
+
 # ------------------------------------------------------------- benchmark
 @pytest.mark.parametrize("impl,structure", CASES, ids=[f"{i}-{s}" if s else i for i, s in CASES])
 @pytest.mark.parametrize("kind", MODELS)
@@ -186,15 +222,45 @@ def test_training_step(benchmark, kind, impl, structure, monkeypatch):
     after = symfast.cpu_cache_info()
     assert (after["hits"], after["misses"]) == (cache["hits"], cache["misses"]), (
         "symfast's output cache served this step: the profiler would not see those blocks")
-    params = list(model.parameters())
-    benchmark.extra_info["saved_bytes"] = saved_bytes(lambda: F.cross_entropy(run(x), y), exclude=params)
-    if impl != "plain":
-        mem = dcs_memory(model)
-        benchmark.extra_info.update(mem)
-        assert mem["dcs_saved_bytes"] <= mem["factor_bytes"], mem
-        assert mem["dcs_saved_new_bytes"] == 0, mem
+    record_saved_memory(benchmark, model, run, impl, x, y)
 
     run_pedantic(benchmark, lambda: train_step(model, run, opt, x, y), "cpu")
+
+
+def cuda_peak_bytes(fn) -> tuple:
+    """(peak above what was allocated before, absolute peak) of torch.cuda.max_memory_allocated while fn runs."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return peak - before, peak
+
+
+if torch.cuda.is_available():  # defined only with a GPU: the CPU run collects the same cases as before
+
+    @pytest.mark.parametrize("impl,structure", CUDA_CASES, ids=[f"{i}-{s}" if s else i for i, s in CUDA_CASES])
+    @pytest.mark.parametrize("kind", CUDA_MODELS)
+    def test_training_step_cuda(benchmark, kind, impl, structure, monkeypatch):
+        device = "cuda"
+        model, run, opt = build(kind, impl, structure, monkeypatch, device=device)
+        x, y = (t.to(device) for t in make_batch(kind))
+        benchmark.group = f"training step {kind} batch={BATCH} {device}"
+        benchmark.extra_info.update(model=kind, impl=impl, structure=structure or "none", batch=BATCH,
+                                    device=device, device_name=torch.cuda.get_device_name(0),
+                                    n_params=sum(p.numel() for p in model.parameters()))
+
+        for _ in range(3):  # warm up (cuDNN picks its algorithms, the allocator fills its pools)
+            train_step(model, run, opt, x, y)
+        opt.zero_grad(set_to_none=True)
+        above, peak = cuda_peak_bytes(lambda: train_step(model, run, opt, x, y))
+        benchmark.extra_info.update(peak_bytes=above, cuda_max_memory_allocated=peak)
+        record_saved_memory(benchmark, model, run, impl, x, y)
+
+        loss = run_pedantic(benchmark, lambda: train_step(model, run, opt, x, y), device)
+        sync(device)
+        assert torch.isfinite(loss).item()
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd-fused"])
@@ -244,15 +310,25 @@ def _table(data: dict) -> str:
             continue
         key = (info["model"], info["impl"], info["structure"])
         rows[key] = (b["stats"]["median"], info)
-    lines = ["| model | impl | structure | median step (ms) | vs plain | peak memory (MiB) | vs plain | "
-             "saved for backward (MiB) | DCS saved / factors |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    # GPU rows add the device and the absolute peak (torch.cuda.max_memory_allocated);
+    # a CPU-only table keeps its columns.
+    gpu = any(info.get("device", "cpu") != "cpu" for _, info in rows.values())
+    lines = ["| model | " + ("device | " if gpu else "") + "impl | structure | median step (ms) | vs plain | "
+             "peak memory (MiB) | vs plain | " + ("max allocated (MiB) | " if gpu else "")
+             + "saved for backward (MiB) | DCS saved / factors |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
     for (model, impl, structure), (median, info) in sorted(rows.items()):
-        base_t, base = rows[(model, "plain", "none")]
+        if (model, "plain", "none") not in rows:  # the baseline was deselected: no ratios
+            base_t, base = float("nan"), {"peak_bytes": float("nan")}
+        else:
+            base_t, base = rows[(model, "plain", "none")]
         dcs = (f"{info['dcs_saved_bytes'] / info['factor_bytes']:.2f}" if "factor_bytes" in info else "-")
+        dev = f"{info.get('device', 'cpu')} | " if gpu else ""
+        peak_abs = info.get("cuda_max_memory_allocated")
+        absolute = (f"{peak_abs / 2**20:.1f} | " if peak_abs is not None else "- | ") if gpu else ""
         lines.append(
-            f"| {model} | {impl} | {structure} | {median * 1e3:.2f} | {median / base_t:.2f}x | "
-            f"{info['peak_bytes'] / 2**20:.2f} | {info['peak_bytes'] / base['peak_bytes']:.2f}x | "
+            f"| {model} | {dev}{impl} | {structure} | {median * 1e3:.2f} | {median / base_t:.2f}x | "
+            f"{info['peak_bytes'] / 2**20:.2f} | {info['peak_bytes'] / base['peak_bytes']:.2f}x | {absolute}"
             f"{info['saved_bytes'] / 2**20:.2f} | {dcs} |"
         )
     if paired:
@@ -263,6 +339,8 @@ def _table(data: dict) -> str:
                          f"({info['overhead_q25']:+.1%} .. {info['overhead_q75']:+.1%}) | {info['pairs']} |")
     machine = data.get("machine_info", {}).get("symfast", {})
     lines.append("")
+    if gpu:
+        lines.append(f"GPU: {machine.get('cuda_device', '?')}, CUDA {machine.get('cuda_version', '?')}")
     lines.append(f"machine: {machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores, torch "
                  f"{machine.get('torch', torch.__version__)}, threads {machine.get('torch_threads', '?')}, "
                  f"foreign CPU load during the run: {machine.get('foreign_cpu_fraction', '?')}")
@@ -270,22 +348,27 @@ def _table(data: dict) -> str:
 
 
 def main(argv=None) -> None:
+    import argparse
     import subprocess
     import tempfile
 
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--out", type=Path, default=None)
+    opts, argv = parser.parse_known_args(argv or [])
     here = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.json"
         cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-               f"--benchmark-json={raw}", *(argv or [])]
+               f"--benchmark-json={raw}", *argv]
         subprocess.run(cmd, cwd=here.parent, check=True)
         data = json.loads(raw.read_text())
     print(_table(data))
     sys.path.insert(0, str(here))
     from report import machine_slug
 
-    out = here / "results" / f"training_step-{machine_slug(data['machine_info'].get('symfast', {}))}.json"
-    out.parent.mkdir(exist_ok=True)
+    slug = machine_slug(data["machine_info"].get("symfast", {}))
+    out = opts.out or here / "results" / f"training_step-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"name": b["name"], "median_s": b["stats"]["median"], **b["extra_info"]} for b in data["benchmarks"]]
     out.write_text(json.dumps({"machine": data["machine_info"].get("symfast"), "datetime": data.get("datetime"),
                                "rows": rows}, indent=1))
