@@ -60,7 +60,9 @@ def get_extensions():
     # it silently runs on one thread.
     # No -std flag: torch.utils.cpp_extension adds the standard the installed
     # torch needs (C++17 up to 2.13, C++20 from 2.14).
-    cxx = opt + ["-fopenmp", "-fdiagnostics-color=always"]
+    # -ffp-contract=off: never fuse a*b + c into one rounding (an FMA), so every
+    # instruction set of csrc/cpu/isa.h rounds like the baseline and like PyTorch.
+    cxx = opt + ["-fopenmp", "-ffp-contract=off", "-fdiagnostics-color=always"]
     link = ["-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))

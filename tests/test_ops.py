@@ -520,3 +520,61 @@ def test_training_path_rejects_bad_input_like_the_public_op():
         ops._dcs_autograd(w, torch.randn(4, 3))
     with pytest.raises(ValueError, match="u"):
         symfast.dcs(w, torch.randn(4, 3))
+
+
+# ------------------------------------------------- vector instruction sets
+_ISA_SCRIPT = r"""
+import sys, torch, symfast
+from symfast import reference as ref
+torch.manual_seed(0)
+out = {}
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    for shape in ((70001,), (257, 33), (5,)):
+        w, u, v, g = (torch.randn(shape, dtype=torch.float64).to(dtype) for _ in range(4))
+        mask = torch.rand(shape) > 0.5
+        for m, vv in ((None, None), (mask, v)):
+            key = f"{dtype}-{shape}-{m is not None}"
+            out[key] = [symfast.dcs(w, u, vv, m),
+                        *torch.ops.symfast.dcs_backward(g, w, u, m, True, True, m is not None)]
+            want = [ref.dcs(w, u, vv, m), *ref.dcs_backward(g, w, u, m, True, True, m is not None)]
+            for a, b in zip(out[key], want):
+                assert torch.equal(a, b), key
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_every_instruction_set_gives_the_same_bits(tmp_path):
+    """The contiguous loops run in AVX2 or the baseline ISA (csrc/cpu/isa.h,
+    SYMFAST_CPU_ISA forces a level): each equals the reference bit for bit, in every dtype."""
+    import os
+    import subprocess
+    import sys
+
+    results, ran = {}, []
+    for isa in ("default", "avx2"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, SYMFAST_CPU_ISA=isa, OMP_NUM_THREADS="2")
+        proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        if "this CPU supports at most" in proc.stderr:
+            continue  # the CPU lacks this level
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[isa] = torch.load(path)
+        ran.append(isa)
+    assert "default" in ran
+    base = results["default"]
+    for isa in ran[1:]:
+        for key, tensors in results[isa].items():
+            for a, b in zip(tensors, base[key]):
+                assert torch.equal(a, b), (isa, key)
+
+
+def test_bad_instruction_set_request_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SYMFAST_CPU_ISA="sse9")
+    proc = subprocess.run([sys.executable, "-c", "import torch, symfast; symfast.dcs(torch.ones(3), torch.ones(3))"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "SYMFAST_CPU_ISA must be avx2 or default, got 'sse9'" in proc.stderr

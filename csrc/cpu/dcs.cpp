@@ -12,7 +12,9 @@
 // against 0.5 with the bit select). A select rather than (1-m)*v + m*w*u keeps
 // the result exact (w*u, not w*u + 0*v, which is NaN when v is inf). Half
 // types compute in float (at::opmath_type) and round once. Outputs come from
-// empty_output (output_cache.h), which avoids paying for fresh pages.
+// empty_output (output_cache.h), which avoids paying for fresh pages. The
+// contiguous forward and backward loops run in AVX2 where the CPU has it
+// (isa.h); they hold only products and selects, so every ISA rounds alike.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +24,7 @@
 
 #include "../dcs_checks.h"
 #include "../dcs_dispatch.h"
+#include "isa.h"
 #include "output_cache.h"
 
 #include <cstring>
@@ -89,7 +92,7 @@ inline int64_t elem_stride(const int64_t* strides, int k) {
 // ---------------------------------------------------------------- forward
 // operands: out, w, u, [v], [mask]
 template <bool CONTIG, typename T, bool HAS_V, bool HAS_M>
-void forward_slice(char** data, const int64_t* st, int64_t n) {
+C10_ALWAYS_INLINE void forward_slice(char** data, const int64_t* st, int64_t n) {
   using acc_t = at::opmath_type<T>;
   constexpr int kV = 3, kM = HAS_V ? 4 : 3;
   T* __restrict__ out = reinterpret_cast<T*>(data[0]);
@@ -112,6 +115,14 @@ void forward_slice(char** data, const int64_t* st, int64_t n) {
   }
 }
 
+// The contiguous loop, run for the best instruction set of this CPU (isa.h).
+template <typename T, bool HAS_V, bool HAS_M>
+struct ForwardContiguous {
+  static C10_ALWAYS_INLINE void run(char** d, const int64_t* s, int64_t n) {
+    forward_slice<true, T, HAS_V, HAS_M>(d, s, n);
+  }
+};
+
 at::Tensor dcs_cpu(const at::Tensor& w, const at::Tensor& u, const c10::optional<at::Tensor>& v,
                    const c10::optional<at::Tensor>& mask_in) {
   const auto mask = check_dcs_args(w, u, v, mask_in);
@@ -128,7 +139,7 @@ at::Tensor dcs_cpu(const at::Tensor& w, const at::Tensor& u, const c10::optional
     auto run = [&](auto has_v, auto has_m) {
       constexpr bool HV = decltype(has_v)::value, HM = decltype(has_m)::value;
       for_each_slice(iter, [](char** d, const int64_t* s, int64_t n, bool contiguous) {
-        contiguous ? forward_slice<true, scalar_t, HV, HM>(d, s, n)
+        contiguous ? run_best<ForwardContiguous<scalar_t, HV, HM>>(d, s, n)
                    : forward_slice<false, scalar_t, HV, HM>(d, s, n);
       });
     };
@@ -145,7 +156,7 @@ at::Tensor dcs_cpu(const at::Tensor& w, const at::Tensor& u, const c10::optional
 // operands: [grad_w], [grad_u], [grad_v], grad, [w], [u], [mask]
 // w is read only for grad_u and u only for grad_w.
 template <bool CONTIG, typename T, bool NW, bool NU, bool NV, bool HAS_M>
-void backward_slice(char** data, const int64_t* st, int64_t n) {
+C10_ALWAYS_INLINE void backward_slice(char** data, const int64_t* st, int64_t n) {
   using acc_t = at::opmath_type<T>;
   constexpr int kGW = 0, kGU = NW, kGV = NW + NU, kG = NW + NU + NV, kW = kG + 1,
                 kU = kW + NU, kM = kU + NW;
@@ -177,6 +188,13 @@ void backward_slice(char** data, const int64_t* st, int64_t n) {
   }
 }
 
+template <typename T, bool NW, bool NU, bool NV, bool HAS_M>
+struct BackwardContiguous {
+  static C10_ALWAYS_INLINE void run(char** d, const int64_t* s, int64_t n) {
+    backward_slice<true, T, NW, NU, NV, HAS_M>(d, s, n);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dcs_backward_cpu(
     const at::Tensor& grad, const at::Tensor& w, const at::Tensor& u,
     const c10::optional<at::Tensor>& mask_in, bool w_needed, bool u_needed, bool v_needed) {
@@ -205,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcs_backward_cpu(
       constexpr bool NW = decltype(nw)::value, NU = decltype(nu)::value,
                      NV = decltype(nv)::value, HM = decltype(hm)::value;
       for_each_slice(iter, [](char** d, const int64_t* s, int64_t n, bool contiguous) {
-        contiguous ? backward_slice<true, scalar_t, NW, NU, NV, HM>(d, s, n)
+        contiguous ? run_best<BackwardContiguous<scalar_t, NW, NU, NV, HM>>(d, s, n)
                    : backward_slice<false, scalar_t, NW, NU, NV, HM>(d, s, n);
       });
     };
