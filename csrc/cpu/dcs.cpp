@@ -63,6 +63,20 @@ void for_each_slice(at::TensorIteratorBase& iter, const Fn& fn) {
       kGrainSize);
 }
 
+// The loops' outputs are always fresh tensors, never overlapping an input, so
+// no iteration depends on another. Saying so lets the compiler vectorize loops
+// with many streams: without it GCC needs a run-time overlap check for every
+// output/operand pair, gives up past its limit (10 checks), and the masked
+// backward with all three gradients (3 outputs, 4 inputs) ran scalar, 4x slower
+// than the two-gradient one.
+#if defined(__clang__)
+#define SYMFAST_NO_LOOP_DEPENDENCIES _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define SYMFAST_NO_LOOP_DEPENDENCIES _Pragma("GCC ivdep")
+#else
+#define SYMFAST_NO_LOOP_DEPENDENCIES
+#endif
+
 template <size_t N> struct UIntOfSize;
 template <> struct UIntOfSize<2> { using type = uint16_t; };
 template <> struct UIntOfSize<4> { using type = uint32_t; };
@@ -104,13 +118,14 @@ C10_ALWAYS_INLINE void forward_slice(char** data, const int64_t* st, int64_t n) 
                 su = elem_stride<CONTIG, T>(st, 2),
                 sv = HAS_V ? elem_stride<CONTIG, T>(st, kV) : 0,
                 sm = HAS_M ? elem_stride<CONTIG, uint8_t>(st, kM) : 0;
+  SYMFAST_NO_LOOP_DEPENDENCIES
   for (int64_t i = 0; i < n; ++i) {
     const T prod = static_cast<T>(static_cast<acc_t>(w[i * sw]) * static_cast<acc_t>(u[i * su]));
     if constexpr (HAS_M) {
       const T other = HAS_V ? v[i * sv] : T(0);
       out[i * so] = select_bits(m[i * sm], prod, other);
     } else {
-      out[i * so] = prod;
+      out[i * so] = select_bits(1, prod, prod);  // a plain store of a BFloat16 did not vectorize
     }
   }
 }
@@ -173,16 +188,17 @@ C10_ALWAYS_INLINE void backward_slice(char** data, const int64_t* st, int64_t n)
                 sw = NU ? elem_stride<CONTIG, T>(st, kW) : 0,
                 su = NW ? elem_stride<CONTIG, T>(st, kU) : 0,
                 sm = HAS_M ? elem_stride<CONTIG, uint8_t>(st, kM) : 0;
+  SYMFAST_NO_LOOP_DEPENDENCIES
   for (int64_t i = 0; i < n; ++i) {
     const T gi = g[i * sg];
     const uint8_t on = HAS_M ? m[i * sm] : 1;
     if constexpr (NW) {
       const T val = static_cast<T>(static_cast<acc_t>(u[i * su]) * static_cast<acc_t>(gi));
-      gw[i * sgw] = HAS_M ? select_bits(on, val, T(0)) : val;
+      gw[i * sgw] = select_bits(on, val, T(0));  // on = 1 without a mask
     }
     if constexpr (NU) {
       const T val = static_cast<T>(static_cast<acc_t>(w[i * sw]) * static_cast<acc_t>(gi));
-      gu[i * sgu] = HAS_M ? select_bits(on, val, T(0)) : val;
+      gu[i * sgu] = select_bits(on, val, T(0));
     }
     if constexpr (NV) gv[i * sgv] = select_bits(on, T(0), gi);
   }
@@ -253,6 +269,7 @@ void jvp_slice(char** data, const int64_t* st, int64_t n) {
                 sud = HUD ? elem_stride<CONTIG, T>(st, kUD) : 0,
                 svd = HVD ? elem_stride<CONTIG, T>(st, kVD) : 0,
                 sm = HAS_M ? elem_stride<CONTIG, uint8_t>(st, kM) : 0;
+  SYMFAST_NO_LOOP_DEPENDENCIES
   for (int64_t i = 0; i < n; ++i) {
     acc_t acc = 0;
     if constexpr (HWD) acc += static_cast<acc_t>(wd[i * swd]) * static_cast<acc_t>(u[i * su]);
