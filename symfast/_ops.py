@@ -7,7 +7,11 @@ with CPU and CUDA kernels. This module makes them composable:
   them without a graph break (fake kernels share ``symfast._checks`` with the
   public wrappers, so compiled and eager calls reject the same inputs);
 * thin ``torch.autograd.Function`` wrappers with ``setup_context``, ``backward``,
-  ``jvp`` and ``vmap``. This is the path of the public ``symfast.dcs``;
+  ``jvp`` and ``vmap``: the path of the public ``symfast.dcs`` under torch.func
+  transforms and forward-mode AD. In ordinary training it takes
+  ``torch.ops.symfast._dcs_autograd`` instead, whose graph node is C++
+  (``csrc/autograd.cpp``; see ``_plain_autograd``), and under torch.compile the
+  raw op;
 * ``torch.library.register_autograd`` on the raw ops, reusing the same backward
   formulas, so ``torch.ops.symfast.dcs`` is differentiable too and
   ``torch.library.opcheck`` checks its gradients.
