@@ -57,6 +57,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def run_copy(benchmark, nbytes: int, device: str) -> None:
+    """The bandwidth baseline: a device copy that reads and writes ``nbytes`` in all (``nbytes // 2`` each way)."""
+    src = torch.ones(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)  # both buffers touched: no page faults in the timing
+    run_pedantic(benchmark, lambda: dst.copy_(src), device)
+
+
 def bytes_moved(op: str, masked: bool, numel: int, dtype: torch.dtype) -> int:
     """Minimal DRAM traffic of a fused implementation, in bytes.
 

@@ -32,7 +32,7 @@ import torch
 import symfast
 from symfast import reference
 
-from bench_utils import CPU_SIZES, CUDA_ONLY_SIZES, DEVICES, DTYPES, SIZES, bytes_moved, run_pedantic, sizes_for
+from bench_utils import CPU_SIZES, CUDA_ONLY_SIZES, DEVICES, DTYPES, SIZES, bytes_moved, run_copy, run_pedantic, sizes_for
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,7 @@ def test_dcs(benchmark, case: Case, device: str, impl: str, compiled_dcs):
         benchmark.extra_info["device_name"] = torch.cuda.get_device_name(0)
 
     if impl == "copy":
-        src = torch.ones(moved // 2, dtype=torch.uint8, device=device)
-        dst = torch.zeros_like(src)  # both buffers touched: no page faults in the timing
-        run_pedantic(benchmark, lambda: dst.copy_(src), device)
+        run_copy(benchmark, moved, device)
         return
 
     fn = {"symfast": symfast.dcs, "eager": reference.dcs, "compiled": compiled_dcs}[impl]

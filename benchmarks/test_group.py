@@ -30,7 +30,7 @@ import torch
 from symfast import reference
 from symfast._ops_group import dcs_group
 
-from bench_utils import DEVICES, bytes_moved_group, run_pedantic
+from bench_utils import DEVICES, bytes_moved_group, run_copy, run_pedantic
 
 SHAPE = (4096, 4096)
 DTYPE = torch.float32
@@ -73,9 +73,7 @@ def test_dcs_group(benchmark, dim: int, device: str, impl: str, compiled_dcs_gro
         benchmark.extra_info["device_name"] = torch.cuda.get_device_name(0)
 
     if impl == "copy":
-        src = torch.ones(moved // 2, dtype=torch.uint8, device=device)
-        dst = torch.zeros_like(src)  # both buffers touched: no page faults in the timing
-        run_pedantic(benchmark, lambda: dst.copy_(src), device)
+        run_copy(benchmark, moved, device)
         return
 
     fn = {"symfast": dcs_group, "eager": reference.dcs_group, "compiled": compiled_dcs_group}[impl]

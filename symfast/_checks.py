@@ -26,15 +26,28 @@ def check_primal(op: str, w: torch.Tensor) -> None:
         raise TypeError(f"{op}: w must be float32, float64, float16 or bfloat16, got {w.dtype}")
 
 
-def check_like(op: str, name: str, t: Optional[torch.Tensor], w: torch.Tensor) -> None:
-    """``t`` must match ``w`` in dtype, device and shape (no broadcasting)."""
-    if t is None:
-        return
+def check_dtype_device(op: str, name: str, t: torch.Tensor, w: torch.Tensor) -> None:
+    """``t`` must be a tensor with ``w``'s dtype and device."""
     _require_tensor(op, name, t)
     if t.dtype != w.dtype:
         raise TypeError(f"{op}: {name} must have the dtype of w ({w.dtype}), got {t.dtype}")
     if t.device != w.device:
         raise ValueError(f"{op}: {name} must be on w's device ({w.device}), got {t.device}")
+
+
+def broadcasts_to(shape, target) -> bool:
+    """True when ``shape`` broadcasts to exactly ``target``."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def check_like(op: str, name: str, t: Optional[torch.Tensor], w: torch.Tensor) -> None:
+    """``t`` must match ``w`` in dtype, device and shape (no broadcasting)."""
+    if t is None:
+        return
+    check_dtype_device(op, name, t, w)
     if t.shape != w.shape:
         raise ValueError(f"{op}: {name} must have w's shape {tuple(w.shape)}, got {tuple(t.shape)}")
 
@@ -52,11 +65,7 @@ def check_mask(op: str, mask: Optional[torch.Tensor], w: torch.Tensor) -> None:
         raise TypeError(f"{op}: mask must be a bool or floating 0/1 tensor, got {mask.dtype}")
     if mask.device != w.device:
         raise ValueError(f"{op}: mask must be on w's device ({w.device}), got {mask.device}")
-    try:
-        ok = torch.broadcast_shapes(mask.shape, w.shape) == w.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(mask.shape, w.shape):
         raise ValueError(
             f"{op}: mask must broadcast to w's shape {tuple(w.shape)}, got {tuple(mask.shape)}"
         )

@@ -43,13 +43,13 @@ w and dim shifts by one, which costs nothing.
 from __future__ import annotations
 
 import operator
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
-from ._checks import _require_tensor, check_like, check_primal
-from ._ops import _plain_autograd
+from ._checks import _require_tensor, check_dtype_device, check_like, check_primal
+from ._ops import _add, _batch_size, _plain_autograd, _to_front  # shared vmap/formula helpers
 
 Tensor = torch.Tensor
 _lib_ops = torch.ops.symfast
@@ -79,11 +79,7 @@ def _check_gate(op: str, name: str, s: Optional[Tensor], w: Tensor, dim: int) ->
     """A per-group operand: w's dtype and device, shape (w.shape[dim],)."""
     if s is None:
         return
-    _require_tensor(op, name, s)
-    if s.dtype != w.dtype:
-        raise TypeError(f"{op}: {name} must have the dtype of w ({w.dtype}), got {s.dtype}")
-    if s.device != w.device:
-        raise ValueError(f"{op}: {name} must be on w's device ({w.device}), got {s.device}")
+    check_dtype_device(op, name, s, w)
     G = w.shape[dim]
     if s.dim() != 1 or s.shape[0] != G:
         raise ValueError(
@@ -197,14 +193,6 @@ def jvp(
     return DCSGroupJvpFunction.apply(w, s, dim, w_dot, s_dot)
 
 
-def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
 def _zeros_like(t: Tensor) -> Tensor:
     return torch.zeros_like(t, memory_format=torch.contiguous_format)
 
@@ -269,25 +257,9 @@ def _group_jvp_backward_rule(ctx, g):
 
 
 # ------------------------------------------------------------------ vmap glue
-def _batch_size(args: Sequence[Optional[Tensor]], in_dims: Sequence[Optional[int]]) -> int:
-    for t, d in zip(args, in_dims):
-        if t is not None and d is not None:
-            return t.shape[d]
-    raise AssertionError("vmap rule called with no batched input")
-
-
-def _front(t: Optional[Tensor], bdim: Optional[int], batch: int) -> Optional[Tensor]:
-    """Batch dim first; an unbatched operand is expanded (a stride-0 view)."""
-    if t is None:
-        return None
-    if bdim is None:
-        return t.unsqueeze(0).expand(batch, *t.shape)
-    return t.movedim(bdim, 0)
-
-
 def _fold_w(t: Optional[Tensor], bdim: Optional[int], batch: int, dim: int) -> Optional[Tensor]:
     """[B, ..., G at dim, ...] -> [B * G, rest]: group b * G + g is sample b's group g."""
-    t = _front(t, bdim, batch)
+    t = _to_front(t, bdim, batch)
     if t is None:
         return None
     t = t.movedim(dim + 1, 1)
@@ -295,7 +267,7 @@ def _fold_w(t: Optional[Tensor], bdim: Optional[int], batch: int, dim: int) -> O
 
 
 def _fold_s(t: Optional[Tensor], bdim: Optional[int], batch: int) -> Optional[Tensor]:
-    t = _front(t, bdim, batch)
+    t = _to_front(t, bdim, batch)
     return None if t is None else t.reshape(-1)
 
 
@@ -335,7 +307,7 @@ class DCSGroupFunction(torch.autograd.Function):
         shape = _logical_shape(w, wd)
         d = dim % len(shape)
         if sd is None:  # one gate for the whole batch: a leading dim of w
-            return DCSGroupFunction.apply(_front(w, wd, b), s, d + 1), 0
+            return DCSGroupFunction.apply(_to_front(w, wd, b), s, d + 1), 0
         out = DCSGroupFunction.apply(_fold_w(w, wd, b, d), _fold_s(s, sd, b), 0)
         return _unfold_w(out, b, shape[d], d), 0
 
@@ -372,7 +344,7 @@ class DCSGroupBackwardFunction(torch.autograd.Function):
         out_dims = (0 if w_needed else None, 0 if s_needed else None)
         if sd is None and not s_needed:  # grad_w only, one gate: a leading dim
             outs = DCSGroupBackwardFunction.apply(
-                _front(grad, gd, b), _front(w, wd, b), s, d + 1, w_needed, False
+                _to_front(grad, gd, b), _to_front(w, wd, b), s, d + 1, w_needed, False
             )
             return outs, out_dims
         # grad_s is per sample: fold the batch into the groups.
@@ -411,7 +383,7 @@ class DCSGroupJvpFunction(torch.autograd.Function):
         shape = _logical_shape(w, wd)
         d = dim % len(shape)
         if sd is None and sdd is None:  # unbatched gates: a leading dim of w
-            out = DCSGroupJvpFunction.apply(_front(w, wd, b), s, d + 1, _front(w_dot, wdd, b), s_dot)
+            out = DCSGroupJvpFunction.apply(_to_front(w, wd, b), s, d + 1, _to_front(w_dot, wdd, b), s_dot)
             return out, 0
         out = DCSGroupJvpFunction.apply(
             _fold_w(w, wd, b, d), _fold_s(s, sd, b), 0, _fold_w(w_dot, wdd, b, d), _fold_s(s_dot, sdd, b)

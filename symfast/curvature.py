@@ -1059,18 +1059,15 @@ def per_sample_directional_derivatives(
 
     B = _batch_size(op, batch) if batch_chunk_size is not None else None
 
-    def along(n: Dict[str, Tensor], part: Any) -> Tensor:
-        def f(p):
-            return _check_losses(op, loss_fn(p, part))
-
-        return torch.func.jvp(f, (params,), (n,))[1]
+    def on(part: Any) -> Tensor:
+        along = _along_fn(op, loss_fn, part)
+        return _over_directions(lambda n: along(params, n), directions, K, chunk_size)
 
     try:
         with _fast_mode(op, batch_chunk_size is not None):
             if K == 0:
                 return _empty_result(op, loss_fn, params, batch)
-            return _over_batch(lambda part: _over_directions(lambda n: along(n, part), directions, K, chunk_size),
-                               batch, batch_chunk_size, B or 0)
+            return _over_batch(on, batch, batch_chunk_size, B or 0)
     except NotImplementedError as exc:
         raise _wrap_errors(op, exc) from exc
 
@@ -1080,15 +1077,19 @@ def _empty_result(op, loss_fn, params, batch) -> Tensor:
     return losses.new_zeros(losses.shape[0], 0)
 
 
+def _along_fn(op: str, loss_fn: LossFn, part: Any):
+    """(p, n) -> the per-sample losses' derivative at p along n: one jvp."""
+    def along(p: Dict[str, Tensor], n: Dict[str, Tensor]) -> Tensor:
+        return torch.func.jvp(lambda q: _check_losses(op, loss_fn(q, part)), (p,), (n,))[1]
+
+    return along
+
+
 def _second_fn(op: str, loss_fn: LossFn, params: Dict[str, Tensor], part: Any):
+    along = _along_fn(op, loss_fn, part)
+
     def second(n: Dict[str, Tensor], m: Dict[str, Tensor]) -> Tensor:
-        def f(p):
-            return _check_losses(op, loss_fn(p, part))
-
-        def first(p):
-            return torch.func.jvp(f, (p,), (n,))[1]
-
-        return torch.func.jvp(first, (params,), (m,))[1]
+        return torch.func.jvp(lambda p: along(p, n), (params,), (m,))[1]
 
     return second
 

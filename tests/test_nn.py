@@ -34,13 +34,7 @@ from conftest import DEVICES  # cuda cases are collected only where a GPU exists
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one thread is as fast, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (dcs class, torch class, constructor args, input maker)
 LAYERS = {

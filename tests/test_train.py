@@ -23,14 +23,7 @@ from symfast.train import evaluate, fit, lm_data, prune_like, stdlib_files
 from symfast.train.loop import dcs_sparsity
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: intra-op threads only add spinning, which on a shared 2-core machine
-    # can slow a run tenfold. One thread keeps the file fast and its timing steady.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=64):

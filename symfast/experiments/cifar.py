@@ -244,6 +244,12 @@ def prepare(experiment: str, cfg: dict) -> Tuple[dict, Tuple[Tensor, Tensor, Ten
     return cfg, tuple(t.to(device) for t in (xtr, ytr, xte, yte)), device
 
 
+def steps_per_model(cfg: dict) -> int:
+    """Optimizer steps of one model's training: ``epochs`` passes of ``train_images`` in batches (the last
+    batch of an epoch may be short), as :func:`train_epochs` takes them; ``cfg`` as :func:`prepare` returns it."""
+    return cfg["epochs"] * -(-cfg["train_images"] // cfg["batch_size"])
+
+
 def base_config(quick: bool, seed: int) -> dict:
     """The config keys shared by the ResNet18 / CIFAR-10 settings of fig1-right and dcs-cnn (App. A.2, A.4)."""
     return {

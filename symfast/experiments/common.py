@@ -311,15 +311,18 @@ def run_experiment(
     seed: int,
     progress: bool,
     config: Optional[dict],
-    headline: Callable[[dict], str],
-    notes: Sequence[str] = (),
+    headline: Callable[[dict, dict], str],
+    notes: Sequence[str] | Callable[[dict, dict], Sequence[str]] = (),
+    criteria: Optional[Callable[[dict, dict], Sequence[Criterion]]] = None,
 ) -> dict:
     """The common ``run()`` of an experiment module.
 
-    ``module`` provides EXPERIMENT, TITLE, CLAIM, CLAIM_SHORT, CRITERIA,
+    ``module`` provides EXPERIMENT, TITLE, CLAIM, CLAIM_SHORT,
     ``make_config(quick, seed, **overrides)``, ``compute(cfg, progress) -> (metrics, plot_data)``
-    and ``_plot(record, plot_data, out_dir) -> figure path``. Runs ``compute``
-    under :func:`torch_threads`, judges the metrics, draws the figure and writes
+    and ``_plot(record, plot_data, out_dir) -> figure path``, and CRITERIA unless
+    ``criteria(metrics, cfg)`` gives them. ``headline(metrics, cfg)`` and, when
+    callable, ``notes(metrics, cfg)`` describe the run. Runs ``compute`` under
+    :func:`torch_threads`, judges the metrics, draws the figure and writes
     ``result.json`` and ``report.md`` into ``out_dir``; returns the record.
     """
     with torch_threads():
@@ -330,8 +333,9 @@ def run_experiment(
         metrics, plot_data = module.compute(cfg, progress)
         rec = make_record(
             experiment=module.EXPERIMENT, title=module.TITLE, claim=module.CLAIM,
-            claim_short=module.CLAIM_SHORT, criteria=module.CRITERIA, metrics=metrics, config=cfg,
-            headline=headline(metrics), notes=notes,
+            claim_short=module.CLAIM_SHORT,
+            criteria=module.CRITERIA if criteria is None else criteria(metrics, cfg), metrics=metrics, config=cfg,
+            headline=headline(metrics, cfg), notes=notes(metrics, cfg) if callable(notes) else notes,
         )
         fig = module._plot(rec, plot_data, out_dir)
         return write_record(rec, out_dir, t0=t0, figures=[fig])

@@ -360,7 +360,7 @@ def train_one_cifar(cfg: dict, alpha: Optional[float], data, device: torch.devic
         xte, yte = xte[: cfg["eval_points"]], yte[: cfg["eval_points"]]
     net = make_model(cfg, alpha).to(device)
     opt = make_optimizer(cfg, net, alpha)
-    steps = cfg["epochs"] * -(-len(ytr) // cfg["batch_size"])
+    steps = cifar.steps_per_model(cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if cfg["lr_schedule"] == "cosine" else None
     _sync(device)
     t = time.perf_counter()
@@ -394,7 +394,7 @@ def run_cifar(cfg: dict, out_dir: str | Path, *, progress: bool = True) -> dict:
     cfg, data, device = cifar.prepare("dcs-cnn", cfg)
     xtr, ytr, xte, yte = data
     n_full = cfg["train_images_available"]
-    steps = cfg["epochs"] * -(-len(ytr) // cfg["batch_size"])
+    steps = cifar.steps_per_model(cfg)
     runs = [None] + list(cfg["alphas"])
     metrics, hists = {}, {}
     with tqdm(total=len(runs) * steps, desc="dcs-cnn (ResNet18, CIFAR-10)", unit="step", disable=not progress,

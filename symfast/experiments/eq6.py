@@ -304,7 +304,7 @@ def _plot(rec: dict, pd: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "eq6.png")
 
 
-def _headline(metrics: dict) -> str:
+def _headline(metrics: dict, cfg: dict) -> str:
     m = metrics
     headline = (
         f"{m['per_sample']['samples']} samples, d={m['per_sample']['d']}: max entry error "

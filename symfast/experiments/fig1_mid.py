@@ -32,7 +32,7 @@ happens; the criterion is the paper's claim as stated.
 
 from __future__ import annotations
 
-import time
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -42,12 +42,10 @@ from tqdm import tqdm
 from .common import (
     apply_overrides,
     Criterion,
-    make_record,
     new_figure,
+    run_experiment,
     save_figure,
-    torch_threads,
     verdict_color,
-    write_record,
 )
 
 EXPERIMENT = "fig1-mid"
@@ -244,7 +242,7 @@ def compute_metrics(out: dict, cfg: dict) -> dict:
 
 
 # -------------------------------------------------------------------- figure
-def _plot(rec: dict, out_dir: Path) -> str:
+def _plot(rec: dict, plot_data: None, out_dir: Path) -> str:
     import numpy as np
 
     cfg, m = rec["config"], rec["metrics"]
@@ -361,23 +359,22 @@ def _notes(metrics: dict, cfg: dict) -> list[str]:
     return notes
 
 
+def compute(cfg: dict, progress: bool = True) -> tuple[dict, None]:
+    """Trains the sweep and measures it; the figure reads the record (no plot data)."""
+    return compute_metrics(train(cfg, progress), cfg), None
+
+
+def _headline(metrics: dict, cfg: dict) -> str:
+    s = metrics["summary"]
+    return (
+        f"rank at mu={cfg['mus'][0]:g}..{cfg['mus'][-1]:g}: vanilla {s['vanilla_ranks']}, "
+        f"residual {s['residual_ranks']}, single matrix {s['linear_ranks']} (of {cfg['d']})"
+    )
+
+
 def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: bool = True,
         config: Optional[dict] = None) -> dict:
     """Train the sweep; writes fig1_mid.png, result.json and report.md into ``out_dir``."""
-    with torch_threads():
-        t0 = time.perf_counter()
-        cfg = make_config(quick, seed, **(config or {}))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = train(cfg, progress)
-        metrics = compute_metrics(out, cfg)
-        s = metrics["summary"]
-        headline = (
-            f"rank at mu={cfg['mus'][0]:g}..{cfg['mus'][-1]:g}: vanilla {s['vanilla_ranks']}, "
-            f"residual {s['residual_ranks']}, single matrix {s['linear_ranks']} (of {cfg['d']})"
-        )
-        rec = make_record(experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT,
-                          criteria=_criteria(cfg["d"]), metrics=metrics, config=cfg, headline=headline,
-                          notes=_notes(metrics, cfg))
-        fig = _plot(rec, out_dir)
-        return write_record(rec, out_dir, t0=t0, figures=[fig])
+    return run_experiment(sys.modules[__name__], out_dir, quick=quick, seed=seed, progress=progress,
+                          config=config, headline=_headline, notes=_notes,
+                          criteria=lambda metrics, cfg: _criteria(cfg["d"]))

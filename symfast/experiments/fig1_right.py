@@ -291,7 +291,7 @@ def run_cifar(cfg: dict, out_dir: str | Path, *, progress: bool = True) -> dict:
                          f"of --data {cfg['data']}")
     xtr, ytr, xte, yte = data
     n_full = cfg["train_images_available"]
-    steps = cfg["epochs"] * -(-len(ytr) // cfg["batch_size"])
+    steps = cifar.steps_per_model(cfg)
     metrics, mats = {}, {}
     wds = cfg["weight_decays"]
     with tqdm(total=len(wds) * steps, desc="fig1-right (ResNet18, CIFAR-10)", unit="step", disable=not progress,

@@ -35,7 +35,7 @@ judges the paper's stated setting (no weight decay) and reports a second setting
 
 from __future__ import annotations
 
-import time
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -48,12 +48,10 @@ from .common import (
     apply_overrides,
     Criterion,
     judge,
-    make_record,
     new_figure,
+    run_experiment,
     save_figure,
-    torch_threads,
     verdict_color,
-    write_record,
 )
 
 EXPERIMENT = "fig3"
@@ -271,7 +269,7 @@ STYLE = {
 }
 
 
-def _plot(rec: dict, out_dir: Path) -> str:
+def _plot(rec: dict, plot_data: None, out_dir: Path) -> str:
     cfg, m = rec["config"], rec["metrics"]
     keys = [wd_key(wd) for wd in cfg["weight_decays"]]
     fig = new_figure((6.3 * len(keys), 9.0))
@@ -324,38 +322,37 @@ def _plot(rec: dict, out_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------- run
+def compute(cfg: dict, progress: bool = True) -> tuple[dict, None]:
+    """Trains the task sequence and measures it; the figure reads the record (no plot data)."""
+    return compute_metrics(train(cfg, progress), cfg), None
+
+
+def _dead_first_last(m: dict) -> str:
+    return ", ".join(f"{k} {m[k]['first_task_dead_frac']:.2f}->{m[k]['last_task_dead_frac']:.2f}" for k in MODELS)
+
+
+def _headline(metrics: dict, cfg: dict) -> str:
+    return (f"dead fraction first->last task (wd {cfg['primary_weight_decay']:g}): "
+            + _dead_first_last(metrics[metrics["primary"]]))
+
+
+def _notes(metrics: dict, cfg: dict) -> list[str]:
+    notes = [
+        "Not given by the paper: lr (0.1), label noise std (3), init scale (1), the dead-gradient tolerance; "
+        "see config.",
+        "Without weight decay the bias only moves the symmetric point to (w, u) = (-beta_w, -beta_u) (translation "
+        "equivariance of Adam); footnote 9 says the biased point is benign because of weight decay.",
+        "If the paper's 'Adam' was torch.optim.AdamW, its default decoupled weight decay of 1e-2 would supply "
+        "footnote 9's condition; config={'weight_decay_mode': 'decoupled'} runs the second setting that way.",
+    ]
+    for key, o in metrics["other_settings"].items():
+        notes.append(f"Setting {key} (not judged): {o['verdict']}; dead first->last: " + _dead_first_last(metrics[key]))
+    return notes
+
+
 def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: bool = True,
         config: Optional[dict] = None) -> dict:
     """Train the continual-learning sequence; writes fig3.png, result.json and report.md into ``out_dir``."""
-    with torch_threads():
-        t0 = time.perf_counter()
-        cfg = make_config(quick, seed, **(config or {}))
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = train(cfg, progress)
-        metrics = compute_metrics(out, cfg)
-        p = metrics[metrics["primary"]]
-        headline = (
-            f"dead fraction first->last task (wd {cfg['primary_weight_decay']:g}): "
-            + ", ".join(f"{k} {p[k]['first_task_dead_frac']:.2f}->{p[k]['last_task_dead_frac']:.2f}" for k in MODELS)
-        )
-        notes = [
-            "Not given by the paper: lr (0.1), label noise std (3), init scale (1), the dead-gradient tolerance; "
-            "see config.",
-            "Without weight decay the bias only moves the symmetric point to (w, u) = (-beta_w, -beta_u) (translation "
-            "equivariance of Adam); footnote 9 says the biased point is benign because of weight decay.",
-            "If the paper's 'Adam' was torch.optim.AdamW, its default decoupled weight decay of 1e-2 would supply "
-            "footnote 9's condition; config={'weight_decay_mode': 'decoupled'} runs the second setting that way.",
-        ]
-        for key, o in metrics["other_settings"].items():
-            q = metrics[key]
-            notes.append(
-                f"Setting {key} (not judged): {o['verdict']}; dead first->last: "
-                + ", ".join(f"{k} {q[k]['first_task_dead_frac']:.2f}->{q[k]['last_task_dead_frac']:.2f}"
-                            for k in MODELS)
-            )
-        rec = make_record(experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT,
-                          criteria=_criteria(metrics["primary"]), metrics=metrics, config=cfg, headline=headline,
-                          notes=notes)
-        fig = _plot(rec, out_dir)
-        return write_record(rec, out_dir, t0=t0, figures=[fig])
+    return run_experiment(sys.modules[__name__], out_dir, quick=quick, seed=seed, progress=progress,
+                          config=config, headline=_headline, notes=_notes,
+                          criteria=lambda metrics, cfg: _criteria(metrics["primary"]))

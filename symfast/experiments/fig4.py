@@ -311,7 +311,7 @@ def _plot(rec: dict, paths: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "fig4.png")
 
 
-def _headline(metrics: dict) -> str:
+def _headline(metrics: dict, cfg: dict) -> str:
     m = metrics
     headline = (
         f"on-condition drift: rescaling {m['rescaling']['max_dev_on_conditions']:.1e}, rotation "

@@ -287,7 +287,7 @@ def _plot(rec: dict, plot: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "lasso.png")
 
 
-def _headline(metrics: dict) -> str:
+def _headline(metrics: dict, cfg: dict) -> str:
     s = metrics["summary"]
     headline = (
         f"{s['path_points']} path points: max |DCS - sklearn| {s['max_coef_abs_diff']:.1e}, "

@@ -271,7 +271,7 @@ def _plot(rec: dict, plot: list, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "lyapunov.png")
 
 
-def _headline(metrics: dict) -> str:
+def _headline(metrics: dict, cfg: dict) -> str:
     s = metrics["summary"]
     parts = [f"theta={v['theta_true']:g}: observed {v['lr_observed']:.3g}, exact {v['lr_exact']:.3g}, "
              f"eq.9 {v['lr_eq9']:.3g}" for v in metrics["settings"].values()]

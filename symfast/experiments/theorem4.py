@@ -407,7 +407,7 @@ def _plot(rec: dict, pd: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "theorem4.png")
 
 
-def _headline(metrics: dict) -> str:
+def _headline(metrics: dict, cfg: dict) -> str:
     m = metrics
     headline = (
         f"part 1 max {m['part1']['max_rel_grad_condition']:.1e} (control {m['part1']['control_min_rel_grad_condition']:.1e}); "

@@ -52,6 +52,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._checks import broadcasts_to
 from .._ops import dcs
 
 from .._ops_group import dcs_group
@@ -208,11 +209,7 @@ class Elementwise(Structure):
                 if not mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
                     raise ValueError("Elementwise: mask must be bool or hold only 0 and 1")
                 mask = mask != 0
-            try:
-                ok = torch.broadcast_shapes(mask.shape, self.shape) == self.shape
-            except RuntimeError:
-                ok = False
-            if not ok:
+            if not broadcasts_to(mask.shape, self.shape):
                 raise ValueError(
                     f"Elementwise: mask must broadcast to theta's shape {tuple(self.shape)}, got {tuple(mask.shape)}"
                 )
