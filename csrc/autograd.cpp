@@ -77,6 +77,9 @@ class DCSFunction : public torch::autograd::Function<DCSFunction> {
     // Only the factors and the (constant) mask are saved: theta is not.
     ctx->save_for_backward({w, u, mask.has_value() ? *mask : at::Tensor()});
     ctx->saved_data["has_v"] = v.has_value() && v->defined();
+    // Below autograd: this node is the autograd of the call, and stopping at
+    // the raw op's registered (Python) autograd kernel on the way costs ~3 us.
+    at::AutoDispatchBelowADInplaceOrView below;
     return call_dcs(w, u, v, mask);
   }
 
@@ -107,6 +110,7 @@ class DCSGroupFunction : public torch::autograd::Function<DCSGroupFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& w, const at::Tensor& s, int64_t dim) {
     ctx->save_for_backward({w, s});
     ctx->saved_data["dim"] = dim;
+    at::AutoDispatchBelowADInplaceOrView below;  // as in DCSFunction::forward
     return call_dcs_group(w, s, dim);
   }
 

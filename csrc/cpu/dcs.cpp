@@ -25,6 +25,7 @@
 #include "../dcs_checks.h"
 #include "../dcs_dispatch.h"
 #include "isa.h"
+#include "loop_hints.h"
 #include "output_cache.h"
 
 #include <cstring>
@@ -62,20 +63,6 @@ void for_each_slice(at::TensorIteratorBase& iter, const Fn& fn) {
       },
       kGrainSize);
 }
-
-// The loops' outputs are always fresh tensors, never overlapping an input, so
-// no iteration depends on another. Saying so lets the compiler vectorize loops
-// with many streams: without it GCC needs a run-time overlap check for every
-// output/operand pair, gives up past its limit (10 checks), and the masked
-// backward with all three gradients (3 outputs, 4 inputs) ran scalar, 4x slower
-// than the two-gradient one.
-#if defined(__clang__)
-#define SYMFAST_NO_LOOP_DEPENDENCIES _Pragma("clang loop vectorize(assume_safety)")
-#elif defined(__GNUC__)
-#define SYMFAST_NO_LOOP_DEPENDENCIES _Pragma("GCC ivdep")
-#else
-#define SYMFAST_NO_LOOP_DEPENDENCIES
-#endif
 
 template <size_t N> struct UIntOfSize;
 template <> struct UIntOfSize<2> { using type = uint16_t; };

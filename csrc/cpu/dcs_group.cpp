@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include "../dcs_checks.h"
+#include "loop_hints.h"
 #include "output_cache.h"
 
 #include <algorithm>
@@ -123,6 +124,7 @@ template <typename T, typename GateT>
 C10_ALWAYS_INLINE void scale_elems(T* __restrict__ out, const T* __restrict__ x,
                                    const GateT* __restrict__ gate, int64_t n) {
   using acc_t = at::opmath_type<T>;
+  SYMFAST_NO_LOOP_DEPENDENCIES
   for (int64_t k = 0; k < n; ++k) {
     out[k] = static_cast<T>(static_cast<acc_t>(x[k]) * static_cast<acc_t>(gate[k]));
   }
@@ -132,6 +134,7 @@ template <typename T>
 C10_ALWAYS_INLINE void scale_run(T* __restrict__ out, const T* __restrict__ x,
                                  at::opmath_type<T> sg, int64_t n) {
   using acc_t = at::opmath_type<T>;
+  SYMFAST_NO_LOOP_DEPENDENCIES
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(static_cast<acc_t>(x[k]) * sg);
 }
 
@@ -165,6 +168,7 @@ C10_ALWAYS_INLINE void jvp_elems(T* __restrict__ out, const T* __restrict__ w,
                                  const T* __restrict__ wd, const GateA* __restrict__ s,
                                  const GateB* __restrict__ sd, int64_t n) {
   using acc_t = at::opmath_type<T>;
+  SYMFAST_NO_LOOP_DEPENDENCIES
   for (int64_t k = 0; k < n; ++k) {
     acc_t acc = 0;
     if constexpr (HWD) acc += static_cast<acc_t>(wd[k]) * static_cast<acc_t>(s[k]);
@@ -178,6 +182,7 @@ C10_ALWAYS_INLINE void jvp_run(T* __restrict__ out, const T* __restrict__ w,
                                const T* __restrict__ wd, at::opmath_type<T> sg,
                                at::opmath_type<T> sdg, int64_t n) {
   using acc_t = at::opmath_type<T>;
+  SYMFAST_NO_LOOP_DEPENDENCIES
   for (int64_t k = 0; k < n; ++k) {
     acc_t acc = 0;
     if constexpr (HWD) acc += static_cast<acc_t>(wd[k]) * sg;
@@ -269,6 +274,29 @@ constexpr int kLevels = 3;
 // chunk sums cascaded into two more levels, then the lanes combined pairwise.
 // Independent lanes are what lets the compiler vectorize the loop (one running
 // sum is a serial dependency it may not reorder without -ffast-math).
+//
+// The lanes live in a local array, and the lane loop carries
+// SYMFAST_NO_LOOP_DEPENDENCIES (loop_hints.h): without it GCC checked gw
+// against g and w for overlap on every 16 elements.
+template <typename T, bool NW>
+C10_ALWAYS_INLINE int64_t dot_lanes(at::opmath_type<T>* __restrict__ lanes_out, T* __restrict__ gw,
+                                     const T* __restrict__ g, const T* __restrict__ w,
+                                     at::opmath_type<T> sg, int64_t k, int64_t end) {
+  using acc_t = at::opmath_type<T>;
+  acc_t lanes[kLanes];
+  for (int j = 0; j < kLanes; ++j) lanes[j] = lanes_out[j];
+  for (; k + kLanes <= end; k += kLanes) {
+    SYMFAST_NO_LOOP_DEPENDENCIES
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t gk = static_cast<acc_t>(g[k + j]);
+      lanes[j] += gk * static_cast<acc_t>(w[k + j]);
+      if constexpr (NW) gw[k + j] = static_cast<T>(gk * sg);
+    }
+  }
+  for (int j = 0; j < kLanes; ++j) lanes_out[j] = lanes[j];
+  return k;
+}
+
 template <typename T, bool NW>
 C10_ALWAYS_INLINE at::opmath_type<T> dot_run(T* __restrict__ gw, const T* __restrict__ g,
                                              const T* __restrict__ w, at::opmath_type<T> sg,
@@ -278,13 +306,7 @@ C10_ALWAYS_INLINE at::opmath_type<T> dot_run(T* __restrict__ gw, const T* __rest
   acc_t l1[kLanes] = {}, l2[kLanes] = {};
   int64_t k = 0, chunks = 0;
   auto lanes_pass = [&](acc_t* lanes, int64_t end) {
-    for (; k + kLanes <= end; k += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const acc_t gk = static_cast<acc_t>(g[k + j]);
-        lanes[j] += gk * static_cast<acc_t>(w[k + j]);
-        if constexpr (NW) gw[k + j] = static_cast<T>(gk * sg);
-      }
-    }
+    k = dot_lanes<T, NW>(lanes, gw, g, w, sg, k, end);
   };
   for (; k + kChunk <= n;) {
     acc_t l0[kLanes] = {};
@@ -319,6 +341,7 @@ C10_ALWAYS_INLINE void accumulate_run(at::opmath_type<T>* __restrict__ acc, T* _
                                       const T* __restrict__ g, const T* __restrict__ w,
                                       const at::opmath_type<T>* __restrict__ s, int64_t n) {
   using acc_t = at::opmath_type<T>;
+  SYMFAST_NO_LOOP_DEPENDENCIES
   for (int64_t k = 0; k < n; ++k) {
     const acc_t gk = static_cast<acc_t>(g[k]);
     acc[k] += gk * static_cast<acc_t>(w[k]);
@@ -341,6 +364,7 @@ C10_ALWAYS_INLINE void accumulate_run4(at::opmath_type<T>* __restrict__ acc, T* 
                                        const T* __restrict__ w3,
                                        const at::opmath_type<T>* __restrict__ s, int64_t n) {
   using acc_t = at::opmath_type<T>;
+  SYMFAST_NO_LOOP_DEPENDENCIES
   for (int64_t k = 0; k < n; ++k) {
     const acc_t a0 = static_cast<acc_t>(g0[k]), a1 = static_cast<acc_t>(g1[k]),
                 a2 = static_cast<acc_t>(g2[k]), a3 = static_cast<acc_t>(g3[k]);
