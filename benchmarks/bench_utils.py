@@ -97,8 +97,9 @@ def run_pedantic(
     fn: Callable[[], object],
     device: str,
     setup: Optional[Callable[[], None]] = None,
+    min_rounds: int = 0,
 ) -> object:
-    """Times ``fn`` with calibrated rounds; ``setup`` runs untimed before each call."""
+    """Times ``fn`` with calibrated rounds (at least ``min_rounds``); ``setup`` runs untimed before each call."""
 
     def full_setup():
         if setup is not None:
@@ -119,7 +120,7 @@ def run_pedantic(
         out = timed()
         elapsed = time.perf_counter() - start
         del out
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TARGET_SECONDS / max(elapsed, 1e-6))))
+    rounds = max(min_rounds, int(min(MAX_ROUNDS, max(MIN_ROUNDS, TARGET_SECONDS / max(elapsed, 1e-6)))))
     return benchmark.pedantic(timed, setup=full_setup, rounds=rounds, warmup_rounds=1, iterations=1)
 
 

@@ -1,8 +1,10 @@
 """Benchmarks of symfast.dcs_group: theta = w * s along one dim (group lasso gate).
 
-A [4096, 4096] float32 weight, forward + backward, grouped along dim 0 (one
-gate per row: output units of a Linear weight) and dim 1 (one gate per column:
-input features). The two dims stress different loops: along dim 0 the gate
+A [4096, 4096] float32 weight (DRAM-bound) and a [256, 784] one (the first
+layer of the training-step MLP, cache-resident, where per-call and per-loop
+overheads show), forward + backward, grouped along dim 0 (one gate per row:
+output units of a Linear weight) and dim 1 (one gate per column: input
+features). The two dims stress different loops: along dim 0 the gate
 gradient is one long dot product per row; along dim 1 it is a sum over rows,
 column by column.
 
@@ -32,7 +34,7 @@ from symfast._ops_group import dcs_group
 
 from bench_utils import DEVICES, bytes_moved_group, run_copy, run_pedantic
 
-SHAPE = (4096, 4096)
+SHAPES = [(4096, 4096), (256, 784)]
 DTYPE = torch.float32
 DIMS = [0, 1]
 IMPLS = ["symfast", "eager", "compiled", "copy"]
@@ -45,28 +47,29 @@ def compiled_dcs_group():
     return torch.compile(reference.dcs_group, dynamic=False, fullgraph=True)
 
 
-def _inputs(dim: int, device: str):
+def _inputs(shape, dim: int, device: str):
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(shape, requires_grad):
         t = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=DTYPE)
         return t.requires_grad_(requires_grad)
 
-    w = randn(SHAPE, True)
-    s = randn((SHAPE[dim],), True)
-    g = randn(SHAPE, False)
+    w = randn(shape, True)
+    s = randn((shape[dim],), True)
+    g = randn(shape, False)
     return w, s, g
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dim", DIMS, ids=lambda d: f"dim{d}")
-def test_dcs_group(benchmark, dim: int, device: str, impl: str, compiled_dcs_group):
-    numel = SHAPE[0] * SHAPE[1]
-    moved = bytes_moved_group(OP, numel, SHAPE[dim], DTYPE)
-    benchmark.group = f"dcs_group {OP} dim={dim} {SHAPE[0]}x{SHAPE[1]} float32 {device}"
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dcs_group(benchmark, shape, dim: int, device: str, impl: str, compiled_dcs_group):
+    numel = shape[0] * shape[1]
+    moved = bytes_moved_group(OP, numel, shape[dim], DTYPE)
+    benchmark.group = f"dcs_group {OP} dim={dim} {shape[0]}x{shape[1]} float32 {device}"
     benchmark.extra_info.update(
-        op=f"dcs_group {OP}", dim=dim, shape=list(SHAPE), impl=impl, numel=numel, dtype="float32",
+        op=f"dcs_group {OP}", dim=dim, shape=list(shape), impl=impl, numel=numel, dtype="float32",
         device=device, bytes_moved=moved,
     )
     if device == "cuda":
@@ -77,7 +80,7 @@ def test_dcs_group(benchmark, dim: int, device: str, impl: str, compiled_dcs_gro
         return
 
     fn = {"symfast": dcs_group, "eager": reference.dcs_group, "compiled": compiled_dcs_group}[impl]
-    w, s, g = _inputs(dim, device)
+    w, s, g = _inputs(shape, dim, device)
 
     def reset_grads():
         w.grad = None

@@ -40,6 +40,10 @@ there is ``torch.cuda.max_memory_allocated()`` during one step above what was
 allocated before it (the CPU cases' meaning), and ``cuda_max_memory_allocated``
 the absolute peak (weights, optimizer state and batch included).
 
+``test_phase_split`` splits the MLP's overhead into forward, backward and
+optimizer step (per phase: median converted minus median plain, over
+interleaved steps).
+
 Run ``python benchmarks/test_training_step.py`` for the overhead/memory table
 (it also writes ``benchmarks/results/training_step-<machine>.json``, or the
 path given by ``--out PATH``; other arguments go to pytest, e.g. ``-k resnet18``
@@ -68,6 +72,7 @@ from bench_utils import run_pedantic, sync
 
 BATCH = 128
 ALPHA = 5e-4
+MIN_PAIRS = 150  # per paired-overhead case
 MODELS = ("mlp", "cnn")
 CASES = [
     ("plain", None),
@@ -291,7 +296,9 @@ def test_overhead_paired(benchmark, kind, structure, optimizer):
         ratios.append((t2 - t1) / (t1 - t0))
 
     benchmark.group = f"paired overhead {kind} {optimizer} batch={BATCH} cpu"
-    run_pedantic(benchmark, pair, "cpu")
+    # At least MIN_PAIRS pairs: a CNN pair takes ~50 ms, and the time budget
+    # alone gave ~30 pairs, too few for a median that moves less than the target's margin.
+    run_pedantic(benchmark, pair, "cpu", min_rounds=MIN_PAIRS)
     ratios.sort()
     overhead = ratios[len(ratios) // 2] - 1
     benchmark.extra_info.update(model=kind, impl="paired", structure=structure, optimizer=optimizer, batch=BATCH,
@@ -300,13 +307,63 @@ def test_overhead_paired(benchmark, kind, structure, optimizer):
                                 overhead_q75=ratios[3 * len(ratios) // 4] - 1)
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+def timed_phases(model, run, opt, x, y):
+    """Seconds of (zero_grad + forward + loss, backward, optimizer step) of one training step."""
+    import time
+
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(run(x), y)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    opt.step()
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd-fused"])
+@pytest.mark.parametrize("structure", ["elementwise", "group"])
+def test_phase_split(benchmark, structure, optimizer):
+    """Where the MLP's overhead goes: per phase, the median converted time minus
+    the median plain time over interleaved steps, in ``extra_info`` (seconds)."""
+    import statistics
+
+    fused = optimizer == "sgd-fused"
+    plain = build("mlp", "plain", None, fused=fused)
+    converted = build("mlp", "symfast", structure, fused=fused)
+    x, y = make_batch("mlp")
+    samples = {"plain": [], "symfast": []}
+
+    def pair():
+        samples["plain"].append(timed_phases(*plain, x, y))
+        samples["symfast"].append(timed_phases(*converted, x, y))
+
+    benchmark.group = f"phase split mlp {optimizer} batch={BATCH} cpu"
+    run_pedantic(benchmark, pair, "cpu", min_rounds=MIN_PAIRS)
+    med = {impl: [statistics.median(s[k] for s in rows) for k in range(len(PHASES))]
+           for impl, rows in samples.items()}
+    step = statistics.median(sum(s) for s in samples["plain"])
+    benchmark.extra_info.update(model="mlp", impl="phases", structure=structure, optimizer=optimizer,
+                                pairs=len(samples["plain"]), plain_step=step,
+                                **{f"plain_{p}": med["plain"][k] for k, p in enumerate(PHASES)},
+                                **{f"extra_{p}": med["symfast"][k] - med["plain"][k] for k, p in enumerate(PHASES)})
+    assert all(t > 0 for t in med["plain"] + med["symfast"])
+
+
 # ------------------------------------------------------------------ report
 def _table(data: dict) -> str:
-    rows, paired = {}, []
+    rows, paired, phases = {}, [], []
     for b in data["benchmarks"]:
         info = b["extra_info"]
         if info.get("impl") == "paired":
             paired.append(info)
+            continue
+        if info.get("impl") == "phases":
+            phases.append(info)
             continue
         key = (info["model"], info["impl"], info["structure"])
         rows[key] = (b["stats"]["median"], info)
@@ -337,6 +394,14 @@ def _table(data: dict) -> str:
         for info in sorted(paired, key=lambda i: (i["model"], i["structure"], i["optimizer"])):
             lines.append(f"| {info['model']} | {info['structure']} | {info['optimizer']} | {info['overhead']:+.1%} "
                          f"({info['overhead_q25']:+.1%} .. {info['overhead_q75']:+.1%}) | {info['pairs']} |")
+    if phases:
+        lines += ["", "| model | structure | optimizer | plain step (us) | "
+                  + " | ".join(f"extra {p} (us, % of plain step)" for p in PHASES) + " |",
+                  "|---|---|---|---|" + "---|" * len(PHASES)]
+        for info in sorted(phases, key=lambda i: (i["structure"], i["optimizer"])):
+            step = info["plain_step"]
+            cells = " | ".join(f"{info['extra_' + p] * 1e6:+.0f} ({info['extra_' + p] / step:+.1%})" for p in PHASES)
+            lines.append(f"| {info['model']} | {info['structure']} | {info['optimizer']} | {step * 1e6:.0f} | {cells} |")
     machine = data.get("machine_info", {}).get("symfast", {})
     lines.append("")
     if gpu:

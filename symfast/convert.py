@@ -293,8 +293,10 @@ def param_groups(model: nn.Module, *, weight_decay: float = 0.0) -> List[Dict[st
     (relative L2; 0.16 max abs) away from it, with 13 of the 14 zero
     coefficients still above 1e-4 in magnitude, i.e. no sparsity.
 
-    A DCS model has about twice as many parameter tensors as the plain one, so
-    the optimizer's own cost doubles; on CPU prefer torch's fused step
+    An elementwise DCS layer has two factors per weight, so the optimizer
+    steps over twice the elements and its own cost doubles (on the README's
+    MLP, torch's default for-loop SGD alone adds about 7% to the step); on CPU
+    prefer torch's fused step
     (``torch.optim.SGD(param_groups(model), lr=..., momentum=..., fused=True)``,
     likewise Adam; torch >= 2.4), which makes one pass per tensor instead of
     several (see the README's training-step benchmark).
