@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import numbers
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn.layers import DCSConv1d, DCSConv2d, DCSConv3d, DCSEmbedding, DCSLayer, DCSLinear
-from .nn.structures import STRUCTURES, Group, LowRank, Structure, _rank_tol
+from .nn.structures import STRUCTURES, Group, LowRank, Structure, _check_alpha, _rank_tol
 
 __all__ = [
     "convert",
@@ -106,6 +107,69 @@ def _matches(patterns: Optional[Union[Pattern, Sequence[Pattern]]], name: str, m
     return False
 
 
+def _check_patterns(arg: str, patterns) -> None:
+    """include/exclude: None, a pattern, or a list/tuple of patterns (str, type or callable)."""
+    if patterns is None or isinstance(patterns, (str, type)) or callable(patterns):
+        return
+    if not isinstance(patterns, (list, tuple)):
+        raise TypeError(f"symfast.convert: {arg} must be a glob pattern (str), a module type, a callable "
+                        f"(name, module) -> bool, or a list of them, got {type(patterns).__name__}")
+    for p in patterns:
+        if not (isinstance(p, (str, type)) or callable(p)):
+            raise TypeError(f"symfast.convert: {arg} entries must be str, type or callable, got {p!r}")
+
+
+def _require_module(fn: str, model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"symfast.{fn}: model must be an nn.Module, got {type(model).__name__}")
+
+
+# Attributes of a freshly built layer of each supported type: anything else on
+# a module is the user's own, and convert carries it over to the DCS layer.
+_STOCK_ATTRS: Dict[type, frozenset] = {}
+
+
+def _stock_attrs(cls: type) -> frozenset:
+    if cls not in _STOCK_ATTRS:
+        meta = {"device": "meta"}
+        fresh = (cls(1, 1, **meta) if cls in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear,
+                                              nn.Embedding) else cls(1, 1, 1, **meta))
+        _STOCK_ATTRS[cls] = frozenset(fresh.__dict__)
+    return _STOCK_ATTRS[cls]
+
+
+def _unconvertible(module: nn.Module, own: Tuple[str, ...], constrain_bias: bool) -> Optional[str]:
+    """Why a supported layer cannot become a DCS layer without changing what it does, or None.
+
+    The DCS layer is a new module built from the constructor arguments, the
+    weight and the bias: hooks (torch.nn.utils.prune, the old weight_norm and
+    spectral_norm are hooks), child modules, buffers, other parameters and a
+    frozen weight would be lost or changed silently.
+    """
+    hooks = [kind for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+                               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                               "_load_state_dict_post_hooks")
+             if getattr(module, kind, None)]
+    if hooks:
+        return (f"it has hooks ({', '.join(h.strip('_') for h in hooks)}; e.g. from torch.nn.utils.prune, "
+                "weight_norm or spectral_norm) that a DCS layer would not run")
+    children = [n for n, c in module._modules.items() if c is not None]
+    if children:
+        return f"it has child modules ({', '.join(children)}) that a DCS layer would drop"
+    buffers = [n for n, b in module._buffers.items() if b is not None]
+    if buffers:
+        return f"it has buffers ({', '.join(buffers)}) that a DCS layer would drop"
+    extra = [n for n in own if n not in ("weight", "bias")]
+    if extra:
+        return f"it has parameters other than weight and bias ({', '.join(extra)})"
+    if not module.weight.requires_grad:
+        return "its weight is frozen (requires_grad=False); its DCS factors would be trainable"
+    bias = module._parameters.get("bias")
+    if constrain_bias and bias is not None and not bias.requires_grad:
+        return "its bias is frozen (requires_grad=False) and constrain_bias=True would make it trainable"
+    return None
+
+
 def _per_layer(value: PerLayer, name: str, module: nn.Module) -> Any:
     if isinstance(value, dict):
         return value.get(name)
@@ -156,15 +220,43 @@ def convert(
 
     Returns:
         The model (a new module if ``model`` itself was a supported layer). Its
-        attribute ``dcs_report`` is a :class:`ConversionReport`. Weights shared
-        between modules (tied embeddings) are not converted (that would untie
-        them); neither are parametrized modules; both are reported.
+        attribute ``dcs_report`` is a :class:`ConversionReport`. A layer is left
+        as it is, and reported with the reason, when converting would change
+        what it does: a weight shared with another module (tied embeddings), a
+        ``parametrize`` parametrization, hooks (``torch.nn.utils.prune``, the old
+        ``weight_norm``/``spectral_norm``), child modules, buffers, parameters
+        other than weight and bias, a frozen weight, an uninitialized lazy
+        layer. A frozen free bias stays frozen, and the user's own attributes
+        on a layer are carried over to its DCS twin.
+
+    Raises:
+        ValueError/TypeError, before anything is converted: a bad ``alpha``,
+        ``include``/``exclude``, an option of another structure (``rank=`` with
+        ``structure="group"``), a per-layer dict naming no supported layer,
+        ``constrain_bias=True`` with ``structure="mirror"``. With
+        ``constrain_bias=True``, layers without a bias get their weight
+        constrained.
     """
     if structure not in STRUCTURES:
         raise ValueError(f"symfast.convert: structure must be one of {STRUCTURES}, got {structure!r}")
-    report = ConversionReport(structure=structure, alpha=float(alpha))
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"symfast.convert: model must be an nn.Module, got {type(model).__name__}")
+    _require_module("convert", model)
+    try:
+        alpha = _check_alpha(alpha)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"symfast.convert: {exc}") from None
+    _check_patterns("include", include)
+    _check_patterns("exclude", exclude)
+    # An option of another structure would be ignored: say so instead.
+    option_of = {"group_dim": "group", "rank": "lowrank", "mask": "elementwise", "mirror": "mirror",
+                 "mirror_dim": "mirror"}
+    given = {"group_dim": group_dim, "rank": rank, "mask": mask, "mirror": mirror, "mirror_dim": mirror_dim}
+    for opt, value in given.items():
+        if value is not None and option_of[opt] != structure:
+            raise ValueError(f"symfast.convert: {opt}= applies to structure={option_of[opt]!r} only; "
+                             f"with structure={structure!r} it would be ignored (got {opt}={value!r})")
+    if constrain_bias and structure == "mirror":
+        raise ValueError("symfast.convert: constrain_bias=True is not available for structure='mirror'")
+    report = ConversionReport(structure=structure, alpha=alpha)
 
     owners: Dict[int, set] = defaultdict(set)
     for m in model.modules():
@@ -174,26 +266,63 @@ def convert(
 
     replacement: Dict[int, nn.Module] = {}
 
+    # A module reachable under several names (one layer used twice) is selected
+    # when include matches one of its names and exclude matches none.
+    paths: Dict[int, List[Tuple[str, List[Tuple[str, nn.Module]]]]] = defaultdict(list)
+
+    def walk(name: str, module: nn.Module, ancestors: List[Tuple[str, nn.Module]], on_path: set) -> None:
+        paths[id(module)].append((name, ancestors))
+        for child_name, child in module._modules.items():
+            if child is not None and id(child) not in on_path:
+                walk(f"{name}.{child_name}" if name else child_name, child, ancestors + [(name, module)],
+                     on_path | {id(child)})
+
+    walk("", model, [], {id(model)})
+
+    def is_selected(module: nn.Module) -> bool:
+        routes = paths[id(module)]
+        included = include is None or any(_matches(include, n, module, a) for n, a in routes)
+        return included and not any(_matches(exclude, n, module, a) for n, a in routes)
+
+    layer_names = set()  # names of the supported layers, for the per-layer dicts
+
     def visit(name: str, module: nn.Module, ancestors: List[Tuple[str, nn.Module]]) -> None:
         own = tuple(n for n, p in module._parameters.items() if p is not None)
         if isinstance(module, (DCSLayer, Structure)):
             return  # already DCS: its factors are the structure's
-        selected = (include is None or _matches(include, name, module, ancestors)) and not _matches(
-            exclude, name, module, ancestors)
+        if type(module) in _SUPPORTED:
+            layer_names.update(n for n, _ in paths[id(module)])
+        selected = is_selected(module)
+        parametrized = torch.nn.utils.parametrize.is_parametrized(module)
+        if selected and parametrized:
+            # type(module) is then a generated subclass (ParametrizedLinear); its
+            # parameters live in module.parametrizations, which is not visited.
+            held = tuple(n for n, _ in module.named_parameters())
+            report.not_converted.append(
+                (name, type(module).__name__, held, "it has a torch.nn.utils.parametrize parametrization"))
+            return
+        if selected and isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            report.not_converted.append((name, type(module).__name__, own,
+                                         "a lazy module whose parameters are not initialized yet: run one forward "
+                                         "pass before converting"))
+            return
         if not selected:
             if own:
                 report.excluded.append(name)
         elif type(module) in _SUPPORTED:
             target = _SUPPORTED[type(module)]
             reason = None
-            if torch.nn.utils.parametrize.is_parametrized(module):
-                reason = "it has a torch.nn.utils.parametrize parametrization"
-            elif any(len(owners[id(getattr(module, n))]) > 1 for n in own):
+            if any(len(owners[id(getattr(module, n))]) > 1 for n in own):
                 reason = "its weight is shared with another module (converting would untie it)"
+            else:
+                reason = _unconvertible(module, own, constrain_bias)
             if reason is None:
                 try:
+                    # constrain_bias applies to the layers that have a bias; the others
+                    # get their weight constrained.
+                    has_bias = module._parameters.get("bias") is not None
                     options = dict(
-                        structure=structure, alpha=alpha, constrain_bias=constrain_bias,
+                        structure=structure, alpha=alpha, constrain_bias=constrain_bias and has_bias,
                         group_dim=_per_layer(group_dim, name, module) if structure == "group" else None,
                         rank=_per_layer(rank, name, module) if structure == "lowrank" else None,
                         mask=_per_layer(mask, name, module) if structure == "elementwise" else None,
@@ -206,6 +335,13 @@ def convert(
                 except (ValueError, TypeError) as exc:
                     reason = str(exc)
                 else:
+                    bias = module._parameters.get("bias")
+                    if bias is not None and not bias.requires_grad and "bias" in new._parameters:
+                        new._parameters["bias"].requires_grad_(False)  # a frozen free bias stays frozen
+                    stock = _stock_attrs(type(module))
+                    for key, value in module.__dict__.items():  # the user's own attributes
+                        if key not in stock and key not in new.__dict__:
+                            new.__dict__[key] = value
                     replacement[id(module)] = new
                     report.converted.append((name, type(module).__name__, target.__name__))
                     return
@@ -223,6 +359,15 @@ def convert(
 
     seen = {id(model)}
     visit("", model, [])
+
+    for opt, value in given.items():
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - layer_names)
+            if unknown:
+                raise ValueError(
+                    f"symfast.convert: {opt}= names no supported layer of the model: {unknown} "
+                    f"(supported layers: {sorted(layer_names)[:8]}{' ...' if len(layer_names) > 8 else ''}); "
+                    "nothing was converted")
 
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
@@ -259,6 +404,7 @@ def penalty(model: nn.Module) -> Tensor:
     all-reduced, so every rank gets the whole penalty as a plain tensor (call
     it on every rank).
     """
+    _require_module("penalty", model)
     structures = _structures(model)
     if not structures:
         ref = next(model.parameters(), None)
@@ -303,6 +449,7 @@ def param_groups(model: nn.Module, *, weight_decay: float = 0.0) -> List[Dict[st
 
     The groups are a snapshot: after changing a layer's alpha, make new ones.
     """
+    _require_module("param_groups", model)
     decay: Dict[float, List[nn.Parameter]] = defaultdict(list)
     placed = set()
     for s in _structures(model):
@@ -354,25 +501,49 @@ def export(model: nn.Module, *, threshold: float = 0.0) -> nn.Module:
     With ``threshold=0`` the exported model computes the same outputs as the
     DCS model up to float rounding (exactly for elementwise and group).
     """
-    if threshold < 0:
-        raise ValueError(f"symfast.export: threshold must be >= 0, got {threshold!r}")
+    _require_module("export", model)
+    threshold = _check_threshold("export", threshold)
     exported = copy.deepcopy(model)
     if hasattr(exported, "dcs_report"):
         del exported.dcs_report
     exported = _materialize(exported, threshold)
+    # A module used in several places keeps its shape: shrinking it for one
+    # chain would change it in the others (and slicing would untie it).
+    uses: Dict[int, int] = defaultdict(int)
+    for _, m in exported.named_modules(remove_duplicate=False):
+        uses[id(m)] += 1
+    folded_bn = []
     for seq in [m for m in exported.modules() if type(m) is nn.Sequential]:
-        _shrink_sequential(seq)
+        folded_bn += _shrink_sequential(seq, uses)
+    if folded_bn and exported.training:
+        warnings.warn(
+            f"symfast.export: removing dead units folded their constant outputs through BatchNorm "
+            f"({', '.join(sorted(set(folded_bn)))}) with its running statistics: the exported model computes "
+            "the same function as the original in eval mode only (call .eval() on both to compare or deploy)",
+            stacklevel=2,
+        )
     return exported
+
+
+def _check_threshold(fn: str, threshold: Any) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"symfast.{fn}: threshold must be a real number >= 0, got {type(threshold).__name__}")
+    if not threshold >= 0:  # also catches nan
+        raise ValueError(f"symfast.{fn}: threshold must be a number >= 0, got {threshold!r}")
+    return float(threshold)
 
 
 @torch.no_grad()
 def _materialize(model: nn.Module, threshold: float) -> nn.Module:
     if isinstance(model, DCSLayer):
         return model.to_dense(threshold)
+    dense: Dict[int, nn.Module] = {}  # one dense layer per DCS layer: a layer used twice stays shared
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if isinstance(child, DCSLayer):
-                parent._modules[name] = child.to_dense(threshold)
+                if id(child) not in dense:
+                    dense[id(child)] = child.to_dense(threshold)
+                parent._modules[name] = dense[id(child)]
     return model
 
 
@@ -421,8 +592,10 @@ def _dead_inputs(m: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
-def _shrink_sequential(seq: nn.Sequential) -> None:
+def _shrink_sequential(seq: nn.Sequential, uses: Dict[int, int]) -> List[str]:
+    """Removes dead units pair by pair; returns the names of the batch norms a constant was folded through."""
     mods = list(seq._modules.items())
+    folded_bn: List[str] = []
     for i, (pname, producer) in enumerate(mods):
         producer = seq._modules[pname]  # may have been replaced as a consumer
         kind = _producer_kind(producer)
@@ -440,7 +613,11 @@ def _shrink_sequential(seq: nn.Sequential) -> None:
         consumer = seq._modules[cname]
         if consumer.weight.shape[1] != units:
             continue
-        _shrink_pair(seq, pname, chain, cname, kind)
+        if any(uses[id(seq._modules[n])] > 1 for n in [pname, *chain, cname]):
+            continue
+        if _shrink_pair(seq, pname, chain, cname, kind):
+            folded_bn += [n for n in chain if type(seq._modules[n]) in _BN]
+    return folded_bn
 
 
 def _chain_constant(seq: nn.Sequential, producer: nn.Module, chain: List[str], kind: Tuple[str, int]) -> Tensor:
@@ -461,12 +638,12 @@ def _chain_constant(seq: nn.Sequential, producer: nn.Module, chain: List[str], k
     return x.reshape(units)
 
 
-def _shrink_pair(seq: nn.Sequential, pname: str, chain: List[str], cname: str, kind: Tuple[str, int]) -> None:
+def _shrink_pair(seq: nn.Sequential, pname: str, chain: List[str], cname: str, kind: Tuple[str, int]) -> bool:
     producer, consumer = seq._modules[pname], seq._modules[cname]
     dead_in = _dead_inputs(consumer)
     dead_out = _dead_outputs(producer) & ~dead_in
     if not bool(dead_in.any() or dead_out.any()):
-        return
+        return False
     const = _chain_constant(seq, producer, chain, kind)
     foldable = dead_out.clone()
     if kind[0] == "conv":
@@ -481,11 +658,12 @@ def _shrink_pair(seq: nn.Sequential, pname: str, chain: List[str], cname: str, k
         remove[0] = False
         foldable[0] = False
     if not bool(remove.any()):
-        return
+        return False
     # Fold the constants of the removed dead units into the consumer's bias.
     folded = foldable & remove
     delta = None
-    if bool(folded.any()) and bool((const[folded] != 0).any()):
+    nonzero_fold = bool(folded.any()) and bool((const[folded] != 0).any())
+    if nonzero_fold:
         wq = consumer.weight
         cols = wq[:, folded].reshape(wq.shape[0], int(folded.sum()), -1).sum(dim=2)
         delta = cols @ const[folded].to(wq.dtype)
@@ -493,6 +671,9 @@ def _shrink_pair(seq: nn.Sequential, pname: str, chain: List[str], cname: str, k
     for name in chain:
         seq._modules[name] = _slice_chain(seq._modules[name], keep)
     seq._modules[cname] = _slice_in(consumer, keep, delta)
+    # Whether a dead unit's constant output was folded: through a batch norm that
+    # constant is its eval-mode value (running statistics), not the train-mode one.
+    return bool(folded.any())
 
 
 def _copy_common(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -612,7 +793,11 @@ def sparsity_report(model: nn.Module, *, threshold: float = 0.0, compute_rank: b
         compute_rank: also compute the rank of every layer's theta (an SVD per
             layer); by default only for lowrank layers.
     """
-    exported = export(model, threshold=threshold)
+    _require_module("sparsity_report", model)
+    threshold = _check_threshold("sparsity_report", threshold)
+    with warnings.catch_warnings():  # only parameters are counted here: the eval-mode caveat does not apply
+        warnings.filterwarnings("ignore", message="symfast.export: removing dead units folded")
+        exported = export(model, threshold=threshold)
     rows = []
     dense_total = 0
     dcs_params = set()
@@ -621,6 +806,8 @@ def sparsity_report(model: nn.Module, *, threshold: float = 0.0, compute_rank: b
             continue
         p = m.parametrization
         theta = p.thresholded(threshold)
+        if m._bias_mode == "joint":  # [W_g | b_g] per unit: the row describes the weight
+            theta = theta[:, :-1].reshape(m._weight_shape)
         bias = getattr(m, "bias", None)  # an embedding has none
         row: Dict[str, Any] = {
             "name": name, "layer": type(m).__name__, "structure": m.structure, "alpha": m.alpha,

@@ -454,3 +454,183 @@ def test_autocast_bfloat16_on_cpu(structure):
     loss.backward()
     grads = [p.grad for p in converted.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
+
+
+# ----------------------------------------- what convert must not change silently
+def _one_linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 3, dtype=DT), nn.ReLU(), nn.Linear(3, 2, dtype=DT))
+
+
+def _hooked(m):
+    m[0].register_forward_hook(lambda mod, inp, out: 2 * out)
+
+
+def _pruned(m):
+    import torch.nn.utils.prune as prune
+
+    prune.l1_unstructured(m[0], "weight", amount=0.5)
+
+
+def _child(m):
+    m[0].adapter = nn.Linear(3, 3, dtype=DT)
+
+
+def _buffer(m):
+    m[0].register_buffer("scale", torch.ones(3, dtype=DT))
+
+
+def _frozen(m):
+    m[0].weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("change,reason", [(_hooked, "hooks"), (_pruned, "hooks"), (_child, "child modules"),
+                                           (_buffer, "buffers"), (_frozen, "frozen")])
+def test_convert_leaves_what_it_would_change_and_says_why(change, reason):
+    """A DCS layer is rebuilt from constructor arguments, weight and bias: hooks (prune is
+    one), children, buffers and a frozen weight would be lost or changed silently."""
+    model = _one_linear()
+    change(model)
+    x = torch.randn(4, 5, dtype=DT)
+    before = model(x)
+    with pytest.warns(UserWarning, match="not converted"):
+        convert(model, structure="group", alpha=1e-3)
+    (entry,) = model.dcs_report.not_converted
+    assert entry[0] == "0" and reason in entry[3]
+    assert type(model[0]) is nn.Linear and isinstance(model[2], DCSLinear)
+    torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+
+
+def test_convert_keeps_a_frozen_bias_frozen_and_the_users_attributes():
+    model = _one_linear()
+    model[0].bias.requires_grad_(False)
+    model[0].tag = "encoder"
+    convert(model, structure="elementwise", alpha=1e-3, warn=False)
+    assert isinstance(model[0], DCSLinear)
+    assert model[0].bias.requires_grad is False and model[0].tag == "encoder"
+    with pytest.warns(UserWarning, match="not converted"):  # under constrain_bias it would become trainable
+        frozen = _one_linear()
+        frozen[0].bias.requires_grad_(False)
+        convert(frozen, structure="elementwise", alpha=1e-3, constrain_bias=True)
+    assert "bias is frozen" in frozen.dcs_report.not_converted[0][3]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(alpha=-1.0), ValueError, "alpha"),
+    (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(alpha=None), TypeError, "alpha"),
+    (dict(alpha="x"), TypeError, "alpha"),
+    (dict(alpha=1e-3, include=5), TypeError, "include"),
+    (dict(alpha=1e-3, exclude=[3.0]), TypeError, "exclude"),
+    (dict(alpha=1e-3, rank=2), ValueError, "rank= applies to structure='lowrank'"),
+    (dict(alpha=1e-3, group_dim={"0": 1, "fc_1": 1}), ValueError, r"group_dim= names no supported layer.*fc_1"),
+    (dict(alpha=1e-3, structure="mirror", constrain_bias=True), ValueError, "constrain_bias"),
+])
+def test_convert_rejects_bad_options_before_converting_anything(kwargs, error, match):
+    model = _one_linear()
+    kwargs = {"structure": "group", **kwargs}
+    with pytest.raises(error, match=match):
+        convert(model, **kwargs)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear  # untouched
+
+
+def test_constrain_bias_constrains_the_weight_of_layers_without_a_bias():
+    model = nn.Sequential(nn.Linear(5, 3, bias=False, dtype=DT), nn.Linear(3, 2, dtype=DT))
+    x = torch.randn(4, 5, dtype=DT)
+    before = model(x)
+    convert(model, structure="group", alpha=1e-3, constrain_bias=True, warn=False)
+    assert [e[0] for e in model.dcs_report.converted] == ["0", "1"]
+    assert model[0]._bias_mode == "free" and model[1]._bias_mode == "joint"
+    torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+
+
+def test_a_layer_used_twice_is_selected_by_all_its_names():
+    shared = nn.Linear(4, 4, dtype=DT)
+    for kwargs, converted in ((dict(exclude="b.*"), False), (dict(include="b.*"), True)):
+        model = nn.Module()
+        model.a = shared
+        model.b = nn.Sequential(shared, nn.Linear(4, 2, dtype=DT))
+        convert(model, structure="elementwise", alpha=1e-3, warn=False, **kwargs)
+        assert isinstance(model.a, DCSLinear) is converted and model.a is model.b[0]
+
+
+def test_parametrized_and_lazy_layers_are_reported_as_such():
+    class Twice(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.LazyLinear(2))
+    torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Twice())
+    convert(model, structure="elementwise", alpha=1e-3, warn=False)
+    reasons = {e[0]: e[3] for e in model.dcs_report.not_converted}
+    assert set(reasons) == {"0", "1"}  # and not the ParametrizationList inside 0
+    assert "parametrize" in reasons["0"] and "lazy" in reasons["1"]
+
+
+def test_convert_on_meta_then_materialize():
+    """A model built on meta converts (nothing to factor yet); to_empty + reset_parameters
+    then draws and factors a fresh theta, as torch's own layers do."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    for structure in STRUCTURES:
+        m = convert(copy.deepcopy(model), structure=structure, alpha=1e-3, warn=False,
+                    **({"mirror": _mirror_for} if structure == "mirror" else {}))
+        assert m[0].weight.is_meta
+        m = m.to_empty(device="cpu")
+        for layer in (m[0], m[2]):
+            layer.reset_parameters()
+        assert torch.isfinite(m(torch.randn(2, 5))).all()
+
+
+# ----------------------------------------------------------- export edge cases
+def test_export_keeps_a_layer_used_twice_shared():
+    layer = nn.Linear(16, 16, dtype=DT)
+    model = convert(nn.Sequential(nn.Linear(4, 16, dtype=DT), layer, layer), structure="group", alpha=1e-3,
+                    warn=False)
+    small = export(model)
+    assert small[1] is small[2] and type(small[1]) is nn.Linear
+    x = torch.randn(3, 4, dtype=DT)
+    torch.testing.assert_close(small(x), model(x))
+    assert sum(p.numel() for p in small.parameters()) == 4 * 16 + 16 + 16 * 16 + 16
+
+
+def test_export_warns_when_it_folds_through_batch_norm_in_train_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6, dtype=DT), nn.BatchNorm1d(6, dtype=DT), nn.ReLU(), nn.Linear(6, 2, dtype=DT))
+    model[1].running_mean.uniform_(-1, 1)
+    model = convert(model, structure="group", alpha=1e-3, warn=False)
+    with torch.no_grad():
+        model[0].parametrization.s[1] = 0  # unit 1 is dead: its constant goes through the batch norm
+    with pytest.warns(UserWarning, match="eval mode only"):
+        export(model)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = export(model)
+    x = torch.randn(5, 4, dtype=DT)
+    torch.testing.assert_close(small(x), model(x))
+    assert small[0].out_features == 5
+
+
+@pytest.mark.parametrize("bad,error", [(float("nan"), ValueError), (-1.0, ValueError), (None, TypeError),
+                                       ("0.1", TypeError)])
+def test_export_and_report_reject_bad_thresholds(bad, error):
+    model = convert(_one_linear(), structure="group", alpha=1e-3, warn=False)
+    for fn in (export, sparsity_report):
+        with pytest.raises(error, match="threshold"):
+            fn(model, threshold=bad)
+
+
+@pytest.mark.parametrize("fn", [penalty, export, param_groups, sparsity_report])
+def test_model_functions_name_a_non_module(fn):
+    with pytest.raises(TypeError, match=r"model must be an nn.Module, got list"):
+        fn([nn.Linear(2, 2)])
+
+
+def test_sparsity_report_of_a_group_with_its_bias_describes_the_weight():
+    model = convert(_one_linear(), structure="group", alpha=1e-3, constrain_bias=True, warn=False)
+    with torch.no_grad():
+        model[0].parametrization.s[0] = 0
+    row = sparsity_report(model, compute_rank=True).rows[0]
+    assert row["shape"] == (3, 5) and row["numel"] == 15 and row["zeros"] == 5
+    assert row["rank"] == 2 and row["dead_groups"] == 1

@@ -375,3 +375,59 @@ def test_saved_for_backward_is_no_larger_than_the_factors(structure):
     assert sum(saved.values()) <= sum(factors.values())
     if structure != "mirror":  # the mirror saves its (k x rest) projections O^T w, O^T u
         assert set(saved) <= set(factors), "the op saved a tensor that is not a factor"
+
+
+# ------------------------------------------------------------- edge cases of set-up
+def test_mirror_conversion_is_exact_to_the_weights_rounding():
+    """O is stored as its nearest exactly orthonormal matrix in the weights' dtype: a float32
+    O in a float64 model, or an O off by 1e-4, used to leave errors of that size."""
+    torch.manual_seed(0)
+    dense = nn.Linear(6, 8, dtype=torch.float64)
+    O32 = permutation_mirror(8, [(0, 1), (2, 3)], dtype=torch.float32)  # 1/sqrt(2) in float32
+    layer = DCSLinear.from_dense(dense, structure="mirror", mirror=O32, mirror_dim=0, alpha=1e-3)
+    assert layer.parametrization.O.dtype == torch.float64
+    torch.testing.assert_close(layer.weight, dense.weight, atol=1e-14, rtol=0)
+
+    dense32 = nn.Linear(6, 8)
+    Q = torch.linalg.qr(torch.randn(48, 5, dtype=torch.float64)).Q.float() * (1 + 1.5e-4)  # within float32's tolerance
+    layer = DCSLinear.from_dense(dense32, structure="mirror", mirror=Q, alpha=1e-3)
+    scale = dense32.weight.abs().max()
+    torch.testing.assert_close(layer.weight, dense32.weight, atol=4 * torch.finfo(torch.float32).eps * float(scale), rtol=0)
+
+
+def test_group_dim_1_of_a_grouped_conv_is_an_error():
+    """Dim 1 of a grouped conv's weight is the input channel within a group: one gate there
+    would tie channel c of every group together."""
+    with pytest.raises(ValueError, match=r"group_dim=1 .* grouped convolution \(groups=2\)"):
+        DCSConv2d(4, 6, 3, groups=2, structure="group", group_dim=1)
+    DCSConv2d(4, 6, 3, groups=2, structure="group", group_dim=0)  # output channels: fine
+    with pytest.raises(ValueError, match="group_dim must be an int"):
+        DCSLinear(4, 3, structure="group", group_dim=True)
+
+
+def test_an_integer_0_1_mask_is_a_mask():
+    mask = torch.tensor([[1, 0, 1]] * 2)
+    layer = DCSLinear(3, 2, structure="elementwise", mask=mask)
+    assert layer.parametrization.mask.dtype == torch.bool
+    with pytest.raises(ValueError, match="torch.int64 tensor with other values"):
+        DCSLinear(3, 2, structure="elementwise", mask=2 * mask)
+
+
+@pytest.mark.parametrize("structure", ["elementwise", "elementwise-mask", "group", "lowrank", "mirror"])
+def test_layers_on_meta_then_to_empty(structure):
+    """Built on meta, then to_empty + reset_parameters: the same layer as one built directly
+    (same random numbers), including its constant buffers (mask, O), which to_empty leaves
+    uninitialized."""
+    kw = dict(mirror=permutation_mirror(3, [(0, 1)]), mirror_dim=0) if structure == "mirror" else {}
+    if structure == "elementwise-mask":
+        structure, kw = "elementwise", dict(mask=torch.tensor([True, False, True, True, False]))
+    layer = DCSLinear(5, 3, device="meta", structure=structure, **kw)
+    assert layer.weight.is_meta and layer.weight.shape == (3, 5)
+    layer = layer.to_empty(device="cpu")
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    torch.manual_seed(0)
+    ref = DCSLinear(5, 3, structure=structure, **kw)
+    torch.testing.assert_close(layer.weight, ref.weight, atol=0, rtol=0)
+    for name, buf in ref.parametrization.named_buffers():
+        torch.testing.assert_close(layer.parametrization.get_buffer(name), buf, atol=0, rtol=0)

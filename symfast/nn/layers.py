@@ -5,7 +5,8 @@ nn.Linear)`` holds, and every attribute such as ``in_features`` or ``stride`` is
 there), but its weight is not a parameter: it is theta = T(factors) of a
 :mod:`~symfast.nn.structures` structure held in ``layer.parametrization``, and
 ``layer.weight`` computes it (through the fused op), so code that reads
-``.weight`` keeps working. The penalty ``layer.penalty()`` is
+``.weight`` keeps working (writing into it in place, as ``nn.init.*_`` does,
+changes a temporary: use :meth:`DCSLayer.set_weight`). The penalty ``layer.penalty()`` is
 ``alpha * sum |factor|^2``; at its minimum over factorizations it is the convex
 penalty of the structure (lasso, group lasso, nuclear norm, |O^T theta|_1).
 
@@ -104,11 +105,19 @@ class DCSLayer:
         gdim = None
         if structure == "group":
             gdim = self._default_group_dim if group_dim is None else group_dim
-            if not isinstance(gdim, int) or not -len(weight_shape) <= gdim < len(weight_shape):
+            if not isinstance(gdim, int) or isinstance(gdim, bool) or not -len(weight_shape) <= gdim < len(weight_shape):
                 raise ValueError(
                     f"{name}: group_dim must be an int in [{-len(weight_shape)}, {len(weight_shape) - 1}], got {gdim!r}"
                 )
             gdim %= len(weight_shape)
+            if gdim == 1 and getattr(self, "groups", 1) > 1:
+                # Dim 1 of a grouped conv's weight indexes the input channels *within* a
+                # group: one gate there would tie channel c of every group together.
+                raise ValueError(
+                    f"{name}: group_dim=1 (input channels) is not supported for a grouped convolution "
+                    f"(groups={self.groups}): weight dim 1 holds in_channels/groups = "
+                    f"{weight_shape[1]} channels per group, not the {self.in_channels} input channels; "
+                    "use group_dim=0 (output channels)")
         self.group_dim = gdim
 
         if structure == "elementwise":
@@ -199,6 +208,11 @@ class DCSLayer:
         if "parametrization" not in self._modules:  # called by the torch constructor, on meta
             return
         p = self._ref_param()
+        if p.is_meta:  # no values to draw: as torch's own layers on meta (to_empty, then reset_parameters)
+            return
+        for structure in (self.parametrization, self.bias_parametrization):
+            if structure is not None:
+                structure.reset_buffers()  # a mask or O that to_empty left uninitialized
         theta = torch.empty(self._weight_shape, device=p.device, dtype=p.dtype)
         bias = None
         if isinstance(self, nn.Embedding):
@@ -238,6 +252,10 @@ class DCSLayer:
             raise ValueError(f"{type(self).__name__}.set_weight: this layer has no bias")
         if has_bias and bias is None:
             raise ValueError(f"{type(self).__name__}.set_weight: this layer has a bias; pass bias=...")
+        if self._ref_param().is_meta or weight.is_meta:
+            # A meta layer holds no values (from_dense of a model built on meta): the
+            # factors stay uninitialized until to_empty(...) and reset_parameters().
+            return
         if self._bias_mode == "joint":
             aug = torch.cat([weight.reshape(weight.shape[0], -1), bias.detach().reshape(-1, 1).to(weight)], dim=1)
             self.parametrization.set_theta(aug)

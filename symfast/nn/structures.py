@@ -38,7 +38,9 @@ them, near the balanced point but on the side of a hyperbola:
 * mirror: ``(O^T w)^2 > (O^T u)^2`` coordinatewise.
 
 For elementwise and group, the larger factor is a power of two, so theta is
-reproduced bit for bit (``w * u`` and ``s * w`` are exact); low rank and mirror
+reproduced bit for bit (``w * u`` and ``s * w`` are exact), except in float16
+where theta / factor falls below the normal range (``|theta| < 2^-14 *
+factor``) and rounds to the subnormal grid; low rank and mirror
 go through an SVD or a projection and reproduce theta up to rounding. The gap
 ``tau`` scales with theta (its root mean square), so the factors are about as
 large as the balanced ones.
@@ -144,6 +146,26 @@ class Structure(nn.Module):
         """Parameters without the DCS penalty (the free part v, if any)."""
         return []
 
+    def _register_constant(self, name: str, value: Tensor) -> None:
+        """Registers a constant buffer (a mask, O) on the factors' device. On meta it
+        also keeps the value (on CPU), so that :meth:`reset_buffers` can restore it
+        after ``to_empty``, which leaves buffers uninitialized."""
+        device = self._ref().device
+        self.register_buffer(name, value.to(device=device))
+        if device.type == "meta":
+            kept = self.__dict__.setdefault("_constant_values", {})
+            kept[name] = None if value.is_meta else value.detach().to("cpu", copy=True)
+
+    def reset_buffers(self) -> None:
+        """Restores the constant buffers of a structure built on meta (after ``to_empty``)."""
+        for name, value in self.__dict__.get("_constant_values", {}).items():
+            if value is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: {name} was given on the meta device, so its values are unknown; "
+                    f"set parametrization.{name} to the real values after to_empty()")
+            with torch.no_grad():
+                getattr(self, name).copy_(value)
+
     def penalty(self) -> Tensor:
         r"""``alpha * sum_p |p|^2`` over the penalized factors (a 0-d tensor)."""
         params = self.penalized_parameters()
@@ -205,15 +227,16 @@ class Elementwise(Structure):
         if mask is not None:
             if not isinstance(mask, Tensor):
                 raise TypeError(f"Elementwise: mask must be a Tensor or None, got {type(mask).__name__}")
-            if mask.dtype != torch.bool:
-                if not mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
-                    raise ValueError("Elementwise: mask must be bool or hold only 0 and 1")
+            if mask.dtype != torch.bool:  # a 0/1 tensor of any real dtype is taken as that bool mask
+                if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                    raise ValueError(f"Elementwise: mask must be bool or hold only 0 and 1, got a {mask.dtype} "
+                                     "tensor with other values")
                 mask = mask != 0
             if not broadcasts_to(mask.shape, self.shape):
                 raise ValueError(
                     f"Elementwise: mask must broadcast to theta's shape {tuple(self.shape)}, got {tuple(mask.shape)}"
                 )
-            self.register_buffer("mask", mask.detach().to(device=self.w.device).clone())
+            self._register_constant("mask", mask.detach().clone())
             self.v = _param(self.shape, device, dtype)
         else:
             self.register_buffer("mask", None)
@@ -462,6 +485,9 @@ class Mirror(Structure):
             neurons a and b (paper eq. 5; see :func:`permutation_mirror`).
 
     A non-orthonormal ``O`` is a ValueError that names it and the measured error.
+    An ``O`` within the tolerance of its dtype (``max |O^T O - I| <= sqrt(eps)``)
+    is stored as its nearest exactly orthonormal matrix (the polar factor), in
+    the weights' dtype.
     """
 
     kind = "mirror"
@@ -480,7 +506,13 @@ class Mirror(Structure):
         self.u = _param(self.shape, device, dtype)
         self.v = _param(self.shape, device, dtype)
         O = _check_mirror(O, n, "theta.numel()" if dim is None else f"theta.shape[{dim}]")
-        self.register_buffer("O", O.detach().to(device=self.w.device, dtype=self.w.dtype).clone())
+        # Stored as the nearest matrix with exactly orthonormal columns (the polar
+        # factor U V^T of O's SVD), in float64 and then in the weights' dtype:
+        # set_theta assumes O^T O = I, and an O accepted at its own dtype's tolerance
+        # (a float32 O in a float64 model, or one off by 1e-4) made conversion exact
+        # only to that tolerance instead of to the weights' rounding.
+        U, _, Vh = torch.linalg.svd(O.detach().double(), full_matrices=False)
+        self._register_constant("O", (U @ Vh).to(dtype=self.w.dtype))
 
     # O^T x as (k, rest) and its adjoint, O c reshaped to theta's shape
     def _moved_shape(self) -> List[int]:
