@@ -169,13 +169,8 @@ def make_model(cfg: dict, alpha: Optional[float]) -> torch.nn.Module:
         net = ResNet18(10, width=cfg["resnet_width"])
     else:
         net = DigitsCNN(channels=cfg["channels"], hidden=cfg["hidden"])
-    if alpha is not None and cfg["model"] == "resnet18":
-        # every weight, and every bias there is: constrain_bias=True refuses the bias-free convolutions, so the
-        # layers with a bias (the classifier) are converted first, the others (convolutions) after
-        net = symfast.convert(net, structure="elementwise", alpha=alpha, constrain_bias=True, warn=False,
-                              include=lambda name, m: getattr(m, "bias", None) is not None)
-        net = symfast.convert(net, structure="elementwise", alpha=alpha, warn=False)
-    elif alpha is not None:
+    if alpha is not None:
+        # every weight, and every bias there is (ResNet18's convolutions have none)
         net = symfast.convert(net, structure="elementwise", alpha=alpha, constrain_bias=True, warn=False)
     return net
 
