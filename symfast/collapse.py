@@ -60,23 +60,29 @@ __all__ = [
 ]
 
 
-def _as_h(op: str, h: object) -> Tuple[Tensor, bool]:
-    """(h as a float64 [B, K] tensor, whether it was [B]); checks shape and values."""
+def _check_real(op: str, arg: str, h: Tensor) -> None:
+    # complex curvatures have no order and bool ones no meaning: refuse them, not cast them
+    if not (h.is_floating_point() or h.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{op}: {arg} must be a real (floating or integer) tensor, got dtype {h.dtype}")
+
+
+def _as_h(op: str, h: object, arg: str = "h", shapes: str = "[B] or [B, K]") -> Tuple[Tensor, bool]:
+    """(h as a float64 [B, K] tensor, whether it was [B]); checks shape and values. ``arg`` is the
+    caller's name for the argument, ``shapes`` the shapes it accepts (for the messages)."""
     if not isinstance(h, Tensor):
         try:
             h = torch.as_tensor(h, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{op}: h must be a tensor of per-sample curvatures of shape [B] or [B, K], "
+            raise TypeError(f"{op}: {arg} must be a tensor of per-sample curvatures of shape {shapes}, "
                             f"got {type(h).__name__}") from exc
     if h.dim() not in (1, 2):
-        raise ValueError(f"{op}: h must have shape [B] or [B, K] (per-sample curvatures), got {tuple(h.shape)}")
-    if not (h.is_floating_point() or h.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"{op}: h must be a real tensor, got dtype {h.dtype}")
+        raise ValueError(f"{op}: {arg} must have shape {shapes} (per-sample curvatures), got {tuple(h.shape)}")
+    _check_real(op, arg, h)
     if h.shape[0] == 0:
-        raise ValueError(f"{op}: h is empty (shape {tuple(h.shape)}); it needs at least one sample")
+        raise ValueError(f"{op}: {arg} is empty (shape {tuple(h.shape)}); it needs at least one sample")
     h = h.detach().to(torch.float64)
     if not torch.isfinite(h).all():
-        raise ValueError(f"{op}: h must be finite, got {int((~torch.isfinite(h)).sum())} non-finite value(s)")
+        raise ValueError(f"{op}: {arg} must be finite, got {int((~torch.isfinite(h)).sum())} non-finite value(s)")
     return (h, False) if h.dim() == 2 else (h.unsqueeze(1), True)
 
 
@@ -204,8 +210,13 @@ def approx_critical_learning_rate(h: Tensor) -> Tensor:
     """
     op = "symfast.approx_critical_learning_rate"
     hh, was_1d = _as_h(op, h)
-    m1, m2 = hh.mean(0), (hh * hh).mean(0)
-    out = torch.where(m2 > 0, -2.0 * m1 / torch.where(m2 > 0, m2, torch.ones_like(m2)),
+    # scale-invariant: h / max|h| is in [-1, 1], so h * h neither overflows nor underflows;
+    # -2 E[h] / E[h^2] = -2 E[u] / (s E[u^2]) with u = h / s
+    s = hh.abs().amax(0)
+    ok = s > 0
+    u = hh / torch.where(ok, s, torch.ones_like(s))
+    m1, m2 = u.mean(0), (u * u).mean(0)
+    out = torch.where(ok, -2.0 * m1 / (torch.where(ok, m2, torch.ones_like(m2)) * torch.where(ok, s, torch.ones_like(s))),
                       torch.full_like(m2, math.inf))
     return _out(out, was_1d)
 
@@ -239,18 +250,24 @@ def critical_weight_decay(curvature: Tensor, *, convention: str = "eq1") -> Tens
     if convention not in ("eq1", "sgd"):
         raise ValueError(f"{op}: convention must be 'eq1' or 'sgd', got {convention!r}")
     factor = 0.5 if convention == "eq1" else 1.0
+    shapes = "[B], [B, K] or [B, K, K]"
     if isinstance(curvature, Tensor) and curvature.dim() == 3:
+        _check_real(op, "curvature", curvature)
         if curvature.shape[0] == 0:
-            raise ValueError(f"{op}: curvature is empty (shape {tuple(curvature.shape)})")
+            raise ValueError(f"{op}: curvature is empty (shape {tuple(curvature.shape)}); it needs at least one sample")
         if curvature.shape[1] != curvature.shape[2]:
             raise ValueError(f"{op}: per-sample blocks must be square [B, K, K], got {tuple(curvature.shape)}")
+        if curvature.shape[1] == 0:
+            raise ValueError(f"{op}: curvature blocks [B, K, K] need K >= 1 (lambda_min of an empty block is "
+                             f"undefined), got shape {tuple(curvature.shape)}")
         mean = curvature.detach().to(torch.float64).mean(0)
         if not torch.isfinite(mean).all():
-            raise ValueError(f"{op}: curvature must be finite")
+            raise ValueError(f"{op}: curvature must be finite, got {int((~torch.isfinite(curvature)).sum())} "
+                             "non-finite value(s)")
         xi = torch.linalg.eigvalsh(0.5 * (mean + mean.T))[0]
-        return torch.clamp(-factor * xi, min=0.0)
-    hh, was_1d = _as_h(op, curvature)
-    return _out(torch.clamp(-factor * hh.mean(0), min=0.0), was_1d)
+        return torch.clamp(-factor * xi, min=0.0) + 0.0  # + 0.0: -0.0 (from -factor * 0) becomes +0.0
+    hh, was_1d = _as_h(op, curvature, "curvature", shapes)
+    return _out(torch.clamp(-factor * hh.mean(0), min=0.0) + 0.0, was_1d)
 
 
 def weight_decay_threshold(

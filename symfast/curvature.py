@@ -21,6 +21,14 @@ same keys whose tensors have a leading ``K`` dimension (``K`` directions:
 ``directions[name][k]`` has the shape of ``params[name]``). A direction is used
 as given: it is not normalized, so ``h`` scales with its squared norm.
 
+What ``loss_fn`` computes under ``torch.no_grad()`` (a bootstrapped target, a
+running estimate) is a constant on every path, as it is to autograd, and the
+same as ``.detach()``: no derivative of any order flows through it, so ``h``
+is the curvature of the loss with those results frozen at their value.
+Forward mode ignores ``no_grad`` by itself; the engine enforces this (the
+whole call runs with grad mode on, so only ``no_grad`` inside ``loss_fn``
+counts).
+
 How it is computed
 ------------------
 *Fast path* (``method="fast"``, the default). The direction is shared by all
@@ -97,6 +105,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import weakref
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -229,9 +238,17 @@ def _check_method(op: str, method: str) -> None:
         raise ValueError(f"{op}: method must be one of {_METHODS}, got {method!r}")
 
 
-def _check_chunk(op: str, name: str, value: Optional[int]) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+def _check_chunk(op: str, name: str, value: Optional[int]) -> Optional[int]:
+    """None or a positive int; any integer type (numpy's too, via operator.index) becomes an int."""
+    if value is None:
+        return None
+    try:
+        index = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        index = None
+    if index is None or index < 1:
         raise ValueError(f"{op}: {name} must be None or a positive int, got {value!r}")
+    return index
 
 
 def _batch_size(op: str, batch: Any) -> int:
@@ -647,6 +664,10 @@ class _JetMode(TorchFunctionMode):
     # ------------------------------------------------------------ rules
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            # under no_grad inside loss_fn (the pass runs with grad on): a constant, as autograd
+            # has it, so no jet out
+            return self._call(func, args, kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
         jets = [self.get(x) for x in flat]
         name = getattr(func, "__name__", "")
@@ -756,14 +777,21 @@ def _bilinear_rule(bil, a_pos, a_name, b_pos, b_name, bias_pos=None, bias_name=N
         y1 = _add_opt(f(a1, b), f(a, b1), c1)
         cross = f(a1, b1)
         y2 = _add_opt(f(a2, b), None if cross is None else 2 * cross, f(a, b2), c2)
+        # a jet on the bias alone (frozen weight, BitFit) has the bias's shape: broadcast it to the output's
+        y1, y2 = (None if y is None else y.expand_as(y0) for y in (y1, y2))
         mode.put(y0, y1, y2)
         return y0
 
     return rule
 
 
-def _linear_rule(both_tensors: bool = False):
-    """Ops linear in their floating tensor inputs: the jets go through the op itself."""
+def _linear_rule(both_tensors: bool = False, operands: bool = False):
+    """Ops linear in their floating tensor inputs: the jets go through the op itself.
+
+    ``operands``: every tensor argument is summed or concatenated into the output (add, sub,
+    cat, stack), so a constant of any dtype (an int offset, a bool mask) has zero derivative.
+    Otherwise a non-floating tensor is an index or a size (``x[idx]``) and is passed as it is.
+    """
 
     def rule(mode, func, args, kwargs, flat, spec, jets):
         if both_tensors and not (len(args) >= 2 and isinstance(args[0], Tensor) and isinstance(args[1], Tensor)):
@@ -776,7 +804,7 @@ def _linear_rule(both_tensors: bool = False):
                 continue
             full = [
                 (j[order] if j[order] is not None else torch.zeros_like(x)) if j is not None
-                else (torch.zeros_like(x) if isinstance(x, Tensor) and x.is_floating_point() else x)
+                else (torch.zeros_like(x) if isinstance(x, Tensor) and (operands or x.is_floating_point()) else x)
                 for x, j in zip(flat, jets)
             ]
             a, k = pytree.tree_unflatten(full, spec)
@@ -953,11 +981,13 @@ def _jet_rules() -> Dict[Callable, Callable]:
     rules[Tensor.__rmul__] = _bilinear_rule(mm(Tensor.__rmul__), 0, "self", 1, "other")
     lin = _linear_rule()
     for f in (torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, torch.sub, Tensor.sub, Tensor.__sub__):
-        rules[f] = _linear_rule(both_tensors=True)  # a + 1.0 is affine: generic rule
+        rules[f] = _linear_rule(both_tensors=True, operands=True)  # a + 1.0 is affine: generic rule
+    for f in (torch.cat, torch.stack):
+        rules[f] = _linear_rule(operands=True)
     for f in (Tensor.__neg__, torch.neg, torch.sum, Tensor.sum, torch.mean, Tensor.mean, Tensor.reshape,
               torch.reshape, Tensor.view, Tensor.flatten, torch.flatten, Tensor.unflatten, Tensor.transpose,
               torch.transpose, Tensor.permute, torch.permute, Tensor.unsqueeze, torch.unsqueeze, Tensor.squeeze,
-              torch.squeeze, Tensor.expand, Tensor.contiguous, Tensor.__getitem__, torch.cat, torch.stack,
+              torch.squeeze, Tensor.expand, Tensor.contiguous, Tensor.__getitem__,
               Tensor.chunk, torch.chunk, Tensor.split, torch.split, Tensor.t, Tensor.T.__get__, Tensor.mT.__get__,
               Tensor.movedim, torch.movedim, Tensor.clone):
         rules[f] = lin
@@ -993,9 +1023,31 @@ def _per_sample_loss(op: str, loss_fn: LossFn, batch: Any) -> Tuple[Callable, An
 
     def single(p: Dict[str, Tensor], sample: Any) -> Tensor:
         one = pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, sample)
-        return _check_losses(op, loss_fn(p, one), 1)[0]
+        return _check_losses(op, _call_loss(loss_fn, p, one), 1)[0]
 
     return single, in_dims
+
+
+class _NoGradAsConstant(TorchFunctionMode):
+    """Inside loss_fn, a result computed under ``torch.no_grad()`` is a constant, like ``.detach()``.
+
+    Reverse mode already sees it so, but forward mode (``torch.func.jvp``) ignores no_grad and
+    would differentiate through it; detaching the results makes every path agree.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled():
+            return out
+        inputs = {id(x) for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)}
+        # an in-place op returns its input: keep it as it is
+        return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) and id(t) not in inputs else t, out)
+
+
+def _call_loss(loss_fn: LossFn, p: Dict[str, Tensor], batch: Any) -> Tensor:
+    # grad mode on at entry (the caller may be under no_grad): only no_grad inside loss_fn makes constants
+    with torch.enable_grad(), _NoGradAsConstant():
+        return loss_fn(p, batch)
 
 
 def _n_out(op: str, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any) -> int:
@@ -1007,9 +1059,9 @@ def _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size):
     if not callable(loss_fn):
         raise TypeError(f"{op}: loss_fn must be callable as loss_fn(params, batch), got {_describe(loss_fn)}")
     _check_method(op, method)
-    _check_chunk(op, "chunk_size", chunk_size)
-    _check_chunk(op, "batch_chunk_size", batch_chunk_size)
-    return _check_params(op, params)
+    chunk_size = _check_chunk(op, "chunk_size", chunk_size)
+    batch_chunk_size = _check_chunk(op, "batch_chunk_size", batch_chunk_size)
+    return _check_params(op, params), chunk_size, batch_chunk_size
 
 
 def _fast_mode(op: str, batch_chunked: bool) -> _ExactMode:
@@ -1038,6 +1090,8 @@ def per_sample_directional_derivatives(
             dim 0 of every tensor it holds.
         method: ``"fast"`` or ``"forward"`` (both: one forward-mode pass of the batch
             per direction) or ``"reference"`` (``vmap`` over samples of ``grad``, then dot with n).
+            On every method, results computed under ``torch.no_grad()`` inside ``loss_fn`` are
+            constants (as with ``.detach()``), see the module doc.
         chunk_size: directions evaluated together under ``vmap`` (None: one at a time).
         batch_chunk_size: samples per evaluation (None: the whole batch). Only for
             models whose samples do not interact.
@@ -1046,7 +1100,7 @@ def per_sample_directional_derivatives(
         ``[B, K]`` tensor, dtype of the losses.
     """
     op = "symfast.per_sample_directional_derivatives"
-    params = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
+    params, chunk_size, batch_chunk_size = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
     directions, K = _check_directions(op, "directions", directions, params, leading=True)
 
     if method == "reference":
@@ -1054,7 +1108,9 @@ def per_sample_directional_derivatives(
         single, in_dims = _per_sample_loss(op, loss_fn, batch)
         with _ExactMode(op, decompose_norms=False, per_sample="method='reference' (vmap over samples)"):
             grads = torch.func.vmap(torch.func.grad(single), in_dims=(None, in_dims))(params, batch)
-        out = sum(torch.einsum("bp,kp->bk", grads[k].reshape(B, -1), directions[k].reshape(K, -1)) for k in params)
+        # explicit sizes: -1 cannot be inferred from an empty tensor (B = 0 or K = 0)
+        out = sum(torch.einsum("bp,kp->bk", grads[k].reshape(B, params[k].numel()),
+                               directions[k].reshape(K, params[k].numel())) for k in params)
         return out  # type: ignore[return-value]
 
     B = _batch_size(op, batch) if batch_chunk_size is not None else None
@@ -1080,7 +1136,7 @@ def _empty_result(op, loss_fn, params, batch) -> Tensor:
 def _along_fn(op: str, loss_fn: LossFn, part: Any):
     """(p, n) -> the per-sample losses' derivative at p along n: one jvp."""
     def along(p: Dict[str, Tensor], n: Dict[str, Tensor]) -> Tensor:
-        return torch.func.jvp(lambda q: _check_losses(op, loss_fn(q, part)), (p,), (n,))[1]
+        return torch.func.jvp(lambda q: _check_losses(op, _call_loss(loss_fn, q, part)), (p,), (n,))[1]
 
     return along
 
@@ -1113,19 +1169,20 @@ def per_sample_curvatures(
     the batch loss along each direction. ``method="reference"``: ``vmap`` over
     samples of ``jvp(grad(loss))``. No path but the reference forms a
     per-sample parameter-sized tensor. Arguments as in
-    :func:`per_sample_directional_derivatives`.
+    :func:`per_sample_directional_derivatives`; results computed under
+    ``torch.no_grad()`` inside ``loss_fn`` are constants on every method.
 
     Returns:
         ``[B, K]`` tensor.
     """
     op = "symfast.per_sample_curvatures"
-    params = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
+    params, chunk_size, batch_chunk_size = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
     directions, K = _check_directions(op, "directions", directions, params, leading=True)
 
     if method == "reference":
         hv = _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size)
         B = next(iter(hv.values())).shape[1]
-        out = sum((hv[k] * directions[k].unsqueeze(1)).reshape(K, B, -1).sum(-1) for k in params)
+        out = sum((hv[k] * directions[k].unsqueeze(1)).reshape(K, B, params[k].numel()).sum(-1) for k in params)
         return out.T  # type: ignore[union-attr]
 
     B = _batch_size(op, batch) if batch_chunk_size is not None else 0
@@ -1188,6 +1245,9 @@ def _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size) -> Di
 
     per_sample = torch.func.vmap(hvp_one, in_dims=(None, in_dims))
     with _ExactMode(op, decompose_norms=False, per_sample="method='reference' (vmap over samples)"):
+        if K == 0:  # no direction: nothing to stack
+            B = _batch_size(op, batch)
+            return {name: p.new_zeros((0, B) + tuple(p.shape)) for name, p in params.items()}
         if chunk_size is None or chunk_size == 1 or K == 1:
             outs = [per_sample(_direction(directions, k), batch) for k in range(K)]
             return {name: torch.stack([o[name] for o in outs]) for name in params}
@@ -1212,6 +1272,9 @@ def per_sample_hvp(
             (one direction, no K dimension).
         onto: optional dict like ``directions`` (``[K, *shape]`` tensors).
 
+    Results computed under ``torch.no_grad()`` inside ``loss_fn`` are constants
+    on every method (as with ``.detach()``), see the module doc.
+
     Returns:
         Without ``onto``: dict ``{name: [B, *params[name].shape]}`` with
         :math:`H(x_i) n` (per-sample parameter-sized: B times the parameters).
@@ -1225,7 +1288,7 @@ def per_sample_hvp(
         forward mode on the whole batch (no per-sample parameter-sized tensor).
     """
     op = "symfast.per_sample_hvp"
-    params = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
+    params, chunk_size, batch_chunk_size = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
     direction, _ = _check_directions(op, "direction", direction, params, leading=False)
     if onto is not None:
         onto, K = _check_directions(op, "onto", onto, params, leading=True)
@@ -1237,7 +1300,8 @@ def per_sample_hvp(
             return hv
         B = next(iter(hv.values())).shape[0]
         return sum(  # type: ignore[return-value]
-            torch.einsum("bp,kp->bk", hv[k].reshape(B, -1), onto[k].reshape(K, -1)) for k in params)
+            torch.einsum("bp,kp->bk", hv[k].reshape(B, params[k].numel()), onto[k].reshape(K, params[k].numel()))
+            for k in params)
 
     if onto is not None:
         B = _batch_size(op, batch) if batch_chunk_size is not None else 0
@@ -1288,7 +1352,7 @@ def _coupled_hvp_full(op, loss_fn, params, direction, batch):
     """Row i of the Jacobian of the [B] vector n^T grad l_i(theta) of the full batch: O(B) reverse passes."""
     with _ExactMode(op, decompose_norms=True):
         def tangent(p):
-            return torch.func.jvp(lambda q: _check_losses(op, loss_fn(q, batch)), (p,), (direction,))[1]
+            return torch.func.jvp(lambda q: _check_losses(op, _call_loss(loss_fn, q, batch)), (p,), (direction,))[1]
 
         out, vjp_fn = torch.func.vjp(tangent, params)
         eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)

@@ -78,40 +78,63 @@ def _tensors(x: TensorSource, op: str) -> Dict[str, Tensor]:
     return {str(i): v.detach() for i, v in enumerate(items)}
 
 
+def _check_finite(op: str, arg: str, t: Tensor) -> None:
+    """NaN compares as neither small nor large and inf breaks the SVD: refuse them by name."""
+    if t.is_floating_point() or t.is_complex():
+        bad = int((~torch.isfinite(t)).sum().item())
+        if bad:
+            raise ValueError(f"{op}: {arg} must be finite, got {bad} non-finite entries (inf or NaN) of {t.numel()} "
+                             f"(shape {tuple(t.shape)})")
+
+
 # =============================================================================== sparsity
 def sparsity(x: TensorSource, *, tol: float = 1e-6) -> float:
     """Fraction of entries with ``|theta| < tol`` (the paper's Fig. 6 uses tol = 1e-6).
 
     ``x``: a tensor, a dict of tensors, a module (all its parameters) or an iterable of tensors.
+    Non-finite entries (NaN, inf) raise a ValueError.
     """
     ts = _tensors(x, "sparsity")
     total = sum(t.numel() for t in ts.values())
     if total == 0:
         raise ValueError("sparsity: x has no entries")
+    for k, t in ts.items():
+        _check_finite("sparsity", f"x[{k!r}]" if k else "x", t)
     return sum((t.abs() < tol).sum().item() for t in ts.values()) / total
 
 
 # =============================================================================== ranks
+def _rows(M: Tensor) -> Tensor:
+    # explicit width: reshape(n, -1) cannot infer -1 for an empty tensor ([0, k] or [n, 0] weights)
+    return M.reshape(M.shape[0], math.prod(M.shape[1:]))
+
+
 def _as_matrix(M: Tensor, op: str) -> Tensor:
     if not isinstance(M, Tensor):
         raise TypeError(f"{op}: M must be a tensor, got {type(M).__name__}")
     if M.dim() < 2:
         raise ValueError(f"{op}: M must be a matrix (>= 2 dims; more dims are viewed as [shape[0], -1]), got shape {tuple(M.shape)}")
-    return M.detach().reshape(M.shape[0], -1)
+    _check_finite(op, "M", M)
+    return _rows(M.detach())
+
+
+def _singular_values(M: Tensor, op: str) -> Tensor:
+    A = _as_matrix(M, op)
+    if A.numel() == 0:  # an empty matrix has no singular values (rank 0)
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.linalg.svdvals(A.to(torch.float64))
 
 
 def singular_values(M: Tensor) -> Tensor:
-    """Singular values of M (viewed as ``[shape[0], -1]``), descending, in float64."""
-    A = _as_matrix(M, "singular_values")
-    if A.numel() == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.linalg.svdvals(A.to(torch.float64))
+    """Singular values of M (viewed as ``[shape[0], -1]``), descending, in float64; empty for an
+    empty matrix. Non-finite entries raise a ValueError (as in every rank metric)."""
+    return _singular_values(M, "singular_values")
 
 
 def numerical_rank(M: Tensor, *, tol: Optional[float] = None) -> int:
     """Number of singular values above ``tol``; by default ``sigma_max * max(m, n) * eps(M.dtype)``
     (the convention of ``numpy.linalg.matrix_rank``)."""
-    s = singular_values(M)
+    s = _singular_values(M, "numerical_rank")
     if s.numel() == 0:
         return 0
     if tol is None:
@@ -134,7 +157,7 @@ def effective_rank(M: Tensor) -> float:
     r"""Effective rank (Roy & Vetterli, 2007): :math:`\exp(-\sum_i p_i \log p_i)` with
     :math:`p_i = \sigma_i / \sum_j \sigma_j`. Equals k for k equal nonzero singular values; 0 for a
     zero matrix."""
-    return _effective_rank_from(singular_values(M))
+    return _effective_rank_from(_singular_values(M, "effective_rank"))
 
 
 def _approximate_rank_from(s: Tensor, threshold: float) -> int:
@@ -152,13 +175,13 @@ def approximate_rank(M: Tensor, *, threshold: float = 0.99) -> int:
     2021; the "0.99 approximate rank" or "stable rank" of plasticity studies). 0 for a zero matrix."""
     if not 0 < threshold <= 1:
         raise ValueError(f"approximate_rank: threshold must be in (0, 1], got {threshold}")
-    return _approximate_rank_from(singular_values(M), threshold)
+    return _approximate_rank_from(_singular_values(M, "approximate_rank"), threshold)
 
 
 def stable_rank(M: Tensor) -> float:
     r"""The classical stable rank :math:`\|M\|_F^2 / \|M\|_2^2 = \sum_i \sigma_i^2 / \sigma_1^2`
     (a continuous lower bound of the rank). 0 for a zero matrix."""
-    s = singular_values(M)
+    s = _singular_values(M, "stable_rank")
     if s.numel() == 0 or s[0].item() == 0:
         return 0.0
     return (s.pow(2).sum() / s[0] ** 2).item()
@@ -167,7 +190,7 @@ def stable_rank(M: Tensor) -> float:
 def rank_metrics(M: Tensor, *, threshold: float = 0.99) -> Dict[str, float]:
     """All four ranks from one SVD: ``numerical_rank``, ``effective_rank``, ``approximate_rank``
     and ``stable_rank``."""
-    s = singular_values(M)
+    s = _singular_values(M, "rank_metrics")
     A = _as_matrix(M, "rank_metrics")
     eps = torch.finfo(M.dtype).eps if M.is_floating_point() else torch.finfo(torch.float64).eps
     if s.numel() == 0 or s[0].item() == 0:
@@ -259,7 +282,7 @@ def homogeneity(
     if not isinstance(neurons, Tensor) or neurons.dim() < 1:
         raise ValueError(f"homogeneity: neurons must be a tensor [n, ...] with one row per neuron, got {getattr(neurons, 'shape', type(neurons).__name__)}")
     # small n x n computations: done on the CPU in float64 whatever the input's device
-    T = neurons.detach().reshape(neurons.shape[0], -1).to(device="cpu", dtype=torch.float64)
+    T = _rows(neurons.detach()).to(device="cpu", dtype=torch.float64)
     n = T.shape[0]
     if activations is not None:
         if not isinstance(activations, Tensor) or activations.dim() != 2 or activations.shape[1] != n:
@@ -321,15 +344,18 @@ def vanishing_neurons(
     if not isinstance(incoming, Tensor) or incoming.dim() < 1:
         raise ValueError("vanishing_neurons: incoming must be a tensor [n, ...] or a module with a weight")
     n = incoming.shape[0]
-    sq = incoming.detach().reshape(n, -1).double().pow(2).sum(1)
+    _check_finite("vanishing_neurons", "incoming", incoming)
+    sq = _rows(incoming.detach()).double().pow(2).sum(1)
     if isinstance(bias, Tensor):
         if bias.shape != (n,):
             raise ValueError(f"vanishing_neurons: bias must have shape ({n},), got {tuple(bias.shape)}")
+        _check_finite("vanishing_neurons", "bias", bias)
         sq = sq + bias.detach().double().pow(2)
     if outgoing is not None:
         if outgoing.dim() < 2 or outgoing.shape[1] != n:
             raise ValueError(f"vanishing_neurons: outgoing must have shape [out, {n}, ...] (the next layer's weight), got {tuple(outgoing.shape)}")
-        sq = sq + outgoing.detach().double().pow(2).transpose(0, 1).reshape(n, -1).sum(1)
+        _check_finite("vanishing_neurons", "outgoing", outgoing)
+        sq = sq + _rows(outgoing.detach().double().pow(2).transpose(0, 1)).sum(1)
     return sq.sqrt() < tol
 
 
@@ -339,12 +365,19 @@ def dormant_units(activations: Tensor, *, tau: float = 0.025, unit_dim: int = -1
     Unit i's score is :math:`s_i = \mathbb{E}_x|h_i(x)| / \big(\frac1H\sum_k \mathbb{E}_x|h_k(x)|\big)`;
     it is dormant when :math:`s_i \le \tau`. ``tau = 0`` marks units that are exactly zero on every
     sample. ``unit_dim``: the units' dim (-1 for ``[B, H]`` outputs, 1 for ``[B, C, H, W]`` maps);
-    the mean runs over every other dim. When every unit is zero all are dormant.
+    the mean runs over every other dim. When every unit is zero all are dormant. Zero units give
+    an empty mask; zero samples (the score is undefined) and non-finite entries raise a ValueError.
     """
     if not isinstance(activations, Tensor) or activations.dim() < 1:
         raise ValueError("dormant_units: activations must be a tensor with a units dim")
     a = activations.detach().movedim(unit_dim, -1)
     H = a.shape[-1]
+    if H == 0:
+        return torch.zeros(0, dtype=torch.bool, device=a.device)
+    if a.numel() == 0:
+        raise ValueError(f"dormant_units: activations has no samples (shape {tuple(activations.shape)}, units along "
+                         f"dim {unit_dim}): the mean activation of a unit is undefined")
+    _check_finite("dormant_units", "activations", a)
     m = a.reshape(-1, H).double().abs().mean(0)
     avg = m.mean()
     if avg.item() == 0:
@@ -438,6 +471,8 @@ def _units_view(out: Any, max_samples: int, channels_first: bool) -> Optional[Te
     x = out.detach()
     if channels_first:
         x = x.movedim(1, -1)
+    if x.numel() == 0:
+        return None  # no units or no samples: no activation metrics
     return x.reshape(-1, x.shape[-1])[:max_samples]
 
 
@@ -499,6 +534,16 @@ class CollapseMonitor:
         missing = [n for n in layers if n not in mods]
         if missing:
             raise KeyError(f"CollapseMonitor: layers {missing} are not modules of the model (have {list(mods)[:10]})")
+        # checked now, not at the first measure(): every tracked layer needs a matrix weight
+        for n in layers:
+            w = getattr(mods[n], "weight", None)
+            if not isinstance(w, Tensor) or w.dim() < 2:
+                got = f"a weight of shape {tuple(w.shape)}" if isinstance(w, Tensor) else "no weight tensor"
+                raise ValueError(f"CollapseMonitor: layers entry {n!r} ({type(mods[n]).__name__}) must have a weight "
+                                 f"of >= 2 dims (linear, convolution or DCS layers), got {got}")
+        if not any(p.numel() for p in model.parameters()):
+            raise ValueError(f"CollapseMonitor: model ({type(model).__name__}) must have parameters with entries to "
+                             f"monitor, got {sum(1 for _ in model.parameters())} parameters and no entries")
         self.layers = list(layers)
         self.every = every
         self.opts = dict(sparsity_tol=sparsity_tol, vanish_tol=vanish_tol, dead_tol=dead_tol, dormant_tau=dormant_tau,
@@ -546,10 +591,12 @@ class CollapseMonitor:
             w = m.weight.detach()
             for k, v in rank_metrics(w).items():
                 rec[f"{name}/{k}"] = float(v)
+            if w.shape[0] == 0:
+                continue  # no neurons: the ranks are 0, the per-neuron fractions undefined
             b = getattr(m, "bias", None)
             b = b if isinstance(b, Tensor) and b.shape == (w.shape[0],) else None
             rec[f"{name}/vanishing_fraction"] = vanishing_neurons(w, bias=b, tol=o["vanish_tol"]).double().mean().item()
-            rows = torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1) if b is not None else w
+            rows = torch.cat([_rows(w), b[:, None]], 1) if b is not None else w
             rec[f"{name}/near_identical_fraction"] = homogeneity(rows, near_identical=o["near_identical"]).near_identical_fraction
             a = self._acts.get(name)
             if a is not None and a.shape[0] >= 2:

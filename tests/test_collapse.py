@@ -296,3 +296,29 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"got shape \(\)"):
         weight_decay_threshold(lambda p, b: rescaled_loss(p, b).mean(), params,
                                {k: v[:1] for k, v in _mirror_directions().items()}, (X, Y))
+
+
+# ------------------------------------------------------------------ review regressions
+def test_critical_weight_decay_errors_name_curvature_and_zero_is_positive():
+    with pytest.raises(ValueError, match=r"curvature blocks \[B, K, K\] need K >= 1.*got shape \(3, 0, 0\)"):
+        critical_weight_decay(torch.zeros(3, 0, 0))
+    with pytest.raises(ValueError, match=r"curvature must have shape \[B\], \[B, K\] or \[B, K, K\].*got \(2, 2, 2, 2\)"):
+        critical_weight_decay(torch.zeros(2, 2, 2, 2))
+    for shape in ((4,), (4, 2), (4, 2, 2)):
+        for dtype in (torch.complex128, torch.bool):
+            with pytest.raises(TypeError, match=rf"curvature must be a real .*got dtype {dtype}"):
+                critical_weight_decay(torch.zeros(shape, dtype=dtype))
+        # no negative curvature: threshold +0.0, not -0.0 (the sign bit of 0 * -0.5)
+        for convention in ("eq1", "sgd"):
+            out = critical_weight_decay(torch.zeros(shape, dtype=torch.float64), convention=convention)
+            assert not torch.signbit(out).any(), (shape, convention, out)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-170, 1.0, 1e170, 1e300])
+def test_approx_critical_learning_rate_is_scale_invariant(scale):
+    # eq. (9) is homogeneous of degree -1 in h: lambda*(s h) = lambda*(h) / s (closed form, python floats)
+    h = [1.0, -3.0, 0.5, -2.0]
+    m1, m2 = sum(h) / 4, sum(v * v for v in h) / 4
+    expected = -2 * m1 / m2  # 0.5849...
+    out = approx_critical_learning_rate(torch.tensor(h, dtype=torch.float64) * scale)
+    assert math.isfinite(out.item()) and out.item() * scale == pytest.approx(expected, rel=1e-12)

@@ -390,3 +390,66 @@ def test_add_gradient_noise_revives_and_is_reproducible():
     assert m2.w[1] == 0
     with pytest.raises(ValueError, match="std must be >= 0"):
         M.add_gradient_noise(m2, std=-1.0)
+
+
+# ============================================================================== review regressions
+_RANK_FNS = [M.singular_values, M.numerical_rank, M.effective_rank, M.approximate_rank, M.stable_rank, M.rank_metrics]
+
+
+@pytest.mark.parametrize("fn", _RANK_FNS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_rank_metrics_reject_non_finite_matrices(fn, bad):
+    A = torch.eye(4, dtype=D64)
+    A[0, 1] = A[2, 3] = bad
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: M must be finite, got 2 non-finite entries"):
+        fn(A)
+
+
+def test_neuron_metrics_reject_nan():
+    x = torch.zeros(3, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"sparsity: x must be finite, got 1 non-finite"):
+        M.sparsity(x)
+    with pytest.raises(ValueError, match=r"sparsity: x\['w'\] must be finite, got 1 non-finite"):
+        M.sparsity({"w": x})
+    with pytest.raises(ValueError, match=r"vanishing_neurons: incoming must be finite, got 1 non-finite"):
+        M.vanishing_neurons(x)
+    with pytest.raises(ValueError, match=r"vanishing_neurons: outgoing must be finite, got 1 non-finite"):
+        M.vanishing_neurons(torch.zeros(4, 2), outgoing=x)
+    with pytest.raises(ValueError, match=r"dormant_units: activations must be finite, got 1 non-finite"):
+        M.dormant_units(x)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (0, 2, 3)])
+def test_empty_layers_have_defined_metrics(shape):
+    W = torch.zeros(shape)
+    n = shape[0]
+    # an empty matrix has no singular values and rank 0 (numpy agrees on the rank)
+    assert M.singular_values(W).shape == (0,)
+    assert M.numerical_rank(W) == np.linalg.matrix_rank(np.zeros((n, math.prod(shape[1:])))) == 0
+    assert M.rank_metrics(W) == {"numerical_rank": 0, "effective_rank": 0.0, "approximate_rank": 0, "stable_rank": 0.0}
+    assert M.effective_rank(W) == 0.0 and M.approximate_rank(W) == 0 and M.stable_rank(W) == 0.0
+    # n neurons without parameters have norm 0 < tol: all vanish
+    assert M.vanishing_neurons(W).tolist() == [True] * n
+    h = M.homogeneity(W)
+    assert h.block_count == 0 if n == 0 else h.correlation.shape == (n, n)
+    assert M.dormant_units(torch.zeros(5, 0)).shape == (0,)
+
+
+def test_dormant_units_refuse_zero_samples():
+    with pytest.raises(ValueError, match=r"dormant_units: activations has no samples \(shape \(0, 4\)"):
+        M.dormant_units(torch.zeros(0, 4))
+
+
+def test_collapse_monitor_empty_layer_and_bad_layers():
+    model = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3))
+    with M.CollapseMonitor(model) as mon:
+        model(torch.randn(5, 4))
+        rec = mon.step()
+    assert rec["0/numerical_rank"] == 0 and rec["1/numerical_rank"] == 0
+    assert "0/vanishing_fraction" not in rec  # no neurons: no per-neuron fraction
+    # a LayerNorm's weight is no matrix: refused at construction, naming the layer
+    with pytest.raises(ValueError, match=r"layers entry '1' \(LayerNorm\) must have a weight of >= 2 dims.*got a weight of shape \(3,\)"):
+        M.CollapseMonitor(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), layers=["1"])
+    with pytest.raises(ValueError, match=r"model \(ReLU\) must have parameters"):
+        M.CollapseMonitor(nn.ReLU())

@@ -631,3 +631,45 @@ def test_find_symmetries_on_symfast_nn_layers_if_present():
     lr = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn_mod.DCSLinear(6, 3, structure="lowrank", alpha=1e-3))
     found = _found(S.find_symmetries(lr, torch.randn(8, 4)))
     assert {("dcs-sign", ("2",)), ("dcs-rotation", ("2",)), ("permutation", ("0", "2"))} <= found
+
+
+# ============================================================================== review regressions
+def test_verify_vacuous_tolerance_follows_dtype():
+    # rotating layer 0's input space is no symmetry of a ReLU net; at the symmetric solution
+    # R theta = theta up to float32 rounding, so the check must read vacuous, not verified
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.randn(20, 6)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    n = torch.randn(6)
+    m = S.rotation_mirror(params, [("0.weight", 1)], n / n.norm())
+    assert not S.verify(_output_loss(model), params, m, [x]).passed  # not a symmetry
+    sym = m.symmetric_solution(params)
+    cond = m.condition(sym).double().norm().item() / S.flatten(sym).double().norm().item()
+    assert 1e-12 < cond < 1e-6  # float32 rounding: on the condition, though not to 1e-12
+    res = S.verify(_output_loss(model), sym, m, [x])
+    assert res.vacuous and not res
+    assert S.stationary_report(_output_loss(model), sym, m, x).on_condition == res.vacuous
+
+
+def test_find_symmetries_train_mode_leaves_buffers_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(16, 4) * 3 + 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = S.find_symmetries(model, x, mode="train")
+    assert ("permutation", ("0", "3")) in _found(rep)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and model.training
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k  # bit-identical, running statistics included
+
+
+def test_find_symmetries_report_says_families_are_sampled_and_checks_must_be_positive():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    rep = S.find_symmetries(model, torch.randn(10, 3))
+    assert "verified on a sample of 3 members" in str(rep)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"checks must be a positive int .*got " + repr(bad).replace(".", r"\.")):
+            S.find_symmetries(model, torch.randn(10, 3), checks=bad)
