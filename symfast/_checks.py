@@ -36,11 +36,15 @@ def check_dtype_device(op: str, name: str, t: torch.Tensor, w: torch.Tensor) -> 
 
 
 def broadcasts_to(shape, target) -> bool:
-    """True when ``shape`` broadcasts to exactly ``target``."""
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
+    """True when ``shape`` broadcasts to exactly ``target``.
+
+    Compared size by size (no try/except around torch.broadcast_shapes, which
+    Dynamo cannot trace: under torch.compile a bad mask gave torch's internal
+    broadcast error instead of symfast's message)."""
+    shape, target = tuple(shape), tuple(target)
+    if len(shape) > len(target):
         return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def check_like(op: str, name: str, t: Optional[torch.Tensor], w: torch.Tensor) -> None:

@@ -136,6 +136,11 @@ def _first_order_only() -> bool:
     )
 
 
+def _transforms_active() -> bool:
+    """A torch.func transform or a forward-mode AD level is active (also while Dynamo traces)."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 def _plain_autograd() -> bool:
     """True when no torch.func transform and no forward-mode AD level is active.
 
@@ -146,7 +151,7 @@ def _plain_autograd() -> bool:
     remain the path under torch.func and forward AD, which a C++ node does not
     support.
     """
-    return torch.autograd.forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active()
+    return not _transforms_active()
 
 
 def vjp(
@@ -409,6 +414,14 @@ def dcs(
         # Dynamo cannot trace an autograd.Function with a custom jvp, so under
         # torch.compile the op is called directly: its autograd comes from
         # register_autograd (same formulas) and AOTAutograd traces the backward.
+        if _transforms_active():
+            # ... but the raw op has no forward-mode or functorch rule, and under a
+            # compiled torch.func.jvp/jacfwd its tangents came out as zeros (grad and
+            # vmap failed): there the traced formula is the reference's, which
+            # Dynamo and Inductor handle (and fuse) like any PyTorch code.
+            from .reference import dcs as dcs_reference
+
+            return dcs_reference(w, u, v, mask)
         return _lib_ops.dcs(w, u, v, mask)
     if _plain_autograd():
         return _lib_ops._dcs_autograd(w, u, v, mask)

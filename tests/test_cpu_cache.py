@@ -62,3 +62,17 @@ def test_outputs_work_as_gradients_and_survive_training_steps(fresh_cache):
 def test_bad_limit_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="limit_bytes must be an int >= 0"):
         symfast.set_cpu_cache_limit(bad)
+
+
+def test_cached_outputs_are_resizable():
+    """Outputs from the block cache have a resizable storage, like at::empty's: code that
+    resizes a tensor or frees its storage with resize_(0) (FSDP-style) works on them."""
+    w = torch.randn(512, 1024, requires_grad=True)  # 2 MiB: from the cache
+    u = torch.randn(512, 1024)
+    theta = symfast.dcs(w, u)
+    theta.backward(torch.ones_like(theta))
+    for t in (theta.detach(), w.grad):
+        t.resize_(600, 1024)
+        assert t.shape == (600, 1024)
+        t.untyped_storage().resize_(0)
+        assert t.untyped_storage().nbytes() == 0

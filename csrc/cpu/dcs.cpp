@@ -71,10 +71,13 @@ template <> struct UIntOfSize<8> { using type = uint64_t; };
 
 // on ? a : b, exact and branchless: an all-ones or all-zeros bit mask picks
 // the bits of a or b. The compiler turns this into vector and/andnot/or.
+// `on` is a mask byte: any nonzero byte is true, as torch reads a bool (a
+// uint8 tensor viewed as bool may hold 2 or 255), so the selector is built
+// from on != 0; U(0) - U(on) would have mixed the bits of a and b.
 template <typename T>
 C10_ALWAYS_INLINE T select_bits(uint8_t on, T a, T b) {
   using U = typename UIntOfSize<sizeof(T)>::type;
-  const U sel = U(0) - U(on);
+  const U sel = U(0) - U(on != 0);
   U ua, ub;
   std::memcpy(&ua, &a, sizeof(T));
   std::memcpy(&ub, &b, sizeof(T));

@@ -1,5 +1,6 @@
 #include "output_cache.h"
 
+#include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
 #include <cstdlib>
@@ -106,14 +107,37 @@ class BlockCache {
 
 }  // namespace
 
+namespace {
+
+// The DataPtr context of a cached block: where it is and how big, for its deleter.
+struct Block {
+  void* p;
+  size_t bytes;
+};
+
+void release_block(void* ctx) {
+  auto* block = static_cast<Block*>(ctx);
+  BlockCache::get().release(block->p, block->bytes);
+  delete block;
+}
+
+}  // namespace
+
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
                        c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   if (bytes < kMinCachedBytes || !options.device().is_cpu()) return at::empty(sizes, options);
   const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
   void* p = BlockCache::get().acquire(rounded);
-  return at::from_blob(
-      p, sizes, [rounded](void* q) { BlockCache::get().release(q, rounded); }, options);
+  // A resizable storage with the CPU allocator behind it, like at::empty's: code
+  // that resizes a tensor or frees a storage with resize_(0) (FSDP-style memory
+  // management) works on these outputs too. (at::from_blob's storage is not
+  // resizable.) A resize allocates from the CPU allocator and hands this block
+  // back to the cache through its deleter.
+  c10::DataPtr data(p, new Block{p, rounded}, &release_block, c10::Device(c10::kCPU));
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data), c10::GetCPUAllocator(),
+                       /*resizable=*/true);
+  return at::empty({0}, options).set_(std::move(storage), 0, sizes, /*stride=contiguous*/ {});
 }
 
 std::vector<int64_t> cpu_cache_info() { return BlockCache::get().info(); }
