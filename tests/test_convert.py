@@ -634,3 +634,16 @@ def test_sparsity_report_of_a_group_with_its_bias_describes_the_weight():
     row = sparsity_report(model, compute_rank=True).rows[0]
     assert row["shape"] == (3, 5) and row["numel"] == 15 and row["zeros"] == 5
     assert row["rank"] == 2 and row["dead_groups"] == 1
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+def test_lowrank_export_of_a_dead_conv_runs(conv):
+    """torch's convolutions cannot have zero channels: a rank-0 conv exports as the dense
+    all-zero conv (its bias), not as two thin convs of width 0 that fail in forward."""
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(conv(3, 4, 3, padding=1, dtype=DT)), structure="lowrank", alpha=1e-3, warn=False)
+    small = export(model, threshold=1e9)
+    assert type(small[0]) is conv and not small[0].weight.any()
+    x = torch.randn(2, 3, *([8] * (2 if conv is nn.Conv2d else 1)), dtype=DT)
+    expected = model[0].bias.detach().reshape(1, 4, *([1] * (x.dim() - 2))).expand(2, 4, *x.shape[2:])
+    torch.testing.assert_close(small(x), expected, atol=0, rtol=0)

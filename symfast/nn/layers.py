@@ -456,7 +456,9 @@ class _DCSConvNd(DCSLayer):
         left, right = self.parametrization.thin_factors(threshold)  # (out, r), (in*k, r)
         r = left.shape[1]
         fan = right.shape[0]
-        if r * (fan + self.out_channels) >= fan * self.out_channels:
+        if r == 0 or r * (fan + self.out_channels) >= fan * self.out_channels:
+            # (rank 0: torch's convolutions cannot have zero channels, so a dead layer exports
+            # as the dense all-zero conv, which computes the same function: its bias)
             return None
         dev, dt = left.device, left.dtype
         first = self._dense_cls(self.in_channels, r, self.kernel_size, bias=False, device=dev, dtype=dt,
