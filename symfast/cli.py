@@ -16,9 +16,71 @@ function to ``_COMMANDS``.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+#: ``--seed`` of demo and repro: what ``torch.manual_seed`` takes, with room for the experiments' offsets.
+SEED_LIMIT = 2 ** 63
+#: ``symfast train --seed``: step k's batch is drawn with the seed ``seed * 1_000_003 + k`` (the fine-tunes use
+#: ``seed + 1``), which must stay below 2**64 for ``torch.Generator.manual_seed``.
+TRAIN_SEED_LIMIT = 2 ** 44
+#: ``symfast train --context``: attention time grows with its square (4096 bytes: ~12 s a step on 2 cores).
+CONTEXT_MAX = 4096
+
+
+# ------------------------------------------------------------------ flag values (argparse ``type=``)
+def _int_in(lo: int, hi: Optional[int] = None, hi_text: Optional[str] = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``lo <= n`` (``< hi`` when given, said as ``hi_text``); otherwise argparse's
+    error naming the flag, the range and the value (exit status 2)."""
+    if hi is None:
+        want = f"an integer >= {lo}"
+    else:
+        want = f"an integer with {lo} <= N " + (f"< {hi_text}" if hi_text else f"<= {hi - 1}")
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if v < lo or (hi is not None and v >= hi):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _float_from(lo: float, *, inclusive: bool) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``> lo`` (``>= lo`` when ``inclusive``); otherwise exit 2."""
+    want = f"a finite number {'>=' if inclusive else '>'} {lo:g}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or (v == lo and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _out_dir(text: str) -> str:
+    """An argparse ``type`` for ``--out``: a directory, or a path where one can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a directory, got {text!r}, which is an existing file")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot make the directory {text!r}: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {str(parent)!r} (no permission) for {text!r}")
+    return text
 
 
 def _fmt(x: Optional[float]) -> str:
@@ -121,9 +183,10 @@ def _add_demo(sub) -> None:
         "table and a summary table of claims and verdicts, and write OUT/NAME/{result.json,report.md,*.png} "
         "and the combined OUT/report.md.",
     )
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
+    p.add_argument("--out", type=_out_dir, default="results", help="output directory (default: results/)")
     p.add_argument("--full", action="store_true", help="the paper's appendix settings (much slower)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=_int_in(0, SEED_LIMIT, "2**63"), default=0,
+                   help="random seed, 0 <= N < 2**63 (default: 0)")
     p.add_argument("--no-progress", dest="progress_off", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_demo)
 
@@ -153,6 +216,9 @@ def _cmd_repro(args: argparse.Namespace) -> int:
     from . import experiments
 
     if args.list:
+        if args.names or args.all:
+            given = " ".join(args.names) or "--all"
+            args.repro_parser.error(f"argument --list: takes no experiment names or --all, got {given!r}")
         _print_list()
         return 0
     if args.all and args.names:
@@ -182,6 +248,7 @@ def _cmd_repro(args: argparse.Namespace) -> int:
     args.configs = _model_data_configs(names, args)
     records = _run_set(names, args, show_fig1_left_table=False)
     cmd = "symfast repro " + ("--all" if args.all else " ".join(names)) + (" --full" if args.full else "")
+    cmd += f" --seed {args.seed}" if args.seed else ""
     if args.model is not None:
         cmd += f" --model {args.model}"
     if args.data is not None:
@@ -240,8 +307,9 @@ def _add_repro(sub) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="about a minute each on 2 CPU cores (default)")
     mode.add_argument("--full", action="store_true", help="the paper's appendix settings (slower)")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", type=_out_dir, default="results", help="output directory (default: results/)")
+    p.add_argument("--seed", type=_int_in(0, SEED_LIMIT, "2**63"), default=0,
+                   help="random seed, 0 <= N < 2**63 (default: 0)")
     p.add_argument("--no-progress", dest="progress_off", action="store_true", help="hide the progress bars")
     p.add_argument("--model", default=None, metavar="NAME",
                    help="fig1-right and dcs-cnn only: 'resnet18' runs the paper's ResNet18 on CIFAR-10 (needs --data; "
@@ -252,15 +320,87 @@ def _add_repro(sub) -> None:
     p.set_defaults(func=_cmd_repro, repro_parser=p)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    import os
+def _check_train_flags(args: argparse.Namespace, world: int) -> None:
+    """The checks of ``symfast train`` flags that depend on other flags: each is a parser error (exit status 2)."""
+    from .train.task import LM_HEADS, LM_ONLY, defaults
 
+    parser = args.train_parser
+    if args.task != "lm":
+        given = [f"--{k}" for k in LM_ONLY if getattr(args, k) is not None]
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            parser.error(f"argument {given[0]}: {' and '.join(given)} {verb} only to --task lm, not to --task "
+                         f"{args.task}")
+    d = defaults(args.task, args.structure, quick=args.quick)
+    if args.task == "lm":
+        width = d["width"] if args.width is None else args.width
+        if width % LM_HEADS:
+            parser.error(f"argument --width: --task lm needs a width divisible by its {LM_HEADS} attention heads, "
+                         f"got {width}")
+    batch = d["batch_size"] if args.batch_size is None else args.batch_size
+    if batch % world:
+        parser.error(f"argument --batch-size: the global batch must be divisible by the number of processes "
+                     f"({world}), got {batch}")
+    if args.parallel is not None and world == 1:
+        print(f"symfast train: warning: --parallel {args.parallel} has no effect in one process; it applies under "
+              "torchrun (torchrun --nproc_per_node N -m symfast train ...). Training in one process.",
+              file=sys.stderr, flush=True)
+
+
+def _interrupted_line(exc: KeyboardInterrupt, out: str) -> str:
+    """One line for Ctrl-C: where the run stopped and how ``--resume`` continues it."""
+    from .train import Interrupted
+
+    resume = f"continue with: symfast train --resume --out {out} (and the same flags)"
+    if not isinstance(exc, Interrupted):
+        return f"symfast train: interrupted outside a training phase (every finished phase is checkpointed); {resume}"
+    if exc.checkpoint_step is None:
+        kept = "no checkpoint of it yet, so --resume redoes it from step 0"
+    else:
+        kept = f"its checkpoint {exc.checkpoint} holds step {exc.checkpoint_step}"
+    return f"symfast train: interrupted in the {exc.desc} phase after step {exc.step} of {exc.steps} ({kept}); {resume}"
+
+
+def _print_train_metrics(m: dict, args: argparse.Namespace) -> None:
+    if args.resume and not any(m["trained_now"].values()):
+        print(f"symfast train --resume: the run in {args.out} had finished: nothing was retrained (the results are "
+              "recomputed from its checkpoints)")
+    acc = "" if m["val_accuracy"] is None else f", accuracy {m['val_accuracy']:.3f}"
+    bacc = "" if m["magnitude_pruning_val_accuracy"] is None else \
+        f", accuracy {m['magnitude_pruning_val_accuracy']:.3f}"
+    procs = f"{m['world_size']} process(es)" + (f", {m['parallel']}" if m["world_size"] > 1 else "")
+    print(f"symfast train {m['task']} ({m['structure']}, alpha {m['alpha']:g}, {m['steps']} steps, "
+          f"{procs}, {m['seconds']:.0f} s)")
+    kept = "" if m["ranks"] is None else \
+        f"rank {sum(r for r, _ in m['ranks'].values())}/{sum(f for _, f in m['ranks'].values())}, "
+    print(f"  DCS exported:       {kept}sparsity {m['sparsity']:.3f}, val loss {m['val_loss']:.4f}{acc}; "
+          f"params {m['params_before']} -> {m['params_after']} ({m['nonzero_params_after']} nonzero)")
+    if "svd_truncation_val_loss" in m:
+        sacc = "" if m["svd_truncation_val_accuracy"] is None else \
+            f", accuracy {m['svd_truncation_val_accuracy']:.3f}"
+        ranks = sum(r for r, _ in m["svd_truncation_ranks"].values())
+        print(f"  SVD truncation:     same ranks (sum {ranks}), val loss {m['svd_truncation_val_loss']:.4f}"
+              f"{sacc}; params {m['svd_truncation_params_after']}")
+    same = "same sparsity" if m["magnitude_pruning_sparsity"] == m["sparsity"] else \
+        f"sparsity {m['magnitude_pruning_sparsity']:.3f}, NOT the DCS model's {m['sparsity']:.3f}"
+    print(f"  magnitude pruning:  {same}, val loss {m['magnitude_pruning_val_loss']:.4f}{bacc}")
+    print(f"  dense (unpruned):   val loss {m['dense_val_loss']:.4f}")
+    if m["inference"] is not None:
+        s = m["inference"]
+        print(f"  inference: dense {s['dense_ms']:.2f} ms, exported {s['exported_ms']:.2f} ms "
+              f"(x{s['speedup']:.2f})")
+    print(f"  {args.out}/metrics.json, {args.out}/training.png, {args.out}/exported.pt")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
     from .train import TrainConfig, run
+    from .train.task import NonFiniteMetrics, ResumeMismatch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_train_flags(args, world)
     device = None
     if world > 1:  # launched by torchrun: DistributedDataParallel, gloo on CPU, nccl on GPU
         cuda = torch.cuda.is_available()
@@ -270,51 +410,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if cuda else "gloo")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
+    rank = dist.get_rank() if dist.is_initialized() else 0
     cfg = TrainConfig(task=args.task, structure=args.structure, alpha=args.alpha, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, threshold=args.threshold,
                       width=args.width, depth=args.depth, context=args.context, quick=args.quick, seed=args.seed,
                       eval_every=args.eval_every)
+    clean = False  # whether the processes may still meet at a barrier before the group is destroyed
     try:
         m = run(cfg, args.out, resume=args.resume, stop_after=args.stop_after, progress=not args.progress_off,
-                device=device, parallel=args.parallel)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if m is None:
-            if rank == 0:
-                print(f"symfast train: stopped after step {args.stop_after}; continue with --resume --out {args.out}")
-            return 0
+                device=device, parallel=args.parallel or "ddp")
+        clean = True
         if rank == 0:
-            acc = "" if m["val_accuracy"] is None else f", accuracy {m['val_accuracy']:.3f}"
-            bacc = "" if m["magnitude_pruning_val_accuracy"] is None else \
-                f", accuracy {m['magnitude_pruning_val_accuracy']:.3f}"
-            procs = f"{m['world_size']} process(es)" + (f", {m['parallel']}" if m["world_size"] > 1 else "")
-            print(f"symfast train {m['task']} ({m['structure']}, alpha {m['alpha']:g}, {m['steps']} steps, "
-                  f"{procs}, {m['seconds']:.0f} s)")
-            kept = "" if m["ranks"] is None else \
-                f"rank {sum(r for r, _ in m['ranks'].values())}/{sum(f for _, f in m['ranks'].values())}, "
-            print(f"  DCS exported:       {kept}sparsity {m['sparsity']:.3f}, val loss {m['val_loss']:.4f}{acc}; "
-                  f"params {m['params_before']} -> {m['params_after']} ({m['nonzero_params_after']} nonzero)")
-            if "svd_truncation_val_loss" in m:
-                sacc = "" if m["svd_truncation_val_accuracy"] is None else \
-                    f", accuracy {m['svd_truncation_val_accuracy']:.3f}"
-                ranks = sum(r for r, _ in m["svd_truncation_ranks"].values())
-                print(f"  SVD truncation:     same ranks (sum {ranks}), val loss {m['svd_truncation_val_loss']:.4f}"
-                      f"{sacc}; params {m['svd_truncation_params_after']}")
-            print(f"  magnitude pruning:  same sparsity, val loss {m['magnitude_pruning_val_loss']:.4f}{bacc}")
-            print(f"  dense (unpruned):   val loss {m['dense_val_loss']:.4f}")
-            if m["inference"] is not None:
-                s = m["inference"]
-                print(f"  inference: dense {s['dense_ms']:.2f} ms, exported {s['exported_ms']:.2f} ms "
-                      f"(x{s['speedup']:.2f})")
-            print(f"  {args.out}/metrics.json, {args.out}/training.png, {args.out}/exported.pt")
+            if "stopped_at" in m:
+                print(f"symfast train: stopped after step {m['stopped_at']} of {m['steps']} (checkpoint "
+                      f"{m['checkpoint']}); continue with --resume --out {args.out}")
+            else:
+                _print_train_metrics(m, args)
+        return 0
+    except ResumeMismatch as exc:
+        clean = True
+        if rank == 0:
+            print(exc, file=sys.stderr)
+        return 2
+    except NonFiniteMetrics as exc:
+        clean = True
+        if rank == 0:
+            print(exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        if rank == 0:
+            print(file=sys.stderr)
+            print(_interrupted_line(exc, args.out), file=sys.stderr, flush=True)
+        return 130
     finally:
         if dist.is_initialized():
             # Drain outstanding gloo work first: torch's ProcessGroupGloo
             # teardown can deadlock on the GIL while a worker thread still
             # holds an AsyncWork (seen on torch 2.13 in tests).
-            if sys.exc_info()[0] is None:
+            if clean:
                 dist.barrier()
             dist.destroy_process_group()
-    return 0
+
+
+def _train_defaults_text(key: str) -> str:
+    """``lm A, digits B; --quick: lm C, digits D`` for one setting of :func:`symfast.train.task.defaults`."""
+    from .train.task import TASKS, defaults
+
+    def per(quick: bool) -> str:
+        vals = {t: defaults(t, "elementwise", quick=quick)[key] for t in TASKS}
+        vals = {t: v for t, v in vals.items() if v is not None}
+        if len(vals) > 1 and len(set(vals.values())) == 1:
+            return f"{next(iter(vals.values())):g}"  # the same for every task
+        return ", ".join(f"{t} {v:g}" for t, v in vals.items())
+
+    full, quick = per(False), per(True)
+    return f"default: {full}" + ("" if quick == full else f"; with --quick: {quick}")
 
 
 def _add_train(sub) -> None:
@@ -322,43 +472,65 @@ def _add_train(sub) -> None:
         "train",
         help="sparse training of a real model (lm | digits) against a same-budget magnitude-pruning baseline",
         description="Convert the task's model to DCS layers, train it on loss + penalty, export it, and train the "
-        "dense model with the same budget, magnitude-prune it to the same sparsity and fine-tune it for 10%% of "
+        "dense model with the same budget, magnitude-prune it to the same sparsity and fine-tune it for 10% of "
         "the budget. Writes OUT/metrics.json, OUT/training.png, OUT/exported.pt and OUT/checkpoints/. "
         "For --structure lowrank it also fine-tunes the dense model truncated by SVD to the DCS model's ranks. "
         "Under torchrun (torchrun --nproc_per_node N -m symfast train ...) it runs DistributedDataParallel, or "
-        "FSDP2 with --parallel fsdp; --batch-size is the global batch.",
+        "FSDP2 with --parallel fsdp; --batch-size is the global batch. A run without --resume starts clean: it "
+        "removes an earlier run's checkpoints and outputs from OUT.",
     )
     p.add_argument("--task", choices=["lm", "digits"], default="lm", help="lm (default): byte transformer on the "
                    "Python standard library's sources; digits: CNN on scikit-learn's digits")
-    p.add_argument("--structure", choices=["elementwise", "group", "lowrank"], default="elementwise")
-    p.add_argument("--alpha", type=float, default=None, help="DCS weight decay (task default: 3e-4)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (warm-up 5%%, cosine decay)")
+    p.add_argument("--structure", choices=["elementwise", "group", "lowrank"], default="elementwise",
+                   help="the DCS structure: elementwise (default; L1-like, single zeros), group (whole units "
+                   "die and are removed at export) or lowrank (nuclear-norm-like; compared with truncated SVD)")
+    p.add_argument("--alpha", type=_float_from(0, inclusive=True), default=None,
+                   help=f"DCS weight decay, >= 0 ({_train_defaults_text('alpha')})")
+    p.add_argument("--steps", type=_int_in(1), default=None,
+                   help=f"training steps of the DCS model and of the dense baseline, >= 1 "
+                   f"({_train_defaults_text('steps')})")
+    p.add_argument("--batch-size", type=_int_in(1), default=None,
+                   help=f"global batch size, >= 1 ({_train_defaults_text('batch_size')})")
+    p.add_argument("--lr", type=_float_from(0, inclusive=False), default=None,
+                   help=f"peak learning rate, > 0 (warm-up 5%%, cosine decay; {_train_defaults_text('lr')})")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam (default) or sgd (momentum 0.9); both with the coupled decay that equals the penalty")
-    p.add_argument("--threshold", type=float, default=None, help="export threshold: factor-product entries (groups, singular values) of size <= it become exact zeros (default 1e-2)")
-    p.add_argument("--width", type=int, default=None, help="lm: model width; digits: conv channels")
-    p.add_argument("--depth", type=int, default=None, help="lm: number of blocks")
-    p.add_argument("--context", type=int, default=None, help="lm: context length in bytes")
-    p.add_argument("--quick", action="store_true", help="a smaller run, about a minute on 2 CPU cores")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: steps/10)")
-    p.add_argument("--out", default="results/train", help="output directory (default: results/train)")
+    p.add_argument("--threshold", type=_float_from(0, inclusive=True), default=None,
+                   help="export threshold, >= 0: factor-product entries (groups, singular values) of size <= it "
+                   f"become exact zeros ({_train_defaults_text('threshold')})")
+    p.add_argument("--width", type=_int_in(1), default=None,
+                   help=f"lm: model width, divisible by 4 (the heads); digits: conv channels "
+                   f"({_train_defaults_text('width')})")
+    p.add_argument("--depth", type=_int_in(1), default=None,
+                   help=f"lm only: number of blocks, >= 1 ({_train_defaults_text('depth')})")
+    p.add_argument("--context", type=_int_in(1, CONTEXT_MAX + 1), default=None,
+                   help=f"lm only: context length in bytes, 1 to {CONTEXT_MAX} (attention time grows with its "
+                   f"square; {_train_defaults_text('context')})")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller, shorter run (lm: width 64, context 32, 200 steps; digits: 300 steps); about "
+                   "10 s on 2 CPU cores")
+    p.add_argument("--seed", type=_int_in(0, TRAIN_SEED_LIMIT, "2**44"), default=0,
+                   help="random seed of the initialization, the batches and the digits split, 0 <= N < 2**44 "
+                   "(default: 0)")
+    p.add_argument("--eval-every", type=_int_in(1), default=None,
+                   help="validate (and checkpoint) every N steps, N >= 1 (default: steps/10)")
+    p.add_argument("--out", type=_out_dir, default="results/train",
+                   help="output directory (default: results/train)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints (same result as one run). The settings must be those the run "
                    "started with (OUT/checkpoints/config.json; a difference is an error naming it): only "
                    "--eval-every may differ (it changes which steps are validated and checkpointed, not the "
                    "result), and so may --no-progress, --stop-after, --parallel and the number of processes "
-                   "(checkpoints hold full states)")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   "(checkpoints hold full states). A phase checkpoint written with other settings is not reused")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
                    help="under torchrun: ddp (default, DistributedDataParallel) or fsdp (FSDP2 fully_shard, for "
                    "models that do not fit one device; checkpoints are gathered to full states, written by rank 0 "
-                   "in the single-process format). Ignored in a single process")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop the DCS phase after N steps, checkpointed (an interruption; then --resume)")
+                   "in the single-process format). In one process it has no effect (a warning says so)")
+    p.add_argument("--stop-after", type=_int_in(1), default=None,
+                   help="stop the DCS phase after its step N, N >= 1, checkpointed, as an interruption would; then "
+                   "--resume. N counts from the run's start: resumed at a later step, it stops after one more step")
     p.add_argument("--no-progress", dest="progress_off", action="store_true", help="hide the progress bars")
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, train_parser=p)
 
 
 _COMMANDS: list[Callable] = [_add_demo, _add_repro, _add_train]
@@ -375,7 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside what a command reports itself (train says where it stopped)
+        print(f"\nsymfast {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -265,6 +265,7 @@ def test_cli_repro_one_experiment(tmp_path, capsys):
     assert (tmp_path / "eq6" / "eq6.png").exists() and (tmp_path / "eq6" / "report.md").exists()
     combined = (tmp_path / "report.md").read_text()
     assert "| experiment | claim | verdict |" in combined and "(eq6/eq6.png)" in combined
+    assert "Produced by `symfast repro eq6 --seed 2`." in combined  # the flags that change the results
     assert "eq6" in text and rec["verdict"] in text and "claims reproduced" in text
 
 
@@ -278,6 +279,25 @@ def test_cli_repro_errors(tmp_path, capsys):
     assert cli.main(["repro", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         cli.main(["repro", "eq6", "--quick", "--full"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--list", "eq6"], "argument --list: takes no experiment names or --all, got 'eq6'"),
+    (["--list", "--all"], "argument --list: takes no experiment names or --all, got '--all'"),
+    (["eq6", "--seed", "-1"], "argument --seed: expected an integer with 0 <= N < 2**63, got '-1'"),
+    (["eq6", "--seed", str(2 ** 63)], f"argument --seed: expected an integer with 0 <= N < 2**63, got '{2 ** 63}'"),
+    (["eq6", "--out", "FILE"], "argument --out: expected a directory, got 'FILE', which is an existing file"),
+    (["eq6", "--out", "FILE/sub"], "argument --out: cannot make the directory 'FILE/sub': 'FILE' is a file"),
+])
+def test_cli_repro_usage_errors_exit_2(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("")
+    monkeypatch.setattr(experiments, "run", lambda *a, **k: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["repro", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
 
 
 def test_cli_repro_all_runs_every_ready_one(tmp_path, monkeypatch, capsys):

@@ -8,13 +8,13 @@
 """
 
 from .data import ByteWindows, digits_data, lm_data, stdlib_files
-from .loop import FitResult, cross_entropy, dcs_sparsity, evaluate, fit, lr_at
+from .loop import FitResult, Interrupted, cross_entropy, dcs_sparsity, evaluate, fit, lr_at
 from .models import ByteTransformer, DigitsCNN
 from .resnet import ResNet18
 from .task import TrainConfig, defaults, inference_speedup, prune_like, run
 
 __all__ = [
-    "fit", "evaluate", "FitResult", "cross_entropy", "dcs_sparsity", "lr_at",
+    "fit", "evaluate", "FitResult", "Interrupted", "cross_entropy", "dcs_sparsity", "lr_at",
     "ByteWindows", "lm_data", "digits_data", "stdlib_files",
     "ByteTransformer", "DigitsCNN", "ResNet18",
     "TrainConfig", "run", "defaults", "prune_like", "inference_speedup",

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, default_collate
 from ..convert import param_groups
 from ..nn.layers import DCSLayer
 
-__all__ = ["fit", "evaluate", "dcs_sparsity", "FitResult", "cross_entropy", "lr_at"]
+__all__ = ["fit", "evaluate", "dcs_sparsity", "FitResult", "Interrupted", "cross_entropy", "lr_at"]
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -112,6 +112,21 @@ class FitResult:
     val: Dict[str, float] = field(default_factory=dict)
     resumed_from: Optional[int] = None
     stopped_early: bool = False
+
+
+class Interrupted(KeyboardInterrupt):
+    """A ``KeyboardInterrupt`` (Ctrl-C) during :func:`fit`, with where it happened.
+
+    ``desc``: the ``desc`` of the interrupted :func:`fit`; ``step``: the steps completed of ``steps``;
+    ``checkpoint``: its checkpoint file (``None`` without one); ``checkpoint_step``: the step that file
+    holds (``None`` when nothing was written or resumed yet), where ``resume=True`` continues.
+    """
+
+    def __init__(self, desc: str, step: int, steps: int, checkpoint: Optional[Path],
+                 checkpoint_step: Optional[int]) -> None:
+        super().__init__(f"{desc}: interrupted after step {step} of {steps}")
+        self.desc, self.step, self.steps = desc, step, steps
+        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
 
 
 def _dist() -> tuple[int, int]:
@@ -208,6 +223,7 @@ def fit(
     desc: str = "train",
     device=None,
     parallel: str = "ddp",
+    meta: Any = None,
 ) -> FitResult:
     r"""Trains ``model`` for ``steps`` steps on ``train_data``; returns a :class:`FitResult`.
 
@@ -228,11 +244,16 @@ def fit(
     Checkpoints: with ``checkpoint`` (a file), the model, optimizer and RNG states and the history
     are saved every ``checkpoint_every`` steps (default: at each validation) and at the end (rank 0
     writes). ``resume=True`` continues from it when it exists, to the same result as an
-    uninterrupted run. ``stop_after=k`` stops after step ``k`` (checkpointed), as an interruption would.
+    uninterrupted run. ``stop_after=k`` stops after step ``k`` (checkpointed), as an interruption would;
+    resumed past step ``k``, it stops (checkpointed) after the next step.
 
     The checkpoint also records ``steps``, ``batch_size``, ``lr``, ``warmup``, ``final_lr_fraction``,
     ``seed`` and the optimizer's name; resuming with any of them different is a ``ValueError`` (the
-    world size may differ).
+    world size may differ). ``meta`` (anything picklable, e.g. the settings of the whole experiment)
+    is saved with it as ``"meta"``, for the caller to check before resuming; ``fit`` does not read it.
+
+    Ctrl-C during training raises :class:`Interrupted` (a ``KeyboardInterrupt``) saying after which
+    step it stopped and which step the checkpoint holds.
 
     ``parallel="fsdp"`` shards the model with FSDP2 (``torch.distributed.fsdp.fully_shard``, one
     group for the whole model) instead of DDP, for models that do not fit one device; the optimizer
@@ -282,6 +303,7 @@ def fit(
 
     result = FitResult(steps=steps)
     start = 0
+    saved_step: Optional[int] = None  # the step the checkpoint file holds, once written or resumed from
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu" if sharded else device, weights_only=False)
@@ -294,11 +316,12 @@ def fit(
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start = state["step"]
+        start = saved_step = state["step"]
         result.history = state["history"]
         result.resumed_from = start
 
     def save(step: int) -> None:
+        nonlocal saved_step
         if ckpt is None:
             return
         model_state, opt_state = _full_states(model, opt, sharded, rank)  # collective under FSDP2
@@ -308,8 +331,9 @@ def fit(
             torch.save({"step": step, "model": model_state, "optimizer": opt_state,
                         "rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                        "history": result.history, "config": run_config}, tmp)
+                        "history": result.history, "config": run_config, "meta": meta}, tmp)
             os.replace(tmp, ckpt)  # atomic: an interruption never leaves half a checkpoint
+        saved_step = step
         if world > 1:
             dist.barrier()
 
@@ -359,11 +383,16 @@ def fit(
             result.history.append(rec)
             if bar is not None:
                 bar.update(1)
-            if step % checkpoint_every == 0 or step == steps or step == stop_after:
+            stopping = stop_after is not None and stop_after <= step < steps  # resumed past it: after this step
+            if step % checkpoint_every == 0 or step == steps or stopping:
                 save(step)
-            if stop_after is not None and step >= stop_after and step < steps:
+            if stopping:
                 result.stopped_early = True
                 break
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
+            raise
+        raise Interrupted(desc, step, steps, ckpt, saved_step) from None
     finally:
         if bar is not None:
             bar.close()

@@ -17,19 +17,24 @@ r"""``symfast train``: one run = a DCS model, its export, and the magnitude-prun
    (and ``DIR/svd_truncation.pt``, the exported SVD baseline, for lowrank).
 
 ``--resume`` first compares the run's settings with ``DIR/checkpoints/config.json`` (written when
-the run started): any difference except :data:`RESUME_MAY_DIFFER` is a ``ValueError``.
+the run started): any difference except :data:`RESUME_MAY_DIFFER` is a :class:`ResumeMismatch`
+(a ``ValueError``). Each phase checkpoint records the run's settings too, and one written with
+other settings (or by an older symfast, which recorded none) is not reused: that phase is trained
+again. A run without ``resume`` starts clean: it first removes an earlier run's checkpoints and
+outputs from ``DIR``. A non-finite result is a :class:`NonFiniteMetrics` error, and nothing is written.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,14 +47,29 @@ from .loop import evaluate, fit
 from .models import ByteTransformer, DigitsCNN
 
 __all__ = ["TrainConfig", "run", "prune_like", "svd_truncate", "inference_speedup", "check_resume_config",
-           "RESUME_MAY_DIFFER"]
+           "RESUME_MAY_DIFFER", "ResumeMismatch", "NonFiniteMetrics"]
 
 TASKS = ("lm", "digits")
 PARALLEL = ("ddp", "fsdp")
+#: Attention heads of the lm task's transformer: ``width`` must be divisible by it.
+LM_HEADS = 4
+#: Settings that only the lm task has (digits has neither blocks nor a context).
+LM_ONLY = ("depth", "context")
+#: What a run writes: the phase checkpoints in ``DIR/checkpoints/`` (with ``config.json``) and the outputs in ``DIR``.
+PHASE_FILES = ("dcs.pt", "dense.pt", "finetune.pt", "svd.pt")
+OUTPUT_FILES = ("metrics.json", "training.png", "exported.pt", "svd_truncation.pt")
 #: Settings that may differ between a run and its ``--resume``: the validation frequency (it also sets
 #: how often checkpoints are written) changes which steps the history validates, not the trained
 #: weights or the final metrics. Everything else in :class:`TrainConfig` must match.
 RESUME_MAY_DIFFER = ("eval_every",)
+
+
+class ResumeMismatch(ValueError):
+    """``resume`` with settings other than those the run in the directory started with."""
+
+
+class NonFiniteMetrics(RuntimeError):
+    """A run whose results are not finite (it diverged, or a setting is degenerate); nothing was written."""
 
 
 @dataclass
@@ -75,6 +95,10 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         d = defaults(self.task, self.structure, quick=self.quick)
+        if self.task != "lm":
+            given = [k for k in LM_ONLY if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"symfast train: {' and '.join(given)} apply only to task 'lm', not {self.task!r}")
         out = copy.copy(self)
         for k, v in d.items():
             if getattr(out, k) is None:
@@ -104,7 +128,7 @@ def build(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     if cfg.task == "lm":
         train, val, info = lm_data(context=cfg.context)
-        model = ByteTransformer(width=cfg.width, depth=cfg.depth, heads=4, context=cfg.context)
+        model = ByteTransformer(width=cfg.width, depth=cfg.depth, heads=LM_HEADS, context=cfg.context)
     else:
         train, val, info = digits_data(seed=cfg.seed)
         model = DigitsCNN(channels=cfg.width, hidden=8 * cfg.width)
@@ -241,8 +265,13 @@ def _config_dict(cfg: TrainConfig) -> Dict[str, Any]:
     return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
 
 
+def _differ(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    return [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+
+
 def check_resume_config(cfg: TrainConfig, checkpoints: str | os.PathLike) -> None:
-    """``ValueError`` naming every setting of the resolved ``cfg`` that differs from ``checkpoints/config.json``.
+    """:class:`ResumeMismatch` (a ``ValueError``) naming every setting of the resolved ``cfg`` that differs from
+    ``checkpoints/config.json``.
 
     The settings in :data:`RESUME_MAY_DIFFER` may differ; without a ``config.json`` there is nothing to check.
     """
@@ -250,13 +279,72 @@ def check_resume_config(cfg: TrainConfig, checkpoints: str | os.PathLike) -> Non
     if not path.exists():
         return
     saved, now = json.loads(path.read_text()), _config_dict(cfg)
-    differ = [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    differ = _differ(saved, now)
     if differ:
-        raise ValueError(
+        raise ResumeMismatch(
             f"symfast train --resume: the run in {path.parent.parent} was started with other settings ("
             + "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in differ)
             + f"). Resume with the same flags (only {', '.join(RESUME_MAY_DIFFER)} may differ), or use another --out."
         )
+
+
+def _phase_meta(cfg: TrainConfig, phase: str) -> Dict[str, Any]:
+    """What each phase checkpoint records (``fit(meta=...)``), so that ``resume`` reuses only this run's."""
+    return {"phase": phase, "train_config": _config_dict(cfg)}
+
+
+def _phase_mismatch(path: Path, cfg: TrainConfig) -> Optional[str]:
+    """Why the phase checkpoint ``path`` is not this run's; ``None`` when it is (or when there is none)."""
+    if not path.exists():
+        return None
+    meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("meta")
+    if not isinstance(meta, dict) or "train_config" not in meta:
+        return "it records no run settings (an older symfast wrote it)"
+    if meta.get("phase") != path.name:
+        return f"it is the checkpoint of another phase ({meta.get('phase')})"
+    saved, now = meta["train_config"], _config_dict(cfg)
+    differ = _differ(saved, now)
+    if differ:
+        return "it was written by a run with other settings (" + "; ".join(
+            f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differ) + ")"
+    return None
+
+
+def _remove_earlier_run(out: Path) -> List[str]:
+    """Removes what an earlier run wrote into ``out`` (checkpoints and outputs); returns the paths removed."""
+    ck = out / "checkpoints"
+    paths = [ck / n for n in ("config.json", *PHASE_FILES)] + (sorted(ck.glob("*.tmp")) if ck.is_dir() else [])
+    paths += [out / n for n in OUTPUT_FILES]
+    removed = []
+    for p in paths:
+        if p.is_file():
+            p.unlink()
+            removed.append(str(p.relative_to(out)))
+    return removed
+
+
+def _non_finite(x: Any) -> bool:
+    if isinstance(x, float):
+        return not math.isfinite(x)
+    if isinstance(x, dict):
+        return any(_non_finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return any(_non_finite(v) for v in x)
+    return False
+
+
+def _check_finite(metrics: Dict[str, Any], out: Path) -> None:
+    """:class:`NonFiniteMetrics` naming every result that is nan or inf (JSON has no such numbers)."""
+    bad = [f"{k} {v}" if isinstance(v, float) else k for k, v in metrics.items()
+           if k != "history" and _non_finite(v)]
+    for phase, hist in metrics["history"].items():
+        steps = [h["step"] for h in hist if _non_finite(h)]
+        if steps:
+            bad.append(f"the {phase} phase's history (from step {steps[0]})")
+    if bad:
+        raise NonFiniteMetrics(
+            f"symfast train: the run's results are not finite: {', '.join(bad)}. It diverged or a setting is "
+            f"degenerate (try a smaller --lr); nothing was written to {out}.")
 
 
 def _write_config(cfg: TrainConfig, checkpoints: Path) -> None:
@@ -282,13 +370,20 @@ def _fit(model: nn.Module, *args, parallel: str, world: int, **kw):
 
 
 def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_after: Optional[int] = None,
-        progress: bool = True, device=None, parallel: str = "ddp") -> Optional[Dict[str, Any]]:
-    """Runs ``symfast train`` with ``cfg``; writes ``out/metrics.json`` etc. Returns the metrics (``None`` if stopped).
+        progress: bool = True, device=None, parallel: str = "ddp") -> Dict[str, Any]:
+    """Runs ``symfast train`` with ``cfg``; writes ``out/metrics.json`` etc. and returns the metrics.
+
+    When ``stop_after`` stops the DCS phase, only its checkpoint is written and the result is
+    ``{"stopped_at": step, "steps": steps, "checkpoint": path}`` instead (``step`` counts from the run's start).
 
     ``parallel`` (``"ddp"`` or ``"fsdp"``) is passed to :func:`fit` for every training phase; it
-    matters only when ``torch.distributed`` is initialized. Under FSDP2 each phase trains a sharded
-    copy, and the trained model is gathered on every rank for export and evaluation. With
-    ``resume``, the settings are checked against the run's ``config.json`` before anything is trained.
+    matters only when ``torch.distributed`` is initialized (``metrics["parallel"]`` is ``None`` in
+    one process). Under FSDP2 each phase trains a sharded copy, and the trained model is gathered
+    on every rank for export and evaluation. Without ``resume``, an earlier run's checkpoints and
+    outputs in ``out`` are removed first (one line says so). With ``resume``, the settings are
+    checked against the run's ``config.json`` before anything is trained (:class:`ResumeMismatch`),
+    and a phase checkpoint recorded with other settings is not reused (one line says so). Progress
+    notes are printed by rank 0. A non-finite result raises :class:`NonFiniteMetrics`.
     """
     t0 = time.time()
     if parallel not in PARALLEL:
@@ -298,10 +393,33 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     ck = out / "checkpoints"
+
+    def note(line: str) -> None:
+        if rank == 0:
+            print(line, flush=True)
+
+    if resume and not any((ck / n).exists() for n in ("config.json", *PHASE_FILES)):
+        note(f"symfast train --resume: nothing to resume in {ck} (no checkpoints); training from scratch")
     if resume and (ck / "config.json").exists():
         check_resume_config(cfg, ck)
     elif rank == 0:
+        if not resume:
+            removed = _remove_earlier_run(out)
+            if removed:
+                note(f"symfast train: removed the earlier run's {', '.join(removed)} from {out} (a run without "
+                     "--resume starts clean)")
         _write_config(cfg, ck)
+    if world > 1:
+        dist.barrier()  # no rank reads the directory before rank 0 has cleaned it
+
+    def reuse(phase: str) -> bool:
+        """Whether the phase resumes from its checkpoint: only with ``resume``, and only this run's."""
+        if not resume:
+            return False
+        why = _phase_mismatch(ck / phase, cfg)
+        if why is not None:
+            note(f"symfast train --resume: not reusing {ck / phase}: {why}; that phase is trained from scratch")
+        return why is None
     device = torch.device(device) if device is not None else torch.device("cpu")
     dense, train, val, data_info = build(cfg)
     dense = dense.to(device)
@@ -313,12 +431,15 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
     converted = [n for n, _, _ in report.converted]
     common = dict(batch_size=cfg.batch_size, optimizer=cfg.optimizer, seed=cfg.seed, eval_every=cfg.eval_every,
                   eval_samples=cfg.eval_samples,
-                  progress=progress, device=device, resume=resume, parallel=parallel, world=world)
+                  progress=progress, device=device, parallel=parallel, world=world)
+
+    def phase(name: str) -> Dict[str, Any]:
+        return dict(checkpoint=ck / name, resume=reuse(name), meta=_phase_meta(cfg, name))
 
     r_sparse = _fit(sparse, train, val, steps=cfg.steps, lr=cfg.lr, sparsity_threshold=cfg.threshold,
-                    checkpoint=ck / "dcs.pt", stop_after=stop_after, desc=f"DCS {cfg.structure}", **common)
+                    stop_after=stop_after, desc=f"DCS {cfg.structure}", **phase("dcs.pt"), **common)
     if r_sparse.stopped_early:
-        return None
+        return {"stopped_at": r_sparse.history[-1]["step"], "steps": cfg.steps, "checkpoint": str(ck / "dcs.pt")}
     exported = export(sparse, threshold=cfg.threshold)
     rep = sparsity_report(sparse, threshold=cfg.threshold)
     zeros = sum(r["zeros"] for r in rep.rows)
@@ -329,14 +450,14 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
 
     # ---- baseline: same budget dense, global magnitude pruning to the same zeros, 10% fine-tune with the mask
     dense.load_state_dict(init_state)
-    r_dense = _fit(dense, train, val, steps=cfg.steps, lr=cfg.lr, checkpoint=ck / "dense.pt",
-                   desc="dense baseline", **common)
+    r_dense = _fit(dense, train, val, steps=cfg.steps, lr=cfg.lr, desc="dense baseline", **phase("dense.pt"),
+                   **common)
     dense_val = evaluate(dense, val, device=device, max_samples=final_n)
     trained_dense = copy.deepcopy(dense)
     prune_like(dense, converted, zeros)
     ft_steps = max(1, round(cfg.finetune_fraction * cfg.steps))
-    r_ft = _fit(dense, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0, checkpoint=ck / "finetune.pt",
-                desc="prune + fine-tune", **{**common, "seed": cfg.seed + 1})
+    r_ft = _fit(dense, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0, desc="prune + fine-tune",
+                **phase("finetune.pt"), **{**common, "seed": cfg.seed + 1})
     for m, name in _weighted_modules(dense, converted):
         prune.remove(m, name)
     base_zeros = sum(int((dense.get_submodule(n).weight == 0).sum()) for n in converted)
@@ -348,8 +469,8 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
     if cfg.structure == "lowrank":
         target = {r["name"]: r["rank"] for r in rep.rows}
         svd_model = svd_truncate(trained_dense, target)
-        r_svd = _fit(svd_model, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0, checkpoint=ck / "svd.pt",
-                     desc="SVD truncate + fine-tune", **{**common, "seed": cfg.seed + 1})
+        r_svd = _fit(svd_model, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0,
+                     desc="SVD truncate + fine-tune", **phase("svd.pt"), **{**common, "seed": cfg.seed + 1})
         svd_exported = export(svd_model)
         got = {r["name"]: r["rank"] for r in sparsity_report(svd_model).rows}
         sv_ev = evaluate(svd_exported, val, device=device, max_samples=final_n)
@@ -391,14 +512,18 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         "finetune_steps": ft_steps,
         "data": data_info,
         "world_size": world,
-        "parallel": parallel,
+        "parallel": parallel if world > 1 else None,  # one process: nothing was parallel
         "resumed_from": r_sparse.resumed_from,
+        "trained_now": {k: r.steps - (r.resumed_from or 0) for k, r in
+                        (("dcs", r_sparse), ("dense", r_dense), ("finetune", r_ft), ("svd_finetune", r_svd))
+                        if r is not None},
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "seconds": time.time() - t0,
         "history": {"dcs": r_sparse.history, "dense": r_dense.history, "finetune": r_ft.history,
                     **({"svd_finetune": r_svd.history} if r_svd is not None else {})},
     }
+    _check_finite(metrics, out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(exported, out / "exported.pt")
@@ -412,5 +537,5 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         title = f"{cfg.task}, {cfg.structure}, alpha={cfg.alpha:g}: DCS val {ev['loss']:.3f} at {versus}"
         _plot(out / "training.png", r_sparse.history, r_dense.history, r_ft.history, cfg.steps, title,
               svd_hist=r_svd.history if r_svd is not None else None, ranks=metrics["ranks"])
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     return metrics
