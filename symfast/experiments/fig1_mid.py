@@ -347,8 +347,8 @@ def _notes(metrics: dict, cfg: dict) -> list[str]:
     if s["residual_min_rank"] is not None and s["residual_min_rank"] < cfg["d"]:
         notes.append(
             f"The residual model lost rank too (ranks {s['residual_ranks']} over mu = {cfg['mus']}), while the "
-            f"rank of its raw parameter W stays {min(p['residual']['rank_of_parameter_W'] for p in metrics['per_mu'])}"
-            " or more (W has eigenvalue -1 where I + W is singular). If the inset counted the rank of W rather than "
+            f"rank of its raw parameter W is at least {min(p['residual']['rank_of_parameter_W'] for p in metrics['per_mu'])}"
+            f" of {cfg['d']} (W has eigenvalue -1 where I + W is singular). If the inset counted the rank of W rather than "
             "of the learned map, that would explain 'always full rank'."
         )
     if s["linear_min_rank"] is not None:

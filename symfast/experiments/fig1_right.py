@@ -343,6 +343,16 @@ def _judge_and_write(cfg: dict, metrics: dict, mats: dict, out_dir: Path, t0: fl
                      f"{m['post']['in_block_fraction']:.2f}, blocks {m['pre']['block_count']}/"
                      f"{m['post']['block_count']}, near-identical {m['near_identical_fraction']:.2f}, dead "
                      f"{m['dead_neurons']}, test acc {m['test_accuracy']:.3f}")
+    for wd in wds:  # the other weight decays, judged by the same criteria but not counted: say how they fare
+        if wd == 0 or wd_key(wd) == primary:
+            continue
+        m = metrics[wd_key(wd)]
+        holds = (m["pre"]["in_block_gain"] >= MIN_BLOCK_GAIN and m["post"]["in_block_gain"] >= MIN_BLOCK_GAIN
+                 and m["near_identical_fraction"] >= MIN_NEAR_IDENTICAL)
+        notes.append(f"Not judged: at wd {wd:g} the same criteria {'hold' if holds else 'FAIL'} (block gain pre "
+                     f"{m['pre']['in_block_gain']:.2f} / post {m['post']['in_block_gain']:.2f} against >= "
+                     f"{MIN_BLOCK_GAIN:g}, near-identical {m['near_identical_fraction']:.2f} against >= "
+                     f"{MIN_NEAR_IDENTICAL:g})" + (" - 1e-3 is Fig. 5's own weight decay." if wd == 1e-3 else "."))
     rec = make_record(experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT,
                       criteria=_criteria(primary), metrics=metrics, config=cfg, headline=headline, notes=notes)
     fig = _plot(rec, mats, out_dir)

@@ -280,6 +280,23 @@ def _headline(metrics: dict, cfg: dict) -> str:
     return headline
 
 
+def _notes(metrics: dict, cfg: dict) -> list:
+    """NOTES, and where Lambda turns positive again above the collapse window (the paper says
+    collapse happens 'for a large learning rate'; here it does only in a window)."""
+    notes = list(NOTES)
+    for name, st in metrics["settings"].items():
+        lam, lrs = st.get("lyapunov_n1"), st.get("lrs")
+        if not lam or not lrs:
+            continue
+        neg = [i for i, v in enumerate(lam) if v is not None and v < 0]
+        back = [i for i in range(neg[0] + 1, len(lam)) if lam[i] is not None and lam[i] > 0] if neg else []
+        if back:
+            i = back[0]
+            notes.append(f"{name}: Lambda turns positive again at lr {lrs[i]:.3g} (Lambda = {lam[i]:+.3f}): "
+                         "collapse holds in a window of learning rates, not for every larger one.")
+    return notes
+
+
 NOTES = [
     "The chains start at |(w, u)| = 1e-10 and are judged at 1e-20 (collapsed) or 1e-2 (escaped): this "
     "measures the sign of the drift of log|z| in the regime of eq. 8 (the linearization), which is what "
@@ -305,4 +322,4 @@ def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: boo
     """Sweep the learning rate, compare the collapse threshold with eq. 16 and eq. 9; writes lyapunov.png,
     result.json and report.md into ``out_dir``."""
     return run_experiment(sys.modules[__name__], out_dir, quick=quick, seed=seed, progress=progress,
-                          config=config, headline=_headline, notes=NOTES)
+                          config=config, headline=_headline, notes=_notes)

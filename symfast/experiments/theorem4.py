@@ -429,6 +429,12 @@ NOTES = [
     "from those starts, not all minima.",
     "The controls (off the mirror; an added odd term eps e_i . c that breaks the mirror) show the "
     "zero checks can fail.",
+    "What is evidence and what is not: the literal part-3 check is an identity of gamma_0's definition "
+    "(l_gamma(sym) - l_gamma(w) = l_0(sym) - l_0(w) - gamma |O^T w|^2), and at points where gamma_0 = 0 "
+    "(clamped) it passes trivially; it checks the code, not the theorem. Likewise 'every GD minimum above "
+    "gamma_1 is on the mirror' holds by how gamma_1 is read off the grid; only that a finite gamma_1 exists "
+    "informs. The evidence for part 3 is the local GD check, whose observed escape rates per step track the "
+    "predicted ones (part3_gd.observed_log_rate_per_step against predicted_log_rate_per_step).",
 ]
 
 
