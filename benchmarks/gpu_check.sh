@@ -557,7 +557,7 @@ train = load(f"training_step-{slug}.json")
 if train:
     lines.append("")
     lines.append("training step (batch 128): median ms (vs plain) | peak MiB above live (vs plain) | max allocated MiB")
-    rows_t = [r for r in train["rows"] if r.get("impl") != "paired"]
+    rows_t = [r for r in train["rows"] if r.get("impl") not in ("paired", "phases")]  # per-model rows only
     base = {r["model"]: r for r in rows_t if r.get("impl") == "plain"}
     for r in rows_t:
         b = base.get(r["model"])

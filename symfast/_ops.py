@@ -36,6 +36,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
+from . import reference
 from ._checks import check_dcs, check_like, check_mask, check_primal
 
 Tensor = torch.Tensor
@@ -419,9 +420,7 @@ def dcs(
             # compiled torch.func.jvp/jacfwd its tangents came out as zeros (grad and
             # vmap failed): there the traced formula is the reference's, which
             # Dynamo and Inductor handle (and fuse) like any PyTorch code.
-            from .reference import dcs as dcs_reference
-
-            return dcs_reference(w, u, v, mask)
+            return reference.dcs(w, u, v, mask)
         return _lib_ops.dcs(w, u, v, mask)
     if _plain_autograd():
         return _lib_ops._dcs_autograd(w, u, v, mask)

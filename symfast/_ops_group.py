@@ -48,6 +48,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
+from . import reference
 from ._checks import _require_tensor, check_dtype_device, check_like, check_primal
 from ._ops import _add, _batch_size, _plain_autograd, _to_front, _transforms_active  # shared helpers
 
@@ -435,9 +436,7 @@ def dcs_group(w: Tensor, s: Tensor, dim: int) -> Tensor:
         # torch.compile the op is called directly: its autograd comes from
         # register_autograd (same formulas) and AOTAutograd traces the backward.
         if _transforms_active():  # torch.func / forward AD: the reference formula, as in symfast.dcs
-            from .reference import dcs_group as dcs_group_reference
-
-            return dcs_group_reference(w, s, dim)
+            return reference.dcs_group(w, s, dim)
         return _lib_ops.dcs_group(w, s, dim)
     if _plain_autograd():
         return _lib_ops._dcs_group_autograd(w, s, dim)

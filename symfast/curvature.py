@@ -280,15 +280,17 @@ def _acc(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    dims = tuple(range(-len(normalized_shape), 0))
+def _standardized(input, dims, eps):
+    """(x - mean) / sqrt(var + eps) with the biased mean and variance over ``dims``, computed in
+    the accumulation type and returned in ``input``'s dtype."""
     x = _acc(input)
     mean = x.mean(dims, keepdim=True)
     centered = x - mean
     var = (centered * centered).mean(dims, keepdim=True)
-    out = (centered * torch.rsqrt(var + eps)).to(input.dtype)
+    return (centered * torch.rsqrt(var + eps)).to(input.dtype)
+
+
+def _affine(out, weight, bias):
     if weight is not None:
         out = out * weight
     if bias is not None:
@@ -296,33 +298,28 @@ def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn
     return out
 
 
-def _channel_view(t: Tensor, ndim: int) -> Tensor:
-    return t.reshape((1, -1) + (1,) * (ndim - 2))
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    dims = tuple(range(-len(normalized_shape), 0))
+    return _affine(_standardized(input, dims, eps), weight, bias)
+
+
+def _channel_view(t: Optional[Tensor], ndim: int) -> Optional[Tensor]:
+    return None if t is None else t.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def _normalize(input, mean, var, weight, bias, eps):
     x = _acc(input)
     out = ((x - mean) * torch.rsqrt(var + eps)).to(input.dtype)
-    if weight is not None:
-        out = out * _channel_view(weight, input.dim())
-    if bias is not None:
-        out = out + _channel_view(bias, input.dim())
-    return out
+    return _affine(out, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()))
 
 
 def _normalize_by_statistics(input, dims, weight, bias, eps):
-    """(x - mean) / sqrt(var + eps) with the biased mean and variance over ``dims`` (in the
-    accumulation type), then the per-channel affine: batch and instance norm in primitive ops."""
-    x = _acc(input)
-    mean = x.mean(dims, keepdim=True)
-    centered = x - mean
-    var = (centered * centered).mean(dims, keepdim=True)
-    out = (centered * torch.rsqrt(var + eps)).to(input.dtype)
-    if weight is not None:
-        out = out * _channel_view(weight, input.dim())
-    if bias is not None:
-        out = out + _channel_view(bias, input.dim())
-    return out
+    """:func:`_standardized` over ``dims``, then the per-channel affine: batch and instance norm
+    in primitive ops."""
+    return _affine(_standardized(input, dims, eps), _channel_view(weight, input.dim()),
+                   _channel_view(bias, input.dim()))
 
 
 def _batch_norm_impl(mode, input, running_mean, running_var, weight, bias, training, eps):

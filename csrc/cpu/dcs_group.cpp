@@ -305,12 +305,9 @@ C10_ALWAYS_INLINE at::opmath_type<T> dot_run(T* __restrict__ gw, const T* __rest
   constexpr int64_t kChunk = int64_t(kFanIn) * kLanes;
   acc_t l1[kLanes] = {}, l2[kLanes] = {};
   int64_t k = 0, chunks = 0;
-  auto lanes_pass = [&](acc_t* lanes, int64_t end) {
-    k = dot_lanes<T, NW>(lanes, gw, g, w, sg, k, end);
-  };
   for (; k + kChunk <= n;) {
     acc_t l0[kLanes] = {};
-    lanes_pass(l0, k + kChunk);
+    k = dot_lanes<T, NW>(l0, gw, g, w, sg, k, k + kChunk);
     for (int j = 0; j < kLanes; ++j) l1[j] += l0[j];
     if (++chunks % kFanIn == 0) {
       for (int j = 0; j < kLanes; ++j) {
@@ -320,7 +317,7 @@ C10_ALWAYS_INLINE at::opmath_type<T> dot_run(T* __restrict__ gw, const T* __rest
     }
   }
   acc_t l0[kLanes] = {};
-  lanes_pass(l0, n);
+  k = dot_lanes<T, NW>(l0, gw, g, w, sg, k, n);
   acc_t tail = 0;
   for (; k < n; ++k) {
     const acc_t gk = static_cast<acc_t>(g[k]);
