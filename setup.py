@@ -74,7 +74,6 @@ def get_extensions():
         nvcc = ["-O3"] if not debug else ["-O0", "-g", "-lineinfo"]
         nvcc += ["--expt-relaxed-constexpr"]
         kwargs["extra_compile_args"]["nvcc"] = nvcc
-        kwargs["define_macros"] = [("SYMFAST_WITH_CUDA", "1")]
         ext = CUDAExtension
     else:
         ext = CppExtension

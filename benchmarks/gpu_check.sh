@@ -1,61 +1,58 @@
 #!/usr/bin/env bash
-# GPU check of symfast (issue 6), in ONE call of the device tool: build with CUDA, run the test suite
-# with CUDA available, compute-sanitizer over the CUDA op tests, the GPU benchmarks, and a summary.
+# GPU check of symfast: build the extension with CUDA, run the test suite with a GPU visible,
+# compute-sanitizer over the CUDA op tests, the GPU benchmarks, and a summary, all within one time
+# budget.
 #
-# ---------------------------------------------------------------------------------------- how to run
-# On the device machine (H100 or H200, sm_90), from a session whose task has one (tool `status`:
-# can_start_another), with no `carry` (everything it needs is tracked, or installed in the image:
-# nvcc, compute-sanitizer, torch, pytest, pytest-benchmark, pytest-xdist, pytest-timeout, scipy,
-# scikit-learn, matplotlib, tqdm; KINDS.md lists them):
+# ------------------------------------------------------------------------------------------- usage
+# On a machine with an NVIDIA GPU (sm_90 by default: H100 or H200), the CUDA toolkit (nvcc,
+# compute-sanitizer, cuobjdump) and a CUDA build of torch with pytest, pytest-benchmark, scipy,
+# scikit-learn, matplotlib and tqdm (pytest-xdist and pytest-timeout are used when installed), from
+# the repository root:
 #
-#     run(command="bash benchmarks/gpu_check.sh", timeout_s=420)
+#     bash benchmarks/gpu_check.sh
+#     GPU_CHECK_STEPS='bench_group bench_curv' bash benchmarks/gpu_check.sh    # some steps only
 #
-# The script keeps its own budget (GPU_CHECK_BUDGET_S, default 360 s): each step runs under `timeout`
-# for at most its cap or what is left, and steps that no longer fit are not started (BUDGET in the
-# summary), so the call returns within about 6 minutes with the summary written; the 420 s timeout is
-# a backstop. A rerun on the same warm machine (next call within 30 s of the reply) skips the build
-# when setup.py and csrc/ are unchanged (stamp in build/, an ignored folder that stays there) and
-# finds Triton/Inductor's cache warm: 1.5-2 minutes less. Rerun only some steps with e.g.
-#     run(command="GPU_CHECK_STEPS='bench_group bench_curv' bash benchmarks/gpu_check.sh", timeout_s=420)
-# and call give_back right after the last call. Device time: 1-2 min start + at most 6 + a rerun of
-# at most 6 (typically 4): inside the 15 minutes.
+# Time: the script keeps its own budget (GPU_CHECK_BUDGET_S, default 360 s). Each step runs under
+# `timeout` for at most its cap or what is left of the budget, and a step that no longer fits is not
+# started (BUDGET in the summary), so the script ends within the budget with its summary written.
+# A rerun on the same machine skips the build when setup.py, pyproject.toml and csrc/ are unchanged
+# (a stamp in build/, an ignored folder) and finds Triton/Inductor's compile cache warm.
 #
-# Dry run here, without a GPU (the plumbing: step logic, logs, JSON records, summary; uses the CPU
-# build that is already there and tiny CPU selections, and never writes benchmarks/results/):
-#     . /work/venv/bin/activate && GPU_CHECK_DRY=1 OMP_NUM_THREADS=1 bash benchmarks/gpu_check.sh
+# Dry run without a GPU, with the CPU build that is already in the checkout (checks the plumbing:
+# step logic, logs, JSON records, summary; tiny CPU selections; never writes benchmarks/results/):
+#     GPU_CHECK_DRY=1 OMP_NUM_THREADS=1 bash benchmarks/gpu_check.sh
 #
 # ----------------------------------------------------------------------------------------- the steps
-# (expected seconds on an H100 with 16 cores, estimates: nothing here has run on a GPU yet; the
-# two .cu files compiled for sm_90 in about 20 s each on a 2-core box, with no spills)
-#   env         nvidia-smi, versions, the results' machine slug                          ~5
+#   env         nvidia-smi, versions, the results' machine slug
 #   build       pip install --no-build-isolation --no-deps -e . with SYMFAST_CUDA=1,
-#               TORCH_CUDA_ARCH_LIST=9.0 (sm_90: H100 and H200), MAX_JOBS=nproc; checks
-#               that every op has a CUDA kernel, SASS for sm_90, registers/spills  ~90-120 (0 on rerun)
-#   tests       the whole suite, CUDA visible (pytest-xdist -n 8), in parallel with:    ~60-120
-#   memcheck    compute-sanitizer memcheck over 286 CUDA op tests (tests/test_ops.py,
-#               tests/test_group_ops.py: float32 and bfloat16 values, backward and jvp
-#               ops, the training path, non-contiguous inputs, all CPU/CUDA
-#               cross-checks), caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING)    ~60-120
-#   racecheck   compute-sanitizer racecheck over 64 dcs_group tests (the kernels with
-#               shared-memory reductions: all 18 shapes' forward+backward, the
-#               backward op, the cross-checks; float32 and bfloat16)                    ~40-100
-#   bench_dcs   benchmarks/report.py -k "cuda and (64M or 256M)": masked fwd+bwd, 64M
-#               and 256M, float32/bfloat16, symfast/eager/compiled/copy; targets
-#               >= 80 % of copy bandwidth and >= 1.1x torch.compile                    ~60-90
-#   bench_train ResNet18 training step on CUDA, batch 128: plain, symfast and eager
-#               (elementwise), symfast (group): step time and peak memory            ~20-30
-#   bench_group benchmarks/report.py --bench group -k cuda (4096x4096, dim 0 and 1)       ~20-30
+#               TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=nproc; checks that every op has a CUDA kernel,
+#               and reports the SASS targets and each kernel's registers and spills
+#   tests       the whole suite, CUDA visible (pytest-xdist -n 8), in parallel with:
+#   memcheck    compute-sanitizer memcheck over the CUDA op tests of tests/test_ops.py and
+#               tests/test_group_ops.py (float32 and bfloat16 values, backward and jvp ops, the
+#               training path, non-contiguous inputs, the CPU/CUDA cross-checks), with the caching
+#               allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING) so that overruns reach the sanitizer
+#   racecheck   compute-sanitizer racecheck over the dcs_group CUDA tests (the kernels with
+#               shared-memory reductions: every shape's forward and backward, the backward op, the
+#               cross-checks; float32 and bfloat16)
+#   bench_dcs   benchmarks/report.py -k "cuda and (64M or 256M)": masked fwd+bwd, 64M and 256M,
+#               float32/bfloat16, symfast/eager/compiled/copy; targets >= 80 % of copy bandwidth
+#               and >= 1.1x torch.compile
+#   bench_train ResNet18 training step on CUDA, batch 128: plain, symfast and eager (elementwise),
+#               symfast (group): step time and peak memory
+#   bench_group benchmarks/report.py --bench group -k cuda (4096x4096, dim 0 and 1)
 #   bench_curv  per-sample curvature engine on CUDA (benchmarks/test_bench_curvature.py,
-#               -k "cuda and not compiled": torch.compile of the vmap recipe takes a
-#               minute cold; its CPU numbers are in the README)                       ~20-40
-# The tests and the two sanitizer runs are correctness checks and share the phase (GPU and 16 cores);
-# the benchmarks run alone afterwards. Why the whole suite: tests/conftest.py's ALL_DEVICES adds CUDA
-# cases to the op tests, DEVICES adds them to test_convert/test_nn, and some code picks the GPU by itself
-# when one is visible (the CLI's train and repro commands: test_train, test_repro_cifar), so "-k cuda"
-# alone would miss some; with xdist the whole suite costs about what "-k cuda" costs in one process.
-# Without pytest-xdist it falls back to one process.
+#               -k "cuda and not compiled": torch.compile of the vmap recipe takes a minute cold;
+#               its CPU numbers are in the README)
+# The tests and the two sanitizer runs are correctness checks and share the phase (GPU and cores);
+# the benchmarks run alone afterwards, so that nothing else competes for the GPU. Why the whole suite:
+# tests/conftest.py's ALL_DEVICES adds CUDA cases to the op tests, DEVICES adds them to
+# test_convert/test_nn, and some code picks the GPU by itself when one is visible (the CLI's train
+# and repro commands: test_train, test_repro_cifar), so "-k cuda" alone would miss some; with xdist
+# the whole suite costs about what "-k cuda" costs in one process. Without pytest-xdist it falls
+# back to one process.
 #
-# ---------------------------------------------------------------------- what comes back in $OUT (8)
+# ------------------------------------------------------------------------- what is written to $OUT
 #   summary.txt                      PASS/FAIL per step, the targets against the measured numbers
 #   build.log                        env, build (pip -v, ptxas -v), kernel registration, cuobjdump
 #   tests.log                        the test suite, then the memcheck and racecheck runs
@@ -64,8 +61,8 @@
 #   group-<slug>.json                benchmarks/results/group-<slug>.json (bench_group)
 #   training_step-<slug>.json        benchmarks/results/training_step-<slug>.json (bench_train)
 #   curvature-<slug>.json            pytest-benchmark's raw JSON of bench_curv
-# with <slug> = cuda-nvidia-h100-80gb-hbm3 on an H100 (report.machine_slug). Copy the JSONs into
-# benchmarks/results/ of the checkout to record them.
+# with <slug> the machine's name from report.machine_slug, e.g. cuda-nvidia-h100-80gb-hbm3. Copy
+# the JSONs into benchmarks/results/ of the checkout to record them.
 #
 # Environment: OUT (default ./gpu_out), GPU_CHECK_DRY=1, GPU_CHECK_STEPS (default: all, in the order
 # above), GPU_CHECK_BUDGET_S (360), GPU_CHECK_BENCH_SECONDS (0.5: SYMFAST_BENCH_SECONDS, timed seconds

@@ -8,9 +8,9 @@
 //   does not support;
 // * these two ops, used whenever neither is active (ordinary training). Their
 //   graph node is a C++ torch::autograd::Function, so the forward and the
-//   backward of a training step never enter Python. For a small MLP that
-//   Python round trip (about 20 us per layer and step) was a third of the
-//   cost of the parametrization.
+//   backward of a training step never enter Python: for a small MLP the Python
+//   round trip of an autograd.Function would be a large share of the cost of
+//   the parametrization (docs/perf.md).
 //
 // The backward calls symfast::dcs_backward / dcs_group_backward. Under
 // create_graph (grad mode on in backward) it goes through the dispatcher, so
@@ -78,7 +78,8 @@ class DCSFunction : public torch::autograd::Function<DCSFunction> {
     ctx->save_for_backward({w, u, mask.has_value() ? *mask : at::Tensor()});
     ctx->saved_data["has_v"] = v.has_value() && v->defined();
     // Below autograd: this node is the autograd of the call, and stopping at
-    // the raw op's registered (Python) autograd kernel on the way costs ~3 us.
+    // the raw op's registered (Python) autograd kernel on the way would cost a
+    // Python call per forward.
     at::AutoDispatchBelowADInplaceOrView below;
     return call_dcs(w, u, v, mask);
   }

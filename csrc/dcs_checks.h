@@ -84,6 +84,15 @@ inline c10::optional<at::Tensor> check_dcs_backward_args(const at::Tensor& grad,
   return prepare_mask(op, mask, w);
 }
 
+// The flags of dcs_backward (w, u, v gradients) and dcs_jvp (w, u, v tangents)
+// that can reach a kernel: at least one is set (the ops return early
+// otherwise), and the third only with a mask (the checks above and below
+// reject it without one: v exists only with a mask). Kernels are compiled for
+// these combinations only.
+constexpr bool dcs_flags_occur(bool a, bool b, bool c, bool has_mask) {
+  return (a || b || c) && (has_mask || !c);
+}
+
 inline c10::optional<at::Tensor> check_dcs_jvp_args(const at::Tensor& w, const at::Tensor& u,
                                                     const c10::optional<at::Tensor>& mask,
                                                     const c10::optional<at::Tensor>& w_dot,
@@ -170,20 +179,6 @@ inline int64_t check_dcs_group_jvp_args(const at::Tensor& w, const at::Tensor& s
   if (w_dot.has_value()) check_operand(op, "w_dot", *w_dot, w);
   if (s_dot.has_value()) check_group_gate(op, "s_dot", *s_dot, w, dim);
   return dim;
-}
-
-// w (contiguous) as [outer, groups, inner] around dim; every element p of it
-// belongs to group (p / inner) % groups.
-struct GroupView {
-  int64_t outer, groups, inner;
-  int64_t numel() const { return outer * groups * inner; }
-};
-
-inline GroupView group_view(at::IntArrayRef sizes, int64_t dim) {
-  GroupView v{1, sizes[dim], 1};
-  for (int64_t d = 0; d < dim; ++d) v.outer *= sizes[d];
-  for (int64_t d = dim + 1; d < static_cast<int64_t>(sizes.size()); ++d) v.inner *= sizes[d];
-  return v;
 }
 
 }  // namespace symfast

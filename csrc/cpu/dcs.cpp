@@ -8,8 +8,8 @@
 // over restrict pointers, which the compiler vectorizes (check with
 // -fopt-info-vec). The select is done on the bits (select_bits below): a
 // `m ? a : b` on a bool loaded from memory compiles to a branch, and with a
-// random mask that branch mispredicts half the time (measured: 9 ns/element
-// against 0.5 with the bit select). A select rather than (1-m)*v + m*w*u keeps
+// random mask that branch mispredicts half the time, which costs an order of
+// magnitude more than the bit select. A select rather than (1-m)*v + m*w*u keeps
 // the result exact (w*u, not w*u + 0*v, which is NaN when v is inf). Half
 // types compute in float (at::opmath_type) and round once. Outputs come from
 // empty_output (output_cache.h), which avoids paying for fresh pages. The
@@ -22,21 +22,17 @@
 #include <ATen/TensorIterator.h>
 #include <torch/library.h>
 
+#include "../common.h"
 #include "../dcs_checks.h"
-#include "../dcs_dispatch.h"
+#include "../static_switch.h"
 #include "isa.h"
 #include "loop_hints.h"
 #include "output_cache.h"
 
 #include <cstring>
-#include <type_traits>
 
 namespace symfast {
 namespace {
-
-// Elements per parallel task: large enough to amortize the fork, small enough
-// to split a 1M-element tensor over the cores.
-constexpr int64_t kGrainSize = 32768;
 
 // Runs fn(data, strides, n, contiguous) over 1-D slices of the iterator, in
 // parallel. `contiguous` is true when every operand's inner stride equals its
@@ -115,7 +111,7 @@ C10_ALWAYS_INLINE void forward_slice(char** data, const int64_t* st, int64_t n) 
       const T other = HAS_V ? v[i * sv] : T(0);
       out[i * so] = select_bits(m[i * sm], prod, other);
     } else {
-      out[i * so] = select_bits(1, prod, prod);  // a plain store of a BFloat16 did not vectorize
+      out[i * so] = select_bits(1, prod, prod);  // GCC does not vectorize a plain BFloat16 store
     }
   }
 }
@@ -141,18 +137,16 @@ at::Tensor dcs_cpu(const at::Tensor& w, const at::Tensor& u, const c10::optional
   auto iter = config.build();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "symfast_dcs_cpu", [&] {
-    auto run = [&](auto has_v, auto has_m) {
-      constexpr bool HV = decltype(has_v)::value, HM = decltype(has_m)::value;
-      for_each_slice(iter, [](char** d, const int64_t* s, int64_t n, bool contiguous) {
-        contiguous ? run_best<ForwardContiguous<scalar_t, HV, HM>>(d, s, n)
-                   : forward_slice<false, scalar_t, HV, HM>(d, s, n);
+    BOOL_SWITCH(mask.has_value(), HM, [&] {
+      BOOL_SWITCH(v.has_value(), HV, [&] {
+        if constexpr (HM || !HV) {  // v without a mask was rejected above
+          for_each_slice(iter, [](char** d, const int64_t* s, int64_t n, bool contiguous) {
+            contiguous ? run_best<ForwardContiguous<scalar_t, HV, HM>>(d, s, n)
+                       : forward_slice<false, scalar_t, HV, HM>(d, s, n);
+          });
+        }
       });
-    };
-    using T_ = std::true_type;
-    using F_ = std::false_type;
-    if (!mask.has_value()) run(F_{}, F_{});
-    else if (v.has_value()) run(T_{}, T_{});
-    else run(F_{}, T_{});
+    });
   });
   return out;
 }
@@ -205,10 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcs_backward_cpu(
     const at::Tensor& grad, const at::Tensor& w, const at::Tensor& u,
     const c10::optional<at::Tensor>& mask_in, bool w_needed, bool u_needed, bool v_needed) {
   const auto mask = check_dcs_backward_args(grad, w, u, mask_in, v_needed);
-  // A gradient that is not needed is a fresh (0,)-shaped tensor: outputs of an
-  // op must not alias each other (the schema promises distinct tensors).
   auto output = [&](bool needed) {
-    return needed ? empty_output(w.sizes(), w.options()) : at::empty({0}, w.options());
+    return needed ? empty_output(w.sizes(), w.options()) : unneeded_gradient(w.options());
   };
   at::Tensor gw = output(w_needed), gu = output(u_needed), gv = output(v_needed);
   if (!(w_needed || u_needed || v_needed)) return {gw, gu, gv};
@@ -225,15 +217,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcs_backward_cpu(
   auto iter = config.build();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "symfast_dcs_backward_cpu", [&] {
-    auto run = [&](auto nw, auto nu, auto nv, auto hm) {
-      constexpr bool NW = decltype(nw)::value, NU = decltype(nu)::value,
-                     NV = decltype(nv)::value, HM = decltype(hm)::value;
-      for_each_slice(iter, [](char** d, const int64_t* s, int64_t n, bool contiguous) {
-        contiguous ? run_best<BackwardContiguous<scalar_t, NW, NU, NV, HM>>(d, s, n)
-                   : backward_slice<false, scalar_t, NW, NU, NV, HM>(d, s, n);
+    BOOL_SWITCH(w_needed, NW, [&] {
+      BOOL_SWITCH(u_needed, NU, [&] {
+        BOOL_SWITCH(v_needed, NV, [&] {
+          BOOL_SWITCH(mask.has_value(), HM, [&] {
+            if constexpr (dcs_flags_occur(NW, NU, NV, HM)) {
+              for_each_slice(iter, [](char** d, const int64_t* s, int64_t n, bool contiguous) {
+                contiguous ? run_best<BackwardContiguous<scalar_t, NW, NU, NV, HM>>(d, s, n)
+                           : backward_slice<false, scalar_t, NW, NU, NV, HM>(d, s, n);
+              });
+            }
+          });
+        });
       });
-    };
-    dispatch_flags("symfast.dcs_backward", w_needed, u_needed, v_needed, mask.has_value(), run);
+    });
   });
   return {gw, gu, gv};
 }
@@ -295,15 +292,20 @@ at::Tensor dcs_jvp_cpu(const at::Tensor& w, const at::Tensor& u,
   auto iter = config.build();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "symfast_dcs_jvp_cpu", [&] {
-    auto run = [&](auto a, auto b, auto c, auto d) {
-      constexpr bool HWD = decltype(a)::value, HUD = decltype(b)::value,
-                     HVD = decltype(c)::value, HM = decltype(d)::value;
-      for_each_slice(iter, [](char** dd, const int64_t* s, int64_t n, bool contiguous) {
-        contiguous ? jvp_slice<true, scalar_t, HWD, HUD, HVD, HM>(dd, s, n)
-                   : jvp_slice<false, scalar_t, HWD, HUD, HVD, HM>(dd, s, n);
+    BOOL_SWITCH(hwd, HWD, [&] {
+      BOOL_SWITCH(hud, HUD, [&] {
+        BOOL_SWITCH(hvd, HVD, [&] {
+          BOOL_SWITCH(mask.has_value(), HM, [&] {
+            if constexpr (dcs_flags_occur(HWD, HUD, HVD, HM)) {
+              for_each_slice(iter, [](char** d, const int64_t* s, int64_t n, bool contiguous) {
+                contiguous ? jvp_slice<true, scalar_t, HWD, HUD, HVD, HM>(d, s, n)
+                           : jvp_slice<false, scalar_t, HWD, HUD, HVD, HM>(d, s, n);
+              });
+            }
+          });
+        });
       });
-    };
-    dispatch_flags("symfast.dcs_jvp", hwd, hud, hvd, mask.has_value(), run);
+    });
   });
   return out;
 }

@@ -30,20 +30,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common.h"
 #include "../dcs_checks.h"
+#include "../group_layout.h"
+#include "../static_switch.h"
 #include "loop_hints.h"
 #include "output_cache.h"
 
 #include <algorithm>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 namespace symfast {
 namespace {
-
-// Elements per parallel task of the elementwise ops, as in dcs.cpp.
-constexpr int64_t kGrainSize = 32768;
 
 // Reduction plan constants (see plan_reduction).
 constexpr int64_t kTaskElems = 65536;    // elements per reduction task, at least
@@ -52,8 +51,6 @@ constexpr int64_t kMinRunBytes = 2048;    // contiguous bytes a task reads per r
 constexpr int kLanes = 16;               // independent accumulators of a dot product
 constexpr int64_t kDotMinInner = 64;     // inner runs at least this long: dot products
 constexpr int64_t kMinWidth = 512;       // elements per step of the per-element path
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // [begin, end) of chunk c when len items are cut into n balanced chunks.
 inline std::pair<int64_t, int64_t> chunk(int64_t len, int64_t n, int64_t c) {
@@ -239,9 +236,9 @@ void jvp_all(T* out, const T* w, const T* s, const T* wd, const T* sd, const Gro
 // kMinRunBytes / sizeof(T) accumulators (about 0.5 MiB), usually far less.
 //
 // Why not longer runs: with dim = last a task keeps kLevels + 1 accumulator
-// and gate values per element of its run, which must stay in L1. Measured on
-// a [4096, 4096] float32 backward along dim 1 (one thread): 2 KiB runs 9.6 ms,
-// 16 KiB runs 14.3 ms; along dim 0 no difference.
+// and gate values per element of its run, which must stay in L1; longer runs
+// spill out of it and make the dim = last backward slower (docs/perf.md),
+// while other dims do not care.
 struct ReducePlan {
   int64_t n_o, n_g, n_i;
   int64_t tasks() const { return n_o * n_g * n_i; }
@@ -458,8 +455,8 @@ void reduce_task(const GroupView& v, T* gw, const T* g, const T* w, const T* s, 
   const int64_t R = ng == G ? std::max<int64_t>(1, kMinWidth / seg) : 1;
   const int64_t width = R * seg;
   // The gate of each accumulator: element k of a run is in group g0 + (k / inner) % ng.
-  // Filled run by run: a division per element cost as much as the whole
-  // reduction (a [256, 784] backward along dim 1 went from 58 to 31 us).
+  // Filled run by run, because a division per element costs as much as the
+  // whole reduction.
   std::vector<acc_t> gate(NW ? width : 0);
   if constexpr (NW) {
     acc_t* out = gate.data();
@@ -566,10 +563,8 @@ std::tuple<at::Tensor, at::Tensor> dcs_group_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& s_in, int64_t dim_in,
                                                           bool w_needed, bool s_needed) {
   const int64_t dim = check_dcs_group_backward_args(grad_in, w_in, s_in, dim_in);
-  // A gradient that is not needed is a fresh (0,) tensor: outputs of an op
-  // must not alias each other.
-  at::Tensor gw = w_needed ? empty_output(w_in.sizes(), w_in.options()) : at::empty({0}, w_in.options());
-  at::Tensor gs = s_needed ? at::empty({s_in.size(0)}, s_in.options()) : at::empty({0}, s_in.options());
+  at::Tensor gw = w_needed ? empty_output(w_in.sizes(), w_in.options()) : unneeded_gradient(w_in.options());
+  at::Tensor gs = s_needed ? at::empty({s_in.size(0)}, s_in.options()) : unneeded_gradient(s_in.options());
   if (!(w_needed || s_needed)) return {gw, gs};
   if (w_in.numel() == 0) {
     if (s_needed) gs.zero_();  // an empty sum for each of the G groups
@@ -587,13 +582,12 @@ std::tuple<at::Tensor, at::Tensor> dcs_group_backward_cpu(const at::Tensor& grad
     const T* sp = w_needed ? s.const_data_ptr<T>() : nullptr;
     if (!s_needed) {
       scale_all<T>(gw.mutable_data_ptr<T>(), gp, sp, v);
-    } else if (w_needed) {
-      group_reduce<T, true>(gw.mutable_data_ptr<T>(), gs.mutable_data_ptr<T>(), gp,
-                            w.const_data_ptr<T>(), sp, v);
-    } else {
-      group_reduce<T, false>(nullptr, gs.mutable_data_ptr<T>(), gp, w.const_data_ptr<T>(),
-                             nullptr, v);
+      return;
     }
+    BOOL_SWITCH(w_needed, NW, [&] {
+      group_reduce<T, NW>(NW ? gw.mutable_data_ptr<T>() : nullptr, gs.mutable_data_ptr<T>(), gp,
+                          w.const_data_ptr<T>(), sp, v);
+    });
   });
   return {gw, gs};
 }
@@ -615,11 +609,14 @@ at::Tensor dcs_group_jvp_cpu(const at::Tensor& w_in, const at::Tensor& s_in, int
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w_in.scalar_type(), "symfast_dcs_group_jvp_cpu", [&] {
     using T = scalar_t;
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
-    T* o = out.mutable_data_ptr<T>();
-    if (hwd && hsd) jvp_all<T, true, true>(o, ptr(w), ptr(s), ptr(wd), ptr(sd), v);
-    else if (hwd) jvp_all<T, true, false>(o, ptr(w), ptr(s), ptr(wd), ptr(sd), v);
-    else jvp_all<T, false, true>(o, ptr(w), ptr(s), ptr(wd), ptr(sd), v);
+    BOOL_SWITCH(hwd, HWD, [&] {
+      BOOL_SWITCH(hsd, HSD, [&] {
+        if constexpr (HWD || HSD) {  // no tangent at all returned above
+          jvp_all<T, HWD, HSD>(out.mutable_data_ptr<T>(), ptr_or_null<T>(w), ptr_or_null<T>(s),
+                               ptr_or_null<T>(wd), ptr_or_null<T>(sd), v);
+        }
+      });
+    });
   });
   return out;
 }

@@ -2,10 +2,8 @@
 //
 // The extension is compiled for the baseline of its target (x86-64: SSE2), so
 // that one build runs on any CPU, while ATen's own elementwise kernels pick AVX2
-// or AVX-512 at run time. Measured with 2 threads on an AMD EPYC, AVX2 against
-// the baseline: bfloat16 forward 2x faster at 256K-1M elements (0.206 -> 0.105 ms
-// at 1M: the float conversions vectorize), float32 forward 3-10% faster; the
-// backward loops are unchanged (within noise).
+// or AVX-512 at run time. AVX2 pays off mainly for the half types, whose float
+// conversions vectorize only with it (docs/perf.md has the measurements).
 //
 // run_best<Kernel>(data, strides, n) calls Kernel::run compiled twice: inside a
 // function with target("avx2") and for the baseline. Kernel::run and the loop
@@ -15,9 +13,9 @@
 // (__builtin_cpu_supports), and can be forced down with SYMFAST_CPU_ISA=
 // avx2|default (for tests and benchmarks; a level the CPU lacks is an error).
 //
-// No AVX-512 level: measured on the same AVX-512-capable EPYC, one thread, it was no
-// faster than AVX2 for the unmasked loops (0.105 vs 0.112 ms forward, 0.240 vs
-// 0.243 ms backward at 1M float32) and 12-18% slower for the masked backward.
+// No AVX-512 level: these loops are bound by memory, and on an AVX-512 CPU it
+// gained nothing over AVX2 for the unmasked loops and lost on the masked
+// backward (docs/perf.md).
 //
 // Only loops without additions go through here (products and bit selects), so
 // every level rounds exactly like the baseline and the PyTorch reference (tested

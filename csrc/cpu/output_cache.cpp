@@ -3,7 +3,9 @@
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <limits>
 #include <mutex>
 #include <unordered_map>
 
@@ -14,12 +16,19 @@ constexpr size_t kHugePage = size_t(2) << 20;
 // Below this, malloc's heap reuses memory without faults; not worth caching.
 constexpr size_t kMinCachedBytes = size_t(1) << 20;
 
+// The limit in bytes is an int64_t, so the largest limit in MiB is this.
+constexpr long long kMaxLimitMb = std::numeric_limits<int64_t>::max() >> 20;
+
 int64_t default_limit() {
   if (const char* env = std::getenv("SYMFAST_CPU_CACHE_MB")) {
     char* end = nullptr;
+    errno = 0;
     const long long mb = std::strtoll(env, &end, 10);
-    TORCH_CHECK(end != env && *end == '\0' && mb >= 0,
-                "SYMFAST_CPU_CACHE_MB must be a non-negative integer (MiB), got '", env, "'");
+    // strtoll saturates out-of-range input (errno ERANGE); the bound keeps
+    // mb << 20 from overflowing into a negative limit.
+    TORCH_CHECK(end != env && *end == '\0' && errno != ERANGE && mb >= 0 && mb <= kMaxLimitMb,
+                "SYMFAST_CPU_CACHE_MB must be an integer number of MiB in [0, ", kMaxLimitMb,
+                "], got '", env, "'");
     return static_cast<int64_t>(mb) << 20;
   }
   return int64_t(1) << 30;

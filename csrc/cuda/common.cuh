@@ -6,9 +6,12 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "../common.h"
 
 namespace symfast {
 namespace cuda {
@@ -61,32 +64,39 @@ __device__ __forceinline__ float add_rn(float a, float b) {
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
-// ------------------------------------------------------------ device facts
-// A per-device value computed once (by `query`, with dev the current device)
-// and cached. Concurrent first calls may both compute it and store the same
-// value. Used instead of ATen/cuda/CUDAContext.h, whose cuBLAS and cuSPARSE
-// headers the toolkit on the build machine lacks.
-template <typename Query>
-int cached_per_device(std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS>& cache,
-                      c10::DeviceIndex dev, const Query& query) {
-  TORCH_INTERNAL_ASSERT(dev >= 0 && dev < C10_COMPILE_TIME_MAX_GPUS, "bad device index ",
-                        static_cast<int>(dev));
-  int value = cache[dev].load(std::memory_order_relaxed);  // 0: not asked yet
-  if (value == 0) {
-    value = std::max(1, query());
-    cache[dev].store(value, std::memory_order_relaxed);
-  }
-  return value;
+// ------------------------------------------------------------------ launch
+// Blocks of `kernel` (kThreads threads each, no dynamic shared memory) that
+// device dev runs at once: SMs x resident blocks per SM, as the occupancy
+// calculator finds them for this kernel's registers and shared memory on this
+// architecture. That is one full wave. The grid-stride kernels launch at most
+// that many blocks: every block then has equal work, and a larger grid would
+// only add a partial second wave that leaves most SMs idle at its end.
+//
+// Asked once per kernel and device, then cached. Must run with dev as the
+// current device (the ops hold a CUDAGuard). Uses the runtime API rather than
+// ATen/cuda/CUDAContext.h, whose cuBLAS and cuSPARSE headers a toolkit without
+// those libraries lacks.
+inline int64_t wave_blocks(const void* kernel, c10::DeviceIndex dev) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, c10::DeviceIndex>, int64_t> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({kernel, dev});
+  if (it != cache.end()) return it->second;
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+                                                               /*dynamicSMemSize=*/0));
+  const int64_t blocks = std::max<int64_t>(1, int64_t(sms) * per_sm);
+  cache.emplace(std::make_pair(kernel, dev), blocks);
+  return blocks;
 }
 
-// Streaming multiprocessors of device dev.
-inline int sm_count(c10::DeviceIndex dev) {
-  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
-  return cached_per_device(cache, dev, [dev] {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return sms;
-  });
+// Grid of a grid-stride kernel over `items` work items, one per thread and
+// step: enough blocks to give every thread an item, at most one wave.
+template <typename Kernel>
+int grid_blocks(Kernel* kernel, int64_t items, c10::DeviceIndex dev) {
+  const int64_t wanted = std::max<int64_t>(1, ceil_div(items, kThreads));
+  return static_cast<int>(std::min(wanted, wave_blocks(reinterpret_cast<const void*>(kernel), dev)));
 }
 
 }  // namespace cuda

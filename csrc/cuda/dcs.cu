@@ -13,7 +13,8 @@
 //   not aligned for that (a view with an odd storage offset), the same kernel
 //   is instantiated with 1-element "vectors" instead.
 // * Grid-stride loops over a grid of at most one full wave of resident
-//   blocks, so any size, also above 2^31 elements, runs with a bounded grid.
+//   blocks (grid_blocks in common.cuh), so any size, also above 2^31
+//   elements, runs with a bounded grid.
 //
 // Numerics match csrc/cpu/dcs.cpp bit for bit: the mask acts as a select
 // (m ? w*u : v), never as arithmetic (w*u + 0*v would be NaN where v is inf);
@@ -28,22 +29,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <array>
-#include <atomic>
 #include <cstdint>
-#include <type_traits>
 
+#include "../common.h"
 #include "../dcs_checks.h"
-#include "../dcs_dispatch.h"
+#include "../static_switch.h"
 #include "common.cuh"
 
 namespace symfast {
 namespace {
 
-constexpr int kThreads = 256;
-
-using namespace ::symfast::cuda;  // aligned_vector, load_vec, mul_rn, sm_count, ...
+using namespace ::symfast::cuda;  // aligned_vector, load_vec, mul_rn, grid_blocks, ...
 
 // Product of two storage values, computed in the accumulation type and rounded
 // once to T, as the CPU kernels do.
@@ -202,46 +198,19 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const Op op, cons
   }
 }
 
-// Blocks of elementwise_kernel<V, Op> that are resident on device dev at once
-// (SMs x blocks per SM at this kernel's register use): one full wave. A larger
-// grid only adds a partial second wave, which with grid-stride loops (equal
-// work per block) leaves most SMs idle at the end; a smaller one leaves
-// bandwidth unused. Queried once per kernel and device with the runtime API
-// (no ATen/cuda/CUDAContext.h, which needs cuBLAS/cuSPARSE headers);
-// concurrent first calls may both query, and store the same value. Must run
-// with dev as the current device (the callers hold a CUDAGuard).
-template <int V, typename Op>
-int resident_blocks(c10::DeviceIndex dev) {
-  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};
-  return cached_per_device(cache, dev, [dev] {
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, elementwise_kernel<V, Op>, kThreads, /*dynamicSMemSize=*/0));
-    return sm_count(dev) * per_sm;
-  });
-}
-
-template <int V, typename Op>
-void launch_with(const Op& op, int64_t n, c10::DeviceIndex dev) {
-  const int64_t items = (n + V - 1) / V;  // vectors, plus one for a partial tail
-  const int blocks = static_cast<int>(
-      std::min<int64_t>((items + kThreads - 1) / kThreads, resident_blocks<V, Op>(dev)));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
-  elementwise_kernel<V><<<blocks, kThreads, 0, stream>>>(op, n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Runs op over n > 0 elements on the current stream of device dev, with
 // 16-byte vectors when every pointer allows it.
 template <typename T, typename Op>
 void launch(const Op& op, int64_t n, c10::DeviceIndex dev) {
   TORCH_INTERNAL_ASSERT(n > 0);
-  constexpr int V = kVec<T>;
-  if (op.template aligned<V>()) {
-    launch_with<V>(op, n, dev);
-  } else {
-    launch_with<1>(op, n, dev);
-  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+  BOOL_SWITCH(op.template aligned<kVec<T>>(), VECTORIZED, [&] {
+    constexpr int V = VECTORIZED ? kVec<T> : 1;
+    // A partial tail counts as one more item.
+    const int blocks = grid_blocks(elementwise_kernel<V, Op>, ceil_div(n, V), dev);
+    elementwise_kernel<V><<<blocks, kThreads, 0, stream>>>(op, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // ------------------------------------------------------------ host helpers
@@ -255,11 +224,6 @@ void launch(const Op& op, int64_t n, c10::DeviceIndex dev) {
 // the copy keeps the hot loop a pure stream.
 at::Tensor dense(const at::Tensor& t, const at::Tensor& w) {
   return t.expand(w.sizes()).contiguous();
-}
-
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 const uint8_t* mask_ptr_or_null(const at::Tensor& m) {
@@ -288,19 +252,17 @@ at::Tensor dcs_cuda(const at::Tensor& w, const at::Tensor& u, const c10::optiona
   const c10::DeviceIndex dev = w.device().index();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "symfast_dcs_cuda", [&] {
-    auto run = [&](auto has_v, auto has_m) {
-      constexpr bool HV = decltype(has_v)::value, HM = decltype(has_m)::value;
-      const ForwardOp<scalar_t, HV, HM> f{out.mutable_data_ptr<scalar_t>(),
-                                          wc.const_data_ptr<scalar_t>(),
-                                          uc.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(vc),
-                                          mask_ptr_or_null(mc)};
-      launch<scalar_t>(f, n, dev);
-    };
-    using T_ = std::true_type;
-    using F_ = std::false_type;
-    if (!mask.has_value()) run(F_{}, F_{});
-    else if (v.has_value()) run(T_{}, T_{});
-    else run(F_{}, T_{});
+    BOOL_SWITCH(mask.has_value(), HM, [&] {
+      BOOL_SWITCH(v.has_value(), HV, [&] {
+        if constexpr (HM || !HV) {  // v without a mask was rejected above
+          const ForwardOp<scalar_t, HV, HM> f{out.mutable_data_ptr<scalar_t>(),
+                                              wc.const_data_ptr<scalar_t>(),
+                                              uc.const_data_ptr<scalar_t>(),
+                                              ptr_or_null<scalar_t>(vc), mask_ptr_or_null(mc)};
+          launch<scalar_t>(f, n, dev);
+        }
+      });
+    });
   });
   return out;
 }
@@ -313,10 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcs_backward_cuda(
   TORCH_INTERNAL_ASSERT(w.is_cuda());
   const c10::cuda::CUDAGuard guard(w.device());
 
-  // A gradient that is not needed is an empty (0,) tensor and costs no traffic.
-  // Each is a fresh tensor: outputs of an op must not alias each other.
   auto output = [&](bool needed) {
-    return needed ? at::empty(w.sizes(), w.options()) : at::empty({0}, w.options());
+    return needed ? at::empty(w.sizes(), w.options()) : unneeded_gradient(w.options());
   };
   at::Tensor gw = output(w_needed), gu = output(u_needed), gv = output(v_needed);
   const int64_t n = w.numel();
@@ -330,20 +290,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcs_backward_cuda(
   const c10::DeviceIndex dev = w.device().index();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "symfast_dcs_backward_cuda", [&] {
-    auto run = [&](auto nw, auto nu, auto nv, auto hm) {
-      constexpr bool NW = decltype(nw)::value, NU = decltype(nu)::value,
-                     NV = decltype(nv)::value, HM = decltype(hm)::value;
-      const BackwardOp<scalar_t, NW, NU, NV, HM> f{
-          NW ? gw.mutable_data_ptr<scalar_t>() : nullptr,
-          NU ? gu.mutable_data_ptr<scalar_t>() : nullptr,
-          NV ? gv.mutable_data_ptr<scalar_t>() : nullptr,
-          gc.const_data_ptr<scalar_t>(),
-          ptr_or_null<scalar_t>(wc),
-          ptr_or_null<scalar_t>(uc),
-          mask_ptr_or_null(mc)};
-      launch<scalar_t>(f, n, dev);
-    };
-    dispatch_flags("symfast.dcs_backward", w_needed, u_needed, v_needed, mask.has_value(), run);
+    BOOL_SWITCH(w_needed, NW, [&] {
+      BOOL_SWITCH(u_needed, NU, [&] {
+        BOOL_SWITCH(v_needed, NV, [&] {
+          BOOL_SWITCH(mask.has_value(), HM, [&] {
+            if constexpr (dcs_flags_occur(NW, NU, NV, HM)) {
+              const BackwardOp<scalar_t, NW, NU, NV, HM> f{
+                  NW ? gw.mutable_data_ptr<scalar_t>() : nullptr,
+                  NU ? gu.mutable_data_ptr<scalar_t>() : nullptr,
+                  NV ? gv.mutable_data_ptr<scalar_t>() : nullptr,
+                  gc.const_data_ptr<scalar_t>(),
+                  ptr_or_null<scalar_t>(wc),
+                  ptr_or_null<scalar_t>(uc),
+                  mask_ptr_or_null(mc)};
+              launch<scalar_t>(f, n, dev);
+            }
+          });
+        });
+      });
+    });
   });
   return {gw, gu, gv};
 }
@@ -372,19 +337,24 @@ at::Tensor dcs_jvp_cuda(const at::Tensor& w, const at::Tensor& u,
   const c10::DeviceIndex dev = w.device().index();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "symfast_dcs_jvp_cuda", [&] {
-    auto run = [&](auto a, auto b, auto c, auto d) {
-      constexpr bool HWD = decltype(a)::value, HUD = decltype(b)::value,
-                     HVD = decltype(c)::value, HM = decltype(d)::value;
-      const JvpOp<scalar_t, HWD, HUD, HVD, HM> f{out.mutable_data_ptr<scalar_t>(),
-                                                 ptr_or_null<scalar_t>(wc),
-                                                 ptr_or_null<scalar_t>(uc),
-                                                 ptr_or_null<scalar_t>(wdc),
-                                                 ptr_or_null<scalar_t>(udc),
-                                                 ptr_or_null<scalar_t>(vdc),
-                                                 mask_ptr_or_null(mc)};
-      launch<scalar_t>(f, n, dev);
-    };
-    dispatch_flags("symfast.dcs_jvp", hwd, hud, hvd, mask.has_value(), run);
+    BOOL_SWITCH(hwd, HWD, [&] {
+      BOOL_SWITCH(hud, HUD, [&] {
+        BOOL_SWITCH(hvd, HVD, [&] {
+          BOOL_SWITCH(mask.has_value(), HM, [&] {
+            if constexpr (dcs_flags_occur(HWD, HUD, HVD, HM)) {
+              const JvpOp<scalar_t, HWD, HUD, HVD, HM> f{out.mutable_data_ptr<scalar_t>(),
+                                                         ptr_or_null<scalar_t>(wc),
+                                                         ptr_or_null<scalar_t>(uc),
+                                                         ptr_or_null<scalar_t>(wdc),
+                                                         ptr_or_null<scalar_t>(udc),
+                                                         ptr_or_null<scalar_t>(vdc),
+                                                         mask_ptr_or_null(mc)};
+              launch<scalar_t>(f, n, dev);
+            }
+          });
+        });
+      });
+    });
   });
   return out;
 }

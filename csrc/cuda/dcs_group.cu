@@ -7,7 +7,7 @@
 // sum().backward()), so one flat 64-bit index addresses every operand.
 //
 // Elementwise ops (forward, grad_w alone, forward mode): grid-stride loops over
-// at most one wave of blocks, 16-byte vector loads and stores when every
+// at most one wave of blocks (grid_blocks in common.cuh), 16-byte vector loads and stores when every
 // pointer is aligned for them (scalar otherwise). The group of the first
 // element of a vector costs a division (32-bit whenever the tensor has fewer
 // than 2^32 elements, 64-bit above); the next elements step through (i, g).
@@ -41,20 +41,20 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <tuple>
 #include <type_traits>
 
+#include "../common.h"
 #include "../dcs_checks.h"
+#include "../group_layout.h"
+#include "../static_switch.h"
 #include "common.cuh"
 
 namespace symfast {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 // Inner runs at least this long are reduced by run_reduce_kernel (a warp
 // reads a whole run or more); shorter ones by column_reduce_kernel.
@@ -66,15 +66,13 @@ constexpr int64_t kReduceBlocks = 2048;
 // Elements per thread a reduction block should have at least.
 constexpr int64_t kMinPerThread = 8;
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 int64_t pow2_ceil(int64_t x) {
   int64_t p = 1;
   while (p < x) p *= 2;
   return p;
 }
 
-using namespace ::symfast::cuda;  // aligned_vector, load_vec, mul_rn, sm_count, ...
+using namespace ::symfast::cuda;  // aligned_vector, load_vec, mul_rn, grid_blocks, ...
 
 // ----------------------------------------------------------- element ops
 // Each op is a struct of raw pointers with
@@ -182,32 +180,24 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 
-// Runs op over the n > 0 elements of v on the current stream of device dev.
-// The grid is capped at one wave (2048 resident threads per SM, the limit on
-// every GPU since Volta): grid-stride loops give each block equal work, so a
-// partial second wave would only leave SMs idle at the end.
+// Runs op over the n > 0 elements of v on the current stream of device dev,
+// with 16-byte vectors when every pointer allows it.
 template <typename T, typename Op>
 void launch_elementwise(const Op& op, const GroupView& v, c10::DeviceIndex dev) {
   const int64_t n = v.numel();
   TORCH_INTERNAL_ASSERT(n > 0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
-  const int64_t wave = int64_t(sm_count(dev)) * (2048 / kThreads);
-  auto go = [&](auto vec, auto index) {
-    constexpr int V = decltype(vec)::value;
-    using index_t = decltype(index);
-    const int64_t items = ceil_div(n, V);
-    const int blocks = static_cast<int>(std::min(ceil_div(items, kThreads), wave));
-    group_elementwise_kernel<V, index_t><<<blocks, kThreads, 0, stream>>>(
-        op, n, static_cast<index_t>(v.groups), static_cast<index_t>(v.inner));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  constexpr int V = kVec<T>;
   const bool small = n <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max());
-  if (op.template aligned<V>()) {
-    small ? go(std::integral_constant<int, V>{}, uint32_t{}) : go(std::integral_constant<int, V>{}, uint64_t{});
-  } else {
-    small ? go(std::integral_constant<int, 1>{}, uint32_t{}) : go(std::integral_constant<int, 1>{}, uint64_t{});
-  }
+  BOOL_SWITCH(op.template aligned<kVec<T>>(), VECTORIZED, [&] {
+    BOOL_SWITCH(small, INDEX32, [&] {
+      constexpr int V = VECTORIZED ? kVec<T> : 1;
+      using index_t = std::conditional_t<INDEX32, uint32_t, uint64_t>;
+      const int blocks = grid_blocks(group_elementwise_kernel<V, index_t, Op>, ceil_div(n, V), dev);
+      group_elementwise_kernel<V, index_t><<<blocks, kThreads, 0, stream>>>(
+          op, n, static_cast<index_t>(v.groups), static_cast<index_t>(v.inner));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
 }
 
 // --------------------------------------------------------------- reduction
@@ -327,8 +317,7 @@ void launch_reduce(T* gw, T* gs, const T* grad, const T* w, const T* s, const Gr
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   const auto acc_options = w_options.dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t G = v.groups;
-  const int64_t combine_blocks =
-      std::min<int64_t>(ceil_div(G, kThreads), int64_t(sm_count(dev)) * (2048 / kThreads));
+  const int combine_blocks = grid_blocks(combine_kernel<T>, G, dev);
 
   if (v.inner < kRunMinInner) {
     const int64_t C = G * v.inner;
@@ -350,7 +339,7 @@ void launch_reduce(T* gw, T* gs, const T* grad, const T* w, const T* s, const Gr
     column_reduce_kernel<T, NW><<<grid, block, 0, stream>>>(
         gw, partial.mutable_data_ptr<acc_t>(), grad, w, s, v.outer, C, v.inner, rows_per_chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    combine_kernel<T><<<static_cast<int>(combine_blocks), kThreads, 0, stream>>>(
+    combine_kernel<T><<<combine_blocks, kThreads, 0, stream>>>(
         gs, partial.const_data_ptr<acc_t>(), n_chunks, G, v.inner);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -363,27 +352,21 @@ void launch_reduce(T* gw, T* gs, const T* grad, const T* w, const T* s, const Gr
   at::Tensor partial = n_slices > 1 ? at::empty({n_slices * G}, acc_options) : at::Tensor();
   acc_t* partial_ptr = n_slices > 1 ? partial.mutable_data_ptr<acc_t>() : nullptr;
   T* direct = n_slices > 1 ? nullptr : gs;
-  auto go = [&](auto index) {
-    using index_t = decltype(index);
+  // k < outer * inner, so 32-bit division suffices below 2^32 of those.
+  BOOL_SWITCH(per_group <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max()), INDEX32, [&] {
+    using index_t = std::conditional_t<INDEX32, uint32_t, uint64_t>;
     run_reduce_kernel<T, index_t, NW><<<blocks, kThreads, 0, stream>>>(
         gw, partial_ptr, direct, grad, w, s, v.outer, G, static_cast<index_t>(v.inner), n_slices);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  // k < outer * inner, so 32-bit division suffices below 2^32 of those.
-  per_group <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max()) ? go(uint32_t{}) : go(uint64_t{});
+  });
   if (n_slices > 1) {
-    combine_kernel<T><<<static_cast<int>(combine_blocks), kThreads, 0, stream>>>(
+    combine_kernel<T><<<combine_blocks, kThreads, 0, stream>>>(
         gs, partial.const_data_ptr<acc_t>(), n_slices, G, 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 // ------------------------------------------------------------------- ops
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 at::Tensor dcs_group_cuda(const at::Tensor& w_in, const at::Tensor& s_in, int64_t dim_in) {
   const int64_t dim = check_dcs_group_args(w_in, s_in, dim_in);
   // The dispatcher chose CUDA, so some operand is on a GPU, and the checks
@@ -410,10 +393,8 @@ std::tuple<at::Tensor, at::Tensor> dcs_group_backward_cuda(const at::Tensor& gra
   const int64_t dim = check_dcs_group_backward_args(grad_in, w_in, s_in, dim_in);
   TORCH_INTERNAL_ASSERT(w_in.is_cuda());
   const c10::cuda::CUDAGuard guard(w_in.device());
-  // A gradient that is not needed is a fresh (0,) tensor: outputs of an op
-  // must not alias each other.
-  at::Tensor gw = w_needed ? at::empty(w_in.sizes(), w_in.options()) : at::empty({0}, w_in.options());
-  at::Tensor gs = s_needed ? at::empty({s_in.size(0)}, s_in.options()) : at::empty({0}, s_in.options());
+  at::Tensor gw = w_needed ? at::empty(w_in.sizes(), w_in.options()) : unneeded_gradient(w_in.options());
+  at::Tensor gs = s_needed ? at::empty({s_in.size(0)}, s_in.options()) : unneeded_gradient(s_in.options());
   if (!(w_needed || s_needed)) return {gw, gs};
   if (w_in.numel() == 0) {
     if (s_needed) gs.zero_();  // an empty sum for each of the G groups
@@ -431,13 +412,12 @@ std::tuple<at::Tensor, at::Tensor> dcs_group_backward_cuda(const at::Tensor& gra
     const T* gp = grad.const_data_ptr<T>();
     if (!s_needed) {
       launch_elementwise<T>(ScaleOp<T>{gw.mutable_data_ptr<T>(), gp, s.const_data_ptr<T>()}, v, dev);
-    } else if (w_needed) {
-      launch_reduce<T, true>(gw.mutable_data_ptr<T>(), gs.mutable_data_ptr<T>(), gp,
-                             w.const_data_ptr<T>(), s.const_data_ptr<T>(), v, w_in.options(), dev);
-    } else {
-      launch_reduce<T, false>(nullptr, gs.mutable_data_ptr<T>(), gp, w.const_data_ptr<T>(),
-                              nullptr, v, w_in.options(), dev);
+      return;
     }
+    BOOL_SWITCH(w_needed, NW, [&] {
+      launch_reduce<T, NW>(NW ? gw.mutable_data_ptr<T>() : nullptr, gs.mutable_data_ptr<T>(), gp,
+                           w.const_data_ptr<T>(), ptr_or_null<T>(s), v, w_in.options(), dev);
+    });
   });
   return {gw, gs};
 }
@@ -462,17 +442,15 @@ at::Tensor dcs_group_jvp_cuda(const at::Tensor& w_in, const at::Tensor& s_in, in
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w_in.scalar_type(), "symfast_dcs_group_jvp_cuda", [&] {
     using T = scalar_t;
-    auto run = [&](auto has_wd, auto has_sd) {
-      constexpr bool HWD = decltype(has_wd)::value, HSD = decltype(has_sd)::value;
-      const JvpOp<T, HWD, HSD> op{out.mutable_data_ptr<T>(), ptr_or_null<T>(w), ptr_or_null<T>(s),
-                                  ptr_or_null<T>(wd), ptr_or_null<T>(sd)};
-      launch_elementwise<T>(op, v, dev);
-    };
-    using T_ = std::true_type;
-    using F_ = std::false_type;
-    if (hwd && hsd) run(T_{}, T_{});
-    else if (hwd) run(T_{}, F_{});
-    else run(F_{}, T_{});
+    BOOL_SWITCH(hwd, HWD, [&] {
+      BOOL_SWITCH(hsd, HSD, [&] {
+        if constexpr (HWD || HSD) {  // no tangent at all returned above
+          const JvpOp<T, HWD, HSD> op{out.mutable_data_ptr<T>(), ptr_or_null<T>(w),
+                                      ptr_or_null<T>(s), ptr_or_null<T>(wd), ptr_or_null<T>(sd)};
+          launch_elementwise<T>(op, v, dev);
+        }
+      });
+    });
   });
   return out;
 }

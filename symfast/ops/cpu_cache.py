@@ -1,14 +1,15 @@
 """Control of the cache of CPU output blocks used by symfast's kernels.
 
 Fresh large CPU tensors are expensive on Linux: every 4 KiB page is faulted in
-and zeroed on first write, which costs more than a dcs kernel's own work
-(README, "CPU output cache", has the measurement). symfast's CPU kernels therefore take
+and zeroed on first write, which can cost more than a dcs kernel's own work
+(docs/perf.md has measurements). symfast's CPU kernels therefore take
 outputs of 1 MiB or more from a cache of blocks that earlier outputs released,
 and back new blocks with transparent huge pages. See csrc/cpu/output_cache.h.
 
 The cache holds at most ``limit`` bytes of released blocks (default 1 GiB; env
-``SYMFAST_CPU_CACHE_MB`` at import, or :func:`set_cpu_cache_limit`). A limit of
-0 disables caching. Blocks held by live tensors are never counted or reused.
+``SYMFAST_CPU_CACHE_MB``, an integer number of MiB in [0, 2**43 - 1], read at the
+cache's first use; or :func:`set_cpu_cache_limit`). A limit of 0 disables
+caching. Blocks held by live tensors are never counted or reused.
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ def cpu_cache_info() -> Dict[str, int]:
             "hits": hits, "misses": misses}
 
 
+_MAX_LIMIT_BYTES = 2**63 - 1  # the C++ cache counts bytes in an int64
+
+
 def set_cpu_cache_limit(limit_bytes: int) -> None:
     """Caps the bytes held for reuse (frees blocks beyond it). 0 turns caching off."""
-    if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes < 0:
-        raise ValueError(f"set_cpu_cache_limit: limit_bytes must be an int >= 0, got {limit_bytes!r}")
+    if (not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool)
+            or not 0 <= limit_bytes <= _MAX_LIMIT_BYTES):
+        raise ValueError(
+            f"set_cpu_cache_limit: limit_bytes must be an int in [0, 2**63 - 1], got {limit_bytes!r}")
     torch.ops.symfast.cpu_cache_set_limit(limit_bytes)
 
 

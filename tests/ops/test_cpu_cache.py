@@ -1,5 +1,9 @@
 """The CPU output cache hands a block only to one live tensor, and reuses it after."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -58,10 +62,41 @@ def test_outputs_work_as_gradients_and_survive_training_steps(fresh_cache):
         torch.testing.assert_close(u.grad, w.detach(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1", 2**63, 2**80])
 def test_bad_limit_is_a_clear_error(bad):
-    with pytest.raises(ValueError, match="limit_bytes must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"limit_bytes must be an int in \[0, 2\*\*63 - 1\], got "):
         symfast.set_cpu_cache_limit(bad)
+
+
+def test_largest_limit_is_accepted(fresh_cache):
+    symfast.set_cpu_cache_limit(2**63 - 1)
+    assert symfast.cpu_cache_info()["limit_bytes"] == 2**63 - 1
+
+
+MAX_ENV_MB = (2**63 - 1) >> 20  # the largest limit in MiB whose byte count fits an int64
+
+
+def _cache_limit_in_subprocess(env_value):
+    """Runs a fresh interpreter with SYMFAST_CPU_CACHE_MB=env_value (the variable is read
+    once per process) and returns it, after it printed the cache's limit or failed."""
+    code = "import symfast; print(symfast.cpu_cache_info()['limit_bytes'])"
+    env = {**os.environ, "SYMFAST_CPU_CACHE_MB": env_value}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("value", [str(MAX_ENV_MB + 1), "9000000000000", "99999999999999999999999"])
+def test_out_of_range_env_limit_is_a_clear_error(value):
+    proc = _cache_limit_in_subprocess(value)
+    assert proc.returncode != 0, f"SYMFAST_CPU_CACHE_MB={value} was accepted: {proc.stdout}"
+    assert (f"SYMFAST_CPU_CACHE_MB must be an integer number of MiB in [0, {MAX_ENV_MB}], "
+            f"got '{value}'") in proc.stderr, proc.stderr
+
+
+def test_largest_env_limit_is_accepted():
+    proc = _cache_limit_in_subprocess(str(MAX_ENV_MB))
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) == MAX_ENV_MB << 20
 
 
 def test_cached_outputs_are_resizable():
