@@ -1,5 +1,7 @@
 """Shared test matrix: one list of devices and dtypes for every op test."""
 
+import os
+
 import pytest
 import torch
 
@@ -17,6 +19,25 @@ def pytest_configure(config):
     torch.manual_seed(0)
 
 
+# hypothesis profiles for the property tests (tests/test_op_properties.py). "suite", the default, is
+# what `make test` runs: a bounded number of examples, derandomized so that every run (and every
+# host) draws the same cases and the suite stays deterministic. "thorough" draws many more, afresh on
+# each run, and keeps failing examples in .hypothesis/ to replay them: SYMFAST_HYPOTHESIS_PROFILE=thorough.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests then fail at import, naming the missing package
+    pass
+else:
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("suite", max_examples=40, deadline=None, derandomize=True, database=None,
+                              suppress_health_check=_slow_ok)
+    settings.register_profile("thorough", max_examples=3000, deadline=None, suppress_health_check=_slow_ok)
+    _profile = os.environ.get("SYMFAST_HYPOTHESIS_PROFILE", "suite")
+    if _profile not in ("suite", "thorough"):
+        raise ValueError(f"SYMFAST_HYPOTHESIS_PROFILE must be 'suite' or 'thorough', got {_profile!r}")
+    settings.load_profile(_profile)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for tests of tiny models: as fast, and immune to the
@@ -30,7 +51,6 @@ def one_thread():
 
 # ------------------------------------------------------------- multi-process
 import contextlib
-import os
 import time
 
 import torch.distributed as dist
