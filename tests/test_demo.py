@@ -90,13 +90,12 @@ def test_quick_demo_reproduces_fig1_left(quick):
         v = p["vanilla"]
         if v["diverged"]:
             assert v["zero_frac"] is None and v["small_frac"] is None
-        else:
-            assert_margin(v["zero_frac"], "<", VANILLA_MAX, f"vanilla exact-zero fraction at lr {p['lr']}")
     assert any(not p["vanilla"]["diverged"] for p in per_lr)
+    assert_margin(max(p["vanilla"]["zero_frac"] for p in per_lr if not p["vanilla"]["diverged"]), "<", VANILLA_MAX,
+                  "vanilla exact-zero fraction, largest over the stable lrs")
     # The sweep crosses vanilla's stability edge 1/(d+2), so divergence detection is exercised. The grid keeps
     # clear of the edge (its nearest points are 0.89x and 1.18x), so which runs diverge is the same on every host.
-    for p in per_lr:
-        record_margin(abs(p["lr"] / cfg["vanilla_edge_lr"] - 1), ">", 0, f"lr {p['lr']}: |lr / edge - 1|")
+    record_margin(min(abs(p["lr"] / cfg["vanilla_edge_lr"] - 1) for p in per_lr), ">", 0, "min over lrs of |lr / edge - 1|")
     assert any(p["vanilla"]["diverged"] for p in per_lr)
     assert all(p["vanilla"]["diverged"] for p in per_lr if p["lr"] > 1.1 * cfg["vanilla_edge_lr"])
 
