@@ -9,7 +9,7 @@ what is measured, never as a strict order or an exact count that such a change c
 line per check (test, claim, value, threshold, margin), so that the margins can be compared across hosts
 and instruction sets::
 
-    SYMFAST_MARGIN_LOG=/tmp/avx2.jsonl ATEN_CPU_CAPABILITY=avx2 python -m pytest tests/test_repro.py
+    SYMFAST_MARGIN_LOG=/tmp/avx2.jsonl ATEN_CPU_CAPABILITY=avx2 python -m pytest tests/experiments tests/train
 """
 
 from __future__ import annotations
