@@ -462,7 +462,9 @@ def _add_train(sub) -> None:
         "For --structure lowrank it also fine-tunes the dense model truncated by SVD to the DCS model's ranks. "
         "Under torchrun (torchrun --nproc_per_node N -m symfast train ...) it runs DistributedDataParallel, or "
         "FSDP2 with --parallel fsdp; --batch-size is the global batch. A run without --resume starts clean: it "
-        "removes an earlier run's checkpoints and outputs from OUT.",
+        "removes an earlier run's checkpoints and outputs from OUT. To run it from Python in a child process, "
+        "start the child with spawn: a process forked after torch ran ops on several threads can hang in GNU "
+        "OpenMP (libgomp), as any torch code does; or call torch.set_num_threads(1) before the ops and the fork.",
     )
     p.add_argument("--task", choices=["lm", "digits"], default="lm", help="lm (default): byte transformer on the "
                    "Python standard library's sources; digits: CNN on scikit-learn's digits")

@@ -4,6 +4,7 @@ verdict follows from its own stated criteria, and its files are written."""
 import json
 
 from symfast.experiments import common
+from margins import record_margin
 
 RECORD_KEYS = {"experiment", "claim", "verdict", "metrics", "config", "seconds"}
 
@@ -18,6 +19,9 @@ def check_record(rec: dict, out_dir) -> None:
     assert RECORD_KEYS <= set(rec)
     assert rec["verdict"] in (common.REPRODUCED, common.NOT_REPRODUCED)
     assert rec["verdict"] == recomputed_verdict(rec)
+    for c in rec["checks"]:  # how far each stated criterion is from flipping the verdict
+        if isinstance(c["measured"], (int, float)) and c["op"] in ("<", "<=", ">", ">="):
+            record_margin(c["measured"], c["op"], c["threshold"], f"criterion {c['key']} ({rec['experiment']})")
     assert rec["seconds"] > 0 and rec["criterion"].startswith("reproduced iff")
     assert json.loads((out_dir / "result.json").read_text()) == rec
     for f in rec["figures"]:

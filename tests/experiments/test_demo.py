@@ -14,6 +14,7 @@ import torch
 import symfast
 from symfast import cli, experiments
 from symfast.experiments import fig1_left
+from margins import assert_margin, record_margin
 
 VANILLA_MAX = 0.01
 DCS_MIN = 0.5
@@ -89,10 +90,12 @@ def test_quick_demo_reproduces_fig1_left(quick):
         v = p["vanilla"]
         if v["diverged"]:
             assert v["zero_frac"] is None and v["small_frac"] is None
-        else:
-            assert v["zero_frac"] < VANILLA_MAX, p
     assert any(not p["vanilla"]["diverged"] for p in per_lr)
-    # The sweep crosses vanilla's stability edge 1/(d+2), so divergence detection is exercised.
+    assert_margin(max(p["vanilla"]["zero_frac"] for p in per_lr if not p["vanilla"]["diverged"]), "<", VANILLA_MAX,
+                  "vanilla exact-zero fraction, largest over the stable lrs")
+    # The sweep crosses vanilla's stability edge 1/(d+2), so divergence detection is exercised. The grid keeps
+    # clear of the edge (its nearest points are 0.89x and 1.18x), so which runs diverge is the same on every host.
+    record_margin(min(abs(p["lr"] / cfg["vanilla_edge_lr"] - 1) for p in per_lr), ">", 0, "min over lrs of |lr / edge - 1|")
     assert any(p["vanilla"]["diverged"] for p in per_lr)
     assert all(p["vanilla"]["diverged"] for p in per_lr if p["lr"] > 1.1 * cfg["vanilla_edge_lr"])
 
@@ -100,9 +103,9 @@ def test_quick_demo_reproduces_fig1_left(quick):
     both = [p for p in per_lr if not p["vanilla"]["diverged"] and not p["dcs"]["diverged"]]
     top = both[-1]
     assert top["lr"] == m["summary"]["top_stable_lr"]
-    assert top["dcs"]["zero_frac"] > DCS_MIN
+    assert_margin(top["dcs"]["zero_frac"], ">", DCS_MIN, "DCS exact-zero fraction at the top stable lr")
     assert top["dcs"]["zero_frac"] == m["summary"]["dcs_zero_frac_at_top_stable_lr"]
-    assert per_lr[0]["dcs"]["zero_frac"] < DCS_MIN
+    assert_margin(per_lr[0]["dcs"]["zero_frac"], "<", DCS_MIN, "DCS exact-zero fraction at the smallest lr")
 
     assert res["verdict"] == _criterion(per_lr) == "reproduced"
     for level in m["other_noise_levels"].values():

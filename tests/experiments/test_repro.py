@@ -19,6 +19,7 @@ import torch
 import symfast
 from symfast import cli, experiments
 from symfast.experiments import common, eq6, fig1_mid, fig3, fig4, lasso, report
+from margins import assert_margin, record_margin
 from repro_checks import RECORD_KEYS, check_record
 
 
@@ -149,7 +150,10 @@ def test_fig3_adam_step_matches_torch_optim():
     torch.testing.assert_close(u1, up.detach(), rtol=1e-5, atol=1e-6)
 
 
-SMALL_FIG3 = {"steps_per_task": 600, "tasks": 5, "replicates": 2}
+# 16 replicates: the dead fraction is a count over 2 * d parameters per replicate, and one replicate's
+# count moves by a few parameters with the last bits of the arithmetic (ATen's SIMD kernels differ
+# between hosts); averaged over 16 it is steady enough to carry the claims below with a margin.
+SMALL_FIG3 = {"steps_per_task": 600, "tasks": 5, "replicates": 16}
 
 
 @pytest.fixture(scope="module")
@@ -162,29 +166,37 @@ def test_fig3_plasticity_signature(fig3_small):
     out, rec = fig3_small
     check_record(rec, out)
     m = rec["metrics"]
+    later_growth = []
     for key in ("wd_0", "wd_1e-02"):
         q = m[key]
-        # No symmetry, no dead parameters; with theta = w * u they pile up task after task.
-        assert q["vanilla"]["max_dead_frac"] == 0
-        assert q["rescaling"]["dead_growth"] > 0.2
+        # No symmetry, no dead parameters; with theta = w * u they pile up task after task ...
+        assert q["vanilla"]["max_dead_frac"] == 0  # |gradient| <= 1e-6 never happens without the symmetry
+        assert_margin(q["rescaling"]["dead_growth"], ">", 0.2, f"{key}: dead fraction, last task - first")
         dead = q["rescaling"]["dead_frac_per_task"]
-        assert dead[-1] > dead[len(dead) // 2] > dead[0]
+        mid = len(dead) // 2
+        assert_margin(dead[mid] - dead[0], ">", 0.15, f"{key}: dead fraction, middle task - first")
+        later_growth.append(dead[-1] - dead[mid])
         # Gradient noise removes the absorbing states: back to the vanilla level.
-        assert q["rescaling+noise"]["max_dead_frac"] <= 0.01
+        assert_margin(q["rescaling+noise"]["max_dead_frac"], "<=", 0.01, f"{key}: max dead fraction with noise")
+    # ... and they keep piling up in the second half of the run. Most of the growth comes in the first
+    # tasks, so the later increment is small next to a single run's noise: it is claimed on average over the
+    # two weight decays (a strict order between two tasks of one run flips on some hosts).
+    assert_margin(sum(later_growth) / 2, ">", 0.02, "dead fraction, last task - middle (mean over weight decays)")
     # The random bias stops the growth only with weight decay (footnote 9); without it, it only moves the
     # absorbing point, and the bias model loses plasticity like the plain one. This is what is measured.
-    assert m["wd_1e-02"]["rescaling+bias"]["max_dead_frac"] <= 0.02
-    assert m["wd_0"]["rescaling+bias"]["dead_growth"] > 0.2
+    assert_margin(m["wd_1e-02"]["rescaling+bias"]["max_dead_frac"], "<=", 0.02, "wd_1e-02: max dead fraction, bias")
+    assert_margin(m["wd_0"]["rescaling+bias"]["dead_growth"], ">", 0.2, "wd_0: dead fraction growth, bias")
     assert rec["verdict"] == "not reproduced"
     assert m["other_settings"]["wd_1e-02"]["verdict"] == "reproduced"
 
 
-def test_fig3_deterministic_per_seed(tmp_path, fig3_small):
-    _, rec = fig3_small
-    again = fig3.run(tmp_path / "a", progress=False, config=SMALL_FIG3)
-    other = fig3.run(tmp_path / "b", progress=False, seed=1, config=SMALL_FIG3)
-    assert again["metrics"] == rec["metrics"]
-    assert other["metrics"] != rec["metrics"]
+def test_fig3_deterministic_per_seed(tmp_path):
+    cfg = {"steps_per_task": 200, "tasks": 3, "replicates": 2}
+    a = fig3.run(tmp_path / "a", progress=False, config=cfg)
+    again = fig3.run(tmp_path / "again", progress=False, config=cfg)
+    other = fig3.run(tmp_path / "b", progress=False, seed=1, config=cfg)
+    assert again["metrics"] == a["metrics"]
+    assert other["metrics"] != a["metrics"]
 
 
 # ------------------------------------------------------------------ fig1-mid
@@ -220,15 +232,24 @@ def test_fig1_mid_rank_signature(tmp_path):
     cfg = {"mus": [0.02, 0.3], "steps": 20_000}
     rec = fig1_mid.run(tmp_path, progress=False, config=cfg)
     check_record(rec, tmp_path)
-    s = rec["metrics"]["summary"]
+    s, per_mu, tol = rec["metrics"]["summary"], rec["metrics"]["per_mu"], rec["config"]["rank_tol"]
     assert s["vanilla_all_finite"] and s["residual_all_finite"] and s["linear_all_finite"]
+
+    def smallest(model, i):  # the smallest singular value at the end of the run, in units of the rank threshold
+        return per_mu[i][model]["smallest_singular_values"][0] / tol
+
     # Strong noise: the factorization loses rank; weak noise: full rank. No symmetry: always full rank.
-    assert s["vanilla_ranks"][0] <= 200 - 5 and s["vanilla_ranks"][1] == 200
-    assert s["linear_ranks"] == [200, 200]
+    assert_margin(200 - s["vanilla_ranks"][0], ">=", 5, "vanilla: directions lost at the noisiest mu")
+    # Full rank. The rank counts a direction as lost only if it stays below the threshold at every late
+    # snapshot, so a singular value that merely passes near it (the single matrix's smallest one does, at
+    # the noisiest mu) cannot flip the count; the margin of the final singular values is recorded.
+    for model, i in (("vanilla", 1), ("linear", 0), ("linear", 1), ("residual", 1)):
+        record_margin(smallest(model, i), ">", 1, f"{model} at mu={per_mu[i]['mu']}: final smallest singular value / tol")
+        assert per_mu[i][model]["rank"] == 200, (model, per_mu[i]["mu"])
     # What is measured against the inset's claim: the residual model, whose rotation symmetry is only moved
     # (A = I + W), also loses rank at the noisiest mu (it starts from full rank, A = B = I, so in this short
     # run it has lost fewer directions than it does in the quick and full runs) and keeps it at the cleanest.
-    assert s["residual_ranks"][0] < 200 and s["residual_ranks"][1] == 200
+    assert_margin(200 - s["residual_ranks"][0], ">=", 1, "residual: directions lost at the noisiest mu")
     assert rec["verdict"] == "not reproduced"
 
 

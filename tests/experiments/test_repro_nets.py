@@ -16,6 +16,7 @@ from symfast import experiments
 pytest.importorskip("sklearn")
 
 from symfast.experiments import dcs_cnn, fig1_right  # noqa: E402
+from margins import assert_margin
 from repro_checks import check_record
 
 
@@ -51,12 +52,14 @@ def test_fig1_right_blocks_with_weight_decay(fig1r):
     m = rec["metrics"]
     w0, wd = m["wd_0"], m["wd_1e-02"]
     for kind in ("pre", "post"):  # more of the layer in homogeneous blocks, before and after the ReLU
-        assert wd[kind]["in_block_fraction"] >= w0[kind]["in_block_fraction"] + 0.15
-        assert wd[kind]["block_count"] >= w0[kind]["block_count"]
+        assert_margin(wd[kind]["in_block_fraction"] - w0[kind]["in_block_fraction"], ">=", 0.15,
+                      f"{kind}: in-block fraction, wd 1e-2 - wd 0")
+        assert_margin(wd[kind]["block_count"] - w0[kind]["block_count"], ">=", 0, f"{kind}: block count, wd 1e-2 - wd 0")
     # Theorem 3's symmetric solution itself: near-identical neurons only with weight decay.
-    assert w0["near_identical_fraction"] == 0 and wd["near_identical_fraction"] > 0
+    assert w0["near_identical_fraction"] == 0
+    assert_margin(wd["near_identical_fraction"], ">", 0, "wd 1e-2: near-identical neuron fraction")
     # Not a failure of training: both nets classify the held-out digits.
-    assert min(w0["test_accuracy"], wd["test_accuracy"]) > 0.9
+    assert_margin(min(w0["test_accuracy"], wd["test_accuracy"]), ">", 0.9, "test accuracy, the worse net")
 
 
 def test_fig1_right_correlation_helpers(fig1r):
@@ -95,10 +98,11 @@ def test_dcs_cnn_sparse_and_accurate(dcs):
     # Every parameter is factored: twice the trainable numbers, the same function size.
     assert d["trainable_tensors_numel"] == 2 * van["trainable_tensors_numel"] == 2 * d["parameters"]
     # DCS is much sparser than vanilla, and zeroing its small parameters costs little accuracy.
-    assert d["sparsity"] >= 0.3 and van["sparsity"] < 0.05
-    assert d["zeroed_val_accuracy"] >= van["val_accuracy"] - 0.03
-    assert abs(d["zeroed_val_accuracy"] - d["val_accuracy"]) <= 0.01
-    assert van["val_accuracy"] > 0.95
+    assert_margin(d["sparsity"], ">=", 0.3, "DCS sparsity")
+    assert_margin(van["sparsity"], "<", 0.05, "vanilla sparsity")
+    assert_margin(d["zeroed_val_accuracy"] - van["val_accuracy"], ">=", -0.03, "zeroed DCS - vanilla accuracy")
+    assert_margin(abs(d["zeroed_val_accuracy"] - d["val_accuracy"]), "<=", 0.01, "|zeroed - unzeroed DCS accuracy|")
+    assert_margin(van["val_accuracy"], ">", 0.95, "vanilla accuracy")
     assert d["time_ratio"] < 3.0  # loose: shared CI cores
 
 

@@ -15,6 +15,7 @@ import symfast
 from symfast import cli, experiments
 from symfast.collapse import approx_critical_learning_rate, critical_learning_rate
 from symfast.experiments import lyapunov, theorem4
+from margins import assert_margin
 from repro_checks import check_record
 
 
@@ -59,9 +60,11 @@ def test_lyapunov_threshold_signature(tmp_path):
     v = rec["metrics"]["settings"]["theta0.25_sigma1"]
     # Below the exact root no chain collapses, well above it all do; the 50% point is within 10% of lr*.
     lrs, frac = v["lrs"], v["collapse_fraction"]
-    assert all(f <= 0.05 for lr, f in zip(lrs, frac) if lr < 0.85 * v["lr_exact"])
-    assert all(f >= 0.9 for lr, f in zip(lrs, frac) if 1.15 * v["lr_exact"] < lr < v["singularity_lr_n1"])
-    assert abs(v["ratio_observed_to_exact"] - 1) < 0.1
+    assert_margin(max(f for lr, f in zip(lrs, frac) if lr < 0.85 * v["lr_exact"]), "<=", 0.05,
+                  "collapsed fraction of chains, lr < 0.85 lr*")
+    assert_margin(min(f for lr, f in zip(lrs, frac) if 1.15 * v["lr_exact"] < lr < v["singularity_lr_n1"]), ">=", 0.9,
+                  "collapsed fraction of chains, 1.15 lr* < lr < singularity")
+    assert_margin(abs(v["ratio_observed_to_exact"] - 1), "<", 0.1, "|observed 50% point / lr* - 1|")
     assert v["mean_h_n1"] < 0  # a strict saddle: GD alone escapes it
     assert v["eq9_rel_error"] < 0.05 and v["lr_exact"] < v["singularity_lr_n1"]
     assert rec["verdict"] == "reproduced"
@@ -91,9 +94,11 @@ def test_theorem4_signature(tmp_path):
     assert m["part2"]["max_rel_block"] <= 1e-12 and m["part2"]["control_min_rel_block"] > 1e-3
     assert m["part2"]["max_eigen_residual"] <= 1e-10
     assert m["part3"]["fraction_correct"] == 1.0 and m["part3"]["points_with_positive_gamma0"] > 0
-    assert m["part3_gd"]["agreement"] == 1.0 and m["part3_gd"]["n_decided"] >= 4
+    assert m["part3_gd"]["agreement"] == 1.0
+    assert_margin(m["part3_gd"]["n_decided"], ">=", 4, "part 3: GD runs decided")
     p4 = m["part4"]
-    assert p4["fraction_off_mirror"][0] > 0 and p4["fraction_off_mirror"][-1] == 0
+    assert_margin(p4["fraction_off_mirror"][0], ">", 0, "part 4: fraction off the mirror at gamma 0")
+    assert p4["fraction_off_mirror"][-1] == 0
     assert math.isfinite(p4["gamma1_observed"]) and p4["max_condition_above_gamma1"] <= 1e-6
     assert rec["verdict"] == "reproduced"
 
