@@ -60,6 +60,9 @@ class DCSLayer:
     bias_parametrization: Optional[Structure]
     _dense_cls: type
     _default_group_dim: int = 0
+    # The dimension of theta that indexes output units (and the bias): 0 for torch's
+    # layers; transformers' Conv1D stores its weight transposed, (in, out).
+    _out_dim: int = 0
 
     # ------------------------------------------------------------ set-up
     def _setup_dcs(
@@ -123,11 +126,10 @@ class DCSLayer:
         if structure == "elementwise":
             p = Elementwise(weight_shape, alpha=alpha, mask=mask, **factory)
         elif structure == "group":
-            if constrain_bias and gdim == 0:
+            if constrain_bias and gdim == self._out_dim:
                 # The bias joins its unit's group: theta_aug = [W_g | b_g] per output unit.
                 self._bias_mode = "joint"
-                fan = weight_shape.numel() // weight_shape[0]
-                p = Group((weight_shape[0], fan + 1), alpha=alpha, dim=0, **factory)
+                p = Group(self._joint_shape(weight_shape), alpha=alpha, dim=self._out_dim, **factory)
             else:
                 p = Group(weight_shape, alpha=alpha, dim=gdim, **factory)
         elif structure == "lowrank":
@@ -136,7 +138,7 @@ class DCSLayer:
             p = Mirror(weight_shape, alpha=alpha, O=mirror, dim=mirror_dim, **factory)
         self.parametrization = p
 
-        out = weight_shape[0] if not isinstance(self, nn.Embedding) else None
+        out = weight_shape[self._out_dim] if not isinstance(self, nn.Embedding) else None
         if has_bias:
             if constrain_bias and self._bias_mode != "joint":
                 self._bias_mode = "elementwise"
@@ -150,11 +152,23 @@ class DCSLayer:
             self.bias_parametrization = None
 
     # ---------------------------------------------------- weight and bias
+    def _joint_shape(self, weight_shape: torch.Size) -> Tuple[int, int]:
+        """Shape of theta_aug, the weight viewed as (out, fan) with the bias as one more column."""
+        return (weight_shape[0], weight_shape.numel() // weight_shape[0] + 1)
+
+    def _join(self, weight: Tensor, bias: Tensor) -> Tensor:
+        """theta_aug from the weight and the bias (see :meth:`_joint_shape`)."""
+        return torch.cat([weight.reshape(weight.shape[0], -1), bias.reshape(-1, 1).to(weight)], dim=1)
+
+    def _split(self, aug: Tensor) -> Tuple[Tensor, Tensor]:
+        """(weight, bias) from theta_aug: the inverse of :meth:`_join`."""
+        return aug[:, :-1].reshape(self._weight_shape), aug[:, -1]
+
     def weight_and_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
         """(theta, bias), each computed once."""
         theta = self.parametrization()
         if self._bias_mode == "joint":
-            return theta[:, :-1].view(self._weight_shape), theta[:, -1]
+            return self._split(theta)
         if self._bias_mode == "elementwise":
             return theta, self.bias_parametrization()
         return theta, self._parameters.get("bias")
@@ -169,7 +183,7 @@ class DCSLayer:
         """The bias: a plain parameter, or computed from its factors with ``constrain_bias=True``."""
         mode = self.__dict__.get("_bias_mode", "free")
         if mode == "joint":
-            return self.parametrization()[:, -1]
+            return self._split(self.parametrization())[1]
         if mode == "elementwise":
             return self.bias_parametrization()
         if "bias" in self._parameters:
@@ -213,7 +227,15 @@ class DCSLayer:
         for structure in (self.parametrization, self.bias_parametrization):
             if structure is not None:
                 structure.reset_buffers()  # a mask or O that to_empty left uninitialized
-        theta = torch.empty(self._weight_shape, device=p.device, dtype=p.dtype)
+        theta, bias = self._draw_initial(p.device, p.dtype)
+        if isinstance(self.parametrization, LowRank) and self.parametrization.rank < min(
+                self.parametrization.rows, self.parametrization.cols):
+            theta = self.parametrization.truncate(theta)  # reduced rank: same variance, rank `rank`
+        self.set_weight(theta, bias)
+
+    def _draw_initial(self, device, dtype) -> Tuple[Tensor, Optional[Tensor]]:
+        """(theta, bias) drawn as the torch layer's own initialization draws them, same random numbers."""
+        theta = torch.empty(self._weight_shape, device=device, dtype=dtype)
         bias = None
         if isinstance(self, nn.Embedding):
             init.normal_(theta)
@@ -225,12 +247,9 @@ class DCSLayer:
             if self._has_bias():
                 fan_in, _ = init._calculate_fan_in_and_fan_out(theta)
                 bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-                bias = torch.empty(self._weight_shape[0], device=p.device, dtype=p.dtype)
+                bias = torch.empty(self._weight_shape[0], device=device, dtype=dtype)
                 init.uniform_(bias, -bound, bound)
-        if isinstance(self.parametrization, LowRank) and self.parametrization.rank < min(
-                self.parametrization.rows, self.parametrization.cols):
-            theta = self.parametrization.truncate(theta)  # reduced rank: same variance, rank `rank`
-        self.set_weight(theta, bias)
+        return theta, bias
 
     def _ref_param(self) -> Tensor:
         return self.parametrization.penalized_parameters()[0]
@@ -257,8 +276,7 @@ class DCSLayer:
             # factors stay uninitialized until to_empty(...) and reset_parameters().
             return
         if self._bias_mode == "joint":
-            aug = torch.cat([weight.reshape(weight.shape[0], -1), bias.detach().reshape(-1, 1).to(weight)], dim=1)
-            self.parametrization.set_theta(aug)
+            self.parametrization.set_theta(self._join(weight, bias.detach()))
             return
         self.parametrization.set_theta(weight)
         if self._bias_mode == "elementwise":
@@ -306,7 +324,7 @@ class DCSLayer:
         theta = self.parametrization.thresholded(threshold)
         bias = None
         if self._bias_mode == "joint":
-            theta, bias = theta[:, :-1].reshape(self._weight_shape), theta[:, -1]
+            theta, bias = self._split(theta)
         elif self._bias_mode == "elementwise":
             bias = self.bias_parametrization.thresholded(threshold)
         elif self._parameters.get("bias") is not None:
