@@ -2,13 +2,17 @@
 
 Layers (subclasses of the torch layers they replace; ``.weight`` is theta):
 :class:`DCSLinear`, :class:`DCSConv1d`, :class:`DCSConv2d`, :class:`DCSConv3d`,
-:class:`DCSEmbedding`; :class:`DCSConv1D` for transformers' ``Conv1D`` (loaded on
-first use, so that importing symfast never imports transformers). Structures (exact parametrizations with a weight-decay
-penalty): :class:`Elementwise`, :class:`Group`, :class:`LowRank`,
-:class:`Mirror`; :func:`permutation_mirror` builds O for merging units.
+:class:`DCSEmbedding`; :class:`DCSConv1D` for transformers' ``Conv1D`` (loaded
+on first use, so that importing symfast never imports transformers).
+Structures (exact parametrizations with a weight-decay penalty):
+:class:`Elementwise`, :class:`Group`, :class:`LowRank`, :class:`Mirror`;
+:func:`permutation_mirror` builds O for merging units. :class:`SparseLinear`:
+an inference-only Linear with a torch sparse weight
+(``symfast.export(..., sparse_format=...)``).
 """
 
 from .layers import DCSConv1d, DCSConv2d, DCSConv3d, DCSEmbedding, DCSLayer, DCSLinear
+from .sparse import SPARSE_FORMATS, SparseLinear
 from .structures import STRUCTURES, Elementwise, Group, LowRank, Mirror, Structure, permutation_mirror
 
 __all__ = [
@@ -25,6 +29,8 @@ __all__ = [
     "Mirror",
     "permutation_mirror",
     "STRUCTURES",
+    "SparseLinear",
+    "SPARSE_FORMATS",
 ]
 
 

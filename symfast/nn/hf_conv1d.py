@@ -24,7 +24,6 @@ model holds a ``Conv1D`` (transformers is then already imported).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -110,8 +109,10 @@ class DCSConv1D(DCSLayer, Conv1D):
     def _thin(self, threshold, bias):
         left, right = self.parametrization.thin_factors(threshold)  # theta ~ left @ right^T: (nx, r), (nf, r)
         r = left.shape[1]
-        # Conv1D always has a bias: the first thin layer's (zero) bias counts too.
-        if r * (self.nx + self.nf + 1) >= self.nx * self.nf:
+        # Conv1D always has a bias: the first thin layer's (zero) bias counts too. Rank 0:
+        # Conv1D's forward cannot take zero inputs (view(-1, 0)), so a dead layer exports as
+        # the dense all-zero Conv1D, which computes the same function: its bias.
+        if r == 0 or r * (self.nx + self.nf + 1) >= self.nx * self.nf:
             return None
         first = _empty_conv1d(r, self.nx, left.device, left.dtype)
         second = _empty_conv1d(self.nf, r, left.device, left.dtype)
@@ -131,7 +132,6 @@ class DCSConv1D(DCSLayer, Conv1D):
 def _empty_conv1d(nf: int, nx: int, device, dtype) -> Conv1D:
     """An uninitialized Conv1D(nf, nx) on ``device``/``dtype``: Conv1D draws its weight on the CPU
     from the global generator, which an export must neither spend nor pay for."""
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+    with torch.device("meta"):
         layer = Conv1D(nf, nx)
     return layer.to_empty(device=device).to(dtype)
