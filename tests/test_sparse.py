@@ -76,6 +76,7 @@ def test_sparse_linear_survives_deepcopy_save_and_dtype_moves():
     (dict(sparse_format="coo"), ValueError, "sparse_format must be one of"),
     (dict(sparse_format="bsr", blocksize=(5, 8)), ValueError, r"blocksize must be two positive ints dividing"),
     (dict(sparse_format="csr", blocksize=(8, 8)), ValueError, "blocksize applies to sparse_format='bsr' only"),
+    (dict(sparse_format="bsr", blocksize=(8, 16)), ValueError, "on the CPU a bsr blocksize must be square"),
     (dict(sparse_format="semi_structured"), ValueError, "runs on CUDA only"),
 ])
 def test_bad_options_are_clear_errors(kwargs, error, match):

@@ -309,17 +309,63 @@ class DCSLayer:
         obj.train(module.training)
         return obj
 
+    @classmethod
+    def tied_to(cls, module: nn.Module, parametrization: Structure, **dcs_options: Any) -> "DCSLayer":
+        """The DCS layer computing ``module``'s function with its weight taken from ``parametrization``,
+        the structure of another DCS layer: a tied weight, one set of factors and one penalty for both.
+
+        Use it for a module whose weight is the same tensor as the one ``parametrization``
+        was factored from (``symfast.convert`` does, for tied embeddings): the weight is not
+        factored again. ``dcs_options`` are :meth:`from_dense`'s and must describe
+        ``parametrization`` (same structure, shape and options). The bias stays this layer's
+        own, free or, with ``constrain_bias=True``, under its own elementwise DCS; joining it
+        to the weight's groups (output groups with ``constrain_bias=True``) would put it in
+        a structure other layers share, and is a ValueError.
+        """
+        name = f"{cls.__name__}.tied_to"
+        if not isinstance(module, cls._dense_cls):
+            raise TypeError(f"{name}: expected a {cls._dense_cls.__name__}, got {type(module).__name__}")
+        if not isinstance(parametrization, Structure):
+            raise TypeError(f"{name}: parametrization must be a symfast.nn Structure, got {type(parametrization).__name__}")
+        weight = module.weight
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "_skip_reset", True)
+        # On meta: nothing is allocated or factored for the weight, which comes from parametrization.
+        cls.__init__(obj, **cls._options_from(module), device="meta", dtype=weight.dtype, **dcs_options)
+        object.__setattr__(obj, "_skip_reset", False)
+        if obj._bias_mode == "joint":
+            raise ValueError(
+                f"{name}: constrain_bias=True with groups over output units would put this layer's bias into "
+                "the groups of a weight other layers share; use constrain_bias=False or another group_dim")
+        wanted = obj.parametrization
+        if type(wanted) is not type(parametrization) or wanted.extra_repr() != parametrization.extra_repr():
+            raise ValueError(f"{name}: parametrization must be the structure dcs_options describe, "
+                             f"{type(wanted).__name__}({wanted.extra_repr()}), got "
+                             f"{type(parametrization).__name__}({parametrization.extra_repr()})")
+        ref = parametrization.penalized_parameters()[0]
+        bias = module._parameters.get("bias") if not isinstance(module, nn.Embedding) else None
+        with torch.no_grad():
+            if obj._bias_mode == "elementwise":
+                obj.bias_parametrization.to_empty(device=ref.device)
+                obj.bias_parametrization.set_theta(bias.detach().to(ref.dtype))
+            elif bias is not None:
+                obj._parameters["bias"] = nn.Parameter(bias.detach().to(device=ref.device, dtype=ref.dtype).clone(),
+                                                       requires_grad=bias.requires_grad)
+        obj.parametrization = parametrization
+        return obj.train(module.training)
+
     def _finish_init(self) -> None:
         if not self.__dict__.get("_skip_reset", False):
             self.reset_parameters()
 
     # -------------------------------------------------------------- export
     @torch.no_grad()
-    def to_dense(self, threshold: float = 0.0) -> nn.Module:
+    def to_dense(self, threshold: float = 0.0, *, thin: bool = True) -> nn.Module:
         """A plain torch module computing this layer's function, with the structure's
         parts of size <= threshold set to exact zeros (see :func:`symfast.export`).
 
-        Low rank becomes two thin layers when that has fewer parameters.
+        Low rank becomes two thin layers when that has fewer parameters, unless
+        ``thin=False`` (a tied weight: its layers must keep one shared weight).
         """
         theta = self.parametrization.thresholded(threshold)
         bias = None
@@ -329,7 +375,7 @@ class DCSLayer:
             bias = self.bias_parametrization.thresholded(threshold)
         elif self._parameters.get("bias") is not None:
             bias = self._parameters["bias"].detach()
-        if isinstance(self.parametrization, LowRank):
+        if thin and isinstance(self.parametrization, LowRank):
             with warnings.catch_warnings():
                 # A dead layer (rank 0) exports as two thin layers of width 0, whose
                 # random init torch warns is a no-op; their weights are copied anyway.

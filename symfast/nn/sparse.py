@@ -8,10 +8,11 @@ lasso made are skipped at inference instead of multiplied. Formats:
   ``y^T = W x^T`` runs as sparse @ dense, the product torch's CPU kernels do
   fastest (``F.linear(x, W_csr)`` computes ``x W^T`` as dense @ sparse^T, several
   times slower on CPU at batch > 1, see ``benchmarks/test_sparse_inference.py``).
-* ``"bsr"``: block sparse rows, blocks of ``blocksize`` (default 16 x 16) that
-  hold at least one nonzero are stored whole. An unstructured pattern fills
-  nearly every block, and torch's CPU BSR product is slow: it is for weights
-  whose zeros come in blocks.
+* ``"bsr"``: block sparse rows, blocks of ``blocksize`` (default 16 x 16;
+  square on the CPU, where torch's product is MKL's) that hold at least one
+  nonzero are stored whole. An unstructured pattern fills nearly every block,
+  and torch's CPU BSR product is slow: it is for weights whose zeros come in
+  blocks.
 * ``"semi_structured"`` (CUDA only, float16/bfloat16; torch's
   ``to_sparse_semi_structured``): the 2:4 pattern, at most 2 nonzeros in every
   4 consecutive inputs of a row, which the sparse tensor cores run at up to
@@ -78,6 +79,9 @@ class SparseLinear(nn.Module):
                                        or w.shape[0] % bs[0] or w.shape[1] % bs[1]):
             raise ValueError(f"{where}: blocksize must be two positive ints dividing the weight's shape "
                              f"{tuple(w.shape)}, got {blocksize!r}")
+        if sparse_format == "bsr" and w.device.type == "cpu" and bs[0] != bs[1]:
+            raise ValueError(f"{where}: on the CPU a bsr blocksize must be square (torch's CPU product, MKL, "
+                             f"takes only square blocks), got {blocksize!r}")
         with warnings.catch_warnings():
             # torch's notice that sparse CSR/BSR support is "in beta", once per process: not actionable
             warnings.filterwarnings("ignore", "Sparse (CSR|BSR|BSC|CSC) tensor support is in beta")
