@@ -49,7 +49,6 @@ _SUPPORTED: Dict[type, type] = {
 }
 
 
-
 def supported_layers() -> Dict[type, type]:
     """The supported layer types and their DCS twins, with transformers' Conv1D when transformers is
     loaded (a model that holds a Conv1D has loaded it: convert itself never imports transformers)."""
@@ -184,6 +183,13 @@ def _unconvertible(module: nn.Module, own: Tuple[str, ...], constrain_bias: bool
     return None
 
 
+def _same_option(a: Any, b: Any) -> bool:
+    """Whether two per-layer option values are the same (tensors: same shape and values)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
 def _per_layer(value: PerLayer, name: str, module: nn.Module) -> Any:
     if isinstance(value, dict):
         return value.get(name)
@@ -273,7 +279,7 @@ def convert(
     report = ConversionReport(structure=structure, alpha=alpha)
 
     supported = supported_layers()
-    # Every holder (module, its name, the parameter's name there) of every parameter.
+    # Every holder of every parameter: (module, the parameter's name there).
     holders: Dict[int, List[Tuple[nn.Module, str]]] = defaultdict(list)
     for m in model.modules():
         for pname, p in m._parameters.items():
@@ -305,7 +311,7 @@ def convert(
     def first_name(module: nn.Module) -> str:
         return paths[id(module)][0][0]
 
-    def options_for(name: str, module: nn.Module, structure_options: Dict[str, Any]) -> Dict[str, Any]:
+    def options_for(module: nn.Module, structure_options: Dict[str, Any]) -> Dict[str, Any]:
         # constrain_bias applies to the layers that have a bias; the others get their weight constrained.
         options = dict(structure=structure, alpha=alpha, **structure_options)
         if not isinstance(module, nn.Embedding):
@@ -355,10 +361,7 @@ def convert(
             for opt in given:
                 values = [(n, o[opt]) for n, o in per_holder if o[opt] is not None]
                 for n, v in values[1:]:
-                    same = torch.equal(v, values[0][1]) if isinstance(v, Tensor) and isinstance(
-                        values[0][1], Tensor) and v.shape == values[0][1].shape else (
-                        not isinstance(v, Tensor) and not isinstance(values[0][1], Tensor) and v == values[0][1])
-                    if not same:
+                    if not _same_option(v, values[0][1]):
                         problem = (f"{opt}= differs between them ({values[0][0] or '<root>'}: {values[0][1]!r}, "
                                    f"{n or '<root>'}: {v!r}), and one shared structure takes one value")
                         break
@@ -417,7 +420,7 @@ def convert(
                           "factors of its own, untying it")
             if reason is None:
                 try:
-                    options = options_for(name, module, structure_options)
+                    options = options_for(module, structure_options)
                     if tied and id(module.weight) in tie_structures:
                         new = target.tied_to(module, tie_structures[id(module.weight)], **options)
                     else:
@@ -453,7 +456,7 @@ def convert(
     seen = {id(model)}
     visit("", model, [])
 
-    for key, structure_obj in tie_structures.items():
+    for key in tie_structures:
         held = [m for m, _ in holders[key]]
         names = tuple(first_name(m) for m in held)
         if all(id(m) in replacement for m in held):
