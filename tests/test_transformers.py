@@ -329,3 +329,22 @@ def test_gpt2_sparse_export_multiplies_by_sparse_weights():
     assert sum(k == "SparseLinear" for k in kinds.values()) == 8 and kinds["lm_head"] == "Linear"
     assert sparse.transformer.wte.weight is sparse.lm_head.weight
     torch.testing.assert_close(_logits(sparse, _tokens()), _logits(dense, _tokens()), rtol=1e-5, atol=1e-5)
+
+
+def test_bert_with_constrain_bias_keeps_its_shared_bias_and_its_tie_whole():
+    """constrain_bias=True would compute the decoder's bias from factors of its own, untying it from
+    its head's bias; then the decoder stays dense, and so does the embedding tied to it."""
+    model = _built("bert")
+    before = _logits(model, _tokens())
+    with pytest.warns(UserWarning, match="were not converted"):
+        symfast.convert(model, alpha=1e-4, constrain_bias=True)
+    reasons = {n: r for n, _, _, r in model.dcs_report.not_converted}
+    assert "its bias is shared with cls.predictions" in reasons["cls.predictions.decoder"]
+    assert "cls.predictions.decoder could not be converted" in reasons["bert.embeddings.word_embeddings"]
+    assert model.dcs_report.tied == []
+    embedding, decoder = model.bert.embeddings.word_embeddings, model.cls.predictions.decoder
+    assert type(embedding) is nn.Embedding and type(decoder) is nn.Linear and embedding.weight is decoder.weight
+    assert decoder.bias is model.cls.predictions.bias
+    converted = {n for n, _, _ in model.dcs_report.converted}
+    assert "bert.embeddings.position_embeddings" in converted and "bert.encoder.layer.0.attention.self.query" in converted
+    assert torch.equal(_logits(model, _tokens()), before)
