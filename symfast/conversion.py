@@ -17,6 +17,7 @@ Exporting back to plain torch modules is :mod:`symfast.exporting`.
 from __future__ import annotations
 
 import fnmatch
+import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,6 +48,17 @@ _SUPPORTED: Dict[type, type] = {
     nn.Embedding: DCSEmbedding,
 }
 
+
+def supported_layers() -> Dict[type, type]:
+    """The supported layer types and their DCS twins, with transformers' Conv1D when transformers is
+    loaded (a model that holds a Conv1D has loaded it: convert itself never imports transformers)."""
+    if "transformers.pytorch_utils" not in sys.modules:
+        return _SUPPORTED
+    from .nn.hf_conv1d import Conv1D, DCSConv1D
+
+    return {**_SUPPORTED, Conv1D: DCSConv1D}
+
+
 Pattern = Union[str, type, Callable[[str, nn.Module], bool]]
 PerLayer = Union[Any, Dict[str, Any], Callable[[str, nn.Module], Any]]
 
@@ -60,6 +72,8 @@ class ConversionReport:
     its own parameter names, reason) for every module that holds parameters and
     was left as it is although the include/exclude filters selected it.
     ``excluded``: names of modules with parameters that the filters left out.
+    ``tied``: the names of the layers that share one weight (tied embeddings), one
+    tuple per shared weight; they were converted to one structure used by all.
     """
 
     structure: str
@@ -67,6 +81,7 @@ class ConversionReport:
     converted: List[Tuple[str, str, str]] = field(default_factory=list)
     not_converted: List[Tuple[str, str, Tuple[str, ...], str]] = field(default_factory=list)
     excluded: List[str] = field(default_factory=list)
+    tied: List[Tuple[str, ...]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"symfast.convert(structure={self.structure!r}, alpha={self.alpha:g}): "
@@ -78,6 +93,8 @@ class ConversionReport:
             lines.append(f"  NOT converted  {name or '<root>'} ({typ}; parameters {', '.join(params)}): {reason}")
         for name in self.excluded:
             lines.append(f"  excluded       {name or '<root>'}")
+        for names in self.tied:
+            lines.append(f"  tied           {' = '.join(n or '<root>' for n in names)}: one weight, one structure")
         return "\n".join(lines)
 
 
@@ -128,9 +145,8 @@ _STOCK_ATTRS: Dict[type, frozenset] = {}
 
 def _stock_attrs(cls: type) -> frozenset:
     if cls not in _STOCK_ATTRS:
-        meta = {"device": "meta"}
-        fresh = (cls(1, 1, **meta) if cls in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear,
-                                              nn.Embedding) else cls(1, 1, 1, **meta))
+        with torch.device("meta"):  # (transformers' Conv1D takes no device argument)
+            fresh = cls(1, 1, 1) if issubclass(cls, nn.modules.conv._ConvNd) else cls(1, 1)
         _STOCK_ATTRS[cls] = frozenset(fresh.__dict__)
     return _STOCK_ATTRS[cls]
 
@@ -165,6 +181,13 @@ def _unconvertible(module: nn.Module, own: Tuple[str, ...], constrain_bias: bool
     if constrain_bias and bias is not None and not bias.requires_grad:
         return "its bias is frozen (requires_grad=False) and constrain_bias=True would make it trainable"
     return None
+
+
+def _same_option(a: Any, b: Any) -> bool:
+    """Whether two per-layer option values are the same (tensors: same shape and values)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
 
 
 def _per_layer(value: PerLayer, name: str, module: nn.Module) -> Any:
@@ -255,11 +278,13 @@ def convert(
         raise ValueError("symfast.convert: constrain_bias=True is not available for structure='mirror'")
     report = ConversionReport(structure=structure, alpha=alpha)
 
-    owners: Dict[int, set] = defaultdict(set)
+    supported = supported_layers()
+    # Every holder of every parameter: (module, the parameter's name there).
+    holders: Dict[int, List[Tuple[nn.Module, str]]] = defaultdict(list)
     for m in model.modules():
-        for p in m._parameters.values():
+        for pname, p in m._parameters.items():
             if p is not None:
-                owners[id(p)].add(id(m))
+                holders[id(p)].append((m, pname))
 
     replacement: Dict[int, nn.Module] = {}
 
@@ -283,11 +308,86 @@ def convert(
 
     layer_names = set()  # names of the supported layers, for the per-layer dicts
 
+    def first_name(module: nn.Module) -> str:
+        return paths[id(module)][0][0]
+
+    def options_for(module: nn.Module, structure_options: Dict[str, Any]) -> Dict[str, Any]:
+        # constrain_bias applies to the layers that have a bias; the others get their weight constrained.
+        options = dict(structure=structure, alpha=alpha, **structure_options)
+        if not isinstance(module, nn.Embedding):
+            options["constrain_bias"] = constrain_bias and module._parameters.get("bias") is not None
+        return options
+
+    def own_options(name: str, module: nn.Module) -> Dict[str, Any]:
+        return {opt: _per_layer(value, name, module) if option_of[opt] == structure else None
+                for opt, value in given.items()}
+
+    # A weight shared by several layers (tied input/output embeddings) becomes one
+    # structure that all of them use, or, if one of them cannot take it, stays as it
+    # is in all of them: converting only some would untie it.
+    tie_plans: Dict[int, Tuple[Optional[str], Dict[str, Any]]] = {}
+    tie_structures: Dict[int, Structure] = {}
+
+    def tie_plan(weight: Tensor) -> Tuple[Optional[str], Dict[str, Any]]:
+        """(why the weight's holders cannot share one structure, or None; the structure options)."""
+        if id(weight) in tie_plans:
+            return tie_plans[id(weight)]
+        held = holders[id(weight)]
+        names = ", ".join(first_name(m) or "<root>" for m, _ in held)
+        problem, chosen = None, {}
+        for m, pname in held:
+            label = first_name(m) or "<root>"
+            why = None
+            if type(m) not in supported:
+                why = f"{label} is a {type(m).__name__}, which has no DCS layer"
+            elif pname != "weight":
+                why = f"{label} holds it as its {pname}"
+            elif not is_selected(m):
+                why = f"{label} is left out by include/exclude"
+            elif torch.nn.utils.parametrize.is_parametrized(m) or (
+                    isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()):
+                why = f"{label} is parametrized or lazy"
+            else:
+                reason = _unconvertible(m, tuple(n for n, p in m._parameters.items() if p is not None),
+                                        constrain_bias)
+                if reason is not None:
+                    why = f"{label} cannot be converted ({reason})"
+            if why:
+                problem = why
+                break
+        if problem is None:
+            # One structure takes one value of each option.
+            per_holder = [(first_name(m), own_options(first_name(m), m)) for m, _ in held]
+            for opt in given:
+                values = [(n, o[opt]) for n, o in per_holder if o[opt] is not None]
+                for n, v in values[1:]:
+                    if not _same_option(v, values[0][1]):
+                        problem = (f"{opt}= differs between them ({values[0][0] or '<root>'}: {values[0][1]!r}, "
+                                   f"{n or '<root>'}: {v!r}), and one shared structure takes one value")
+                        break
+                if problem:
+                    break
+                chosen[opt] = values[0][1] if values else None
+        if problem is None and structure == "group":
+            if chosen["group_dim"] is None:  # the first holder's default (the input embedding's, usually)
+                chosen["group_dim"] = supported[type(held[0][0])]._default_group_dim
+            for m, _ in held:
+                if constrain_bias and m._parameters.get("bias") is not None and (
+                        chosen["group_dim"] % m.weight.dim() == supported[type(m)]._out_dim):
+                    problem = (f"constrain_bias=True would join the bias of {first_name(m) or '<root>'} to the "
+                               "groups of the shared weight; use constrain_bias=False or another group_dim")
+                    break
+        plan = (None if problem is None else
+                f"its weight is shared by {names} (tied) and {problem}: converting only some would untie them",
+                chosen)
+        tie_plans[id(weight)] = plan
+        return plan
+
     def visit(name: str, module: nn.Module, ancestors: List[Tuple[str, nn.Module]]) -> None:
         own = tuple(n for n, p in module._parameters.items() if p is not None)
         if isinstance(module, (DCSLayer, Structure)):
             return  # already DCS: its factors are the structure's
-        if type(module) in _SUPPORTED:
+        if type(module) in supported:
             layer_names.update(n for n, _ in paths[id(module)])
         selected = is_selected(module)
         parametrized = torch.nn.utils.parametrize.is_parametrized(module)
@@ -306,35 +406,34 @@ def convert(
         if not selected:
             if own:
                 report.excluded.append(name)
-        elif type(module) in _SUPPORTED:
-            target = _SUPPORTED[type(module)]
-            reason = None
-            if any(len(owners[id(getattr(module, n))]) > 1 for n in own):
-                reason = "its weight is shared with another module (converting would untie it)"
-            else:
-                reason = _unconvertible(module, own, constrain_bias)
+        elif type(module) in supported:
+            target = supported[type(module)]
+            reason = _unconvertible(module, own, constrain_bias)
+            bias = module._parameters.get("bias")
+            tied = reason is None and len(holders[id(module.weight)]) > 1
+            structure_options = own_options(name, module)
+            if tied:
+                reason, structure_options = tie_plan(module.weight)
+            if reason is None and bias is not None and len(holders[id(bias)]) > 1 and constrain_bias:
+                others = ", ".join(first_name(m) or "<root>" for m, _ in holders[id(bias)] if m is not module)
+                reason = (f"its bias is shared with {others} and constrain_bias=True would compute it from "
+                          "factors of its own, untying it")
             if reason is None:
                 try:
-                    # constrain_bias applies to the layers that have a bias; the others
-                    # get their weight constrained.
-                    has_bias = module._parameters.get("bias") is not None
-                    options = dict(
-                        structure=structure, alpha=alpha, constrain_bias=constrain_bias and has_bias,
-                        group_dim=_per_layer(group_dim, name, module) if structure == "group" else None,
-                        rank=_per_layer(rank, name, module) if structure == "lowrank" else None,
-                        mask=_per_layer(mask, name, module) if structure == "elementwise" else None,
-                        mirror=_per_layer(mirror, name, module) if structure == "mirror" else None,
-                        mirror_dim=_per_layer(mirror_dim, name, module) if structure == "mirror" else None,
-                    )
-                    if isinstance(module, nn.Embedding):
-                        options.pop("constrain_bias")
-                    new = target.from_dense(module, **options)
+                    options = options_for(module, structure_options)
+                    if tied and id(module.weight) in tie_structures:
+                        new = target.tied_to(module, tie_structures[id(module.weight)], **options)
+                    else:
+                        new = target.from_dense(module, **options)
                 except (ValueError, TypeError) as exc:
                     reason = str(exc)
                 else:
-                    bias = module._parameters.get("bias")
-                    if bias is not None and not bias.requires_grad and "bias" in new._parameters:
-                        new._parameters["bias"].requires_grad_(False)  # a frozen free bias stays frozen
+                    if tied:
+                        tie_structures.setdefault(id(module.weight), new.parametrization)
+                    if bias is not None and "bias" in new._parameters:
+                        # A free bias stays the same tensor: still frozen if it was, still shared
+                        # with whatever shared it (BERT's decoder.bias is its head's bias).
+                        new._parameters["bias"] = bias
                     stock = _stock_attrs(type(module))
                     for key, value in module.__dict__.items():  # the user's own attributes
                         if key not in stock and key not in new.__dict__:
@@ -345,7 +444,7 @@ def convert(
             report.not_converted.append((name, type(module).__name__, own, reason))
             return
         elif own:
-            base = next((c.__name__ for c in _SUPPORTED if isinstance(module, c)), None)
+            base = next((c.__name__ for c in supported if isinstance(module, c)), None)
             reason = (f"a subclass of nn.{base} with its own class (its forward may differ); not converted"
                       if base else f"no DCS layer for {type(module).__name__}")
             report.not_converted.append((name, type(module).__name__, own, reason))
@@ -356,6 +455,24 @@ def convert(
 
     seen = {id(model)}
     visit("", model, [])
+
+    for key in tie_structures:
+        held = [m for m, _ in holders[key]]
+        names = tuple(first_name(m) for m in held)
+        if all(id(m) in replacement for m in held):
+            report.tied.append(names)
+            continue
+        # Some holder failed after another was converted (an option its own layer rejects):
+        # keep them all dense, tied, and say so.
+        failed = [n or "<root>" for n, m in zip(names, held) if id(m) not in replacement]
+        done = {n for n, m in zip(names, held) if id(m) in replacement}
+        report.converted = [c for c in report.converted if c[0] not in done]
+        for n, m in zip(names, held):
+            if id(m) in replacement:
+                del replacement[id(m)]
+                report.not_converted.append((n, type(m).__name__, ("weight",), (
+                    f"its weight is shared by {', '.join(x or '<root>' for x in names)} (tied) and "
+                    f"{', '.join(failed)} could not be converted: converting only some would untie them")))
 
     for opt, value in given.items():
         if isinstance(value, dict):

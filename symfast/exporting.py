@@ -22,9 +22,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .conversion import require_module
+from .conversion import require_module, supported_layers
 from .nn.layers import DCSLayer
-from .nn.structures import Group, LowRank, rank_tolerance
+from .nn.sparse import DEFAULT_BLOCKSIZE as SPARSE_DEFAULT_BLOCKSIZE
+from .nn.sparse import SPARSE_FORMATS, SparseLinear
+from .nn.structures import Group, LowRank, Structure, rank_tolerance
 
 __all__ = ["export", "sparsity_report", "SparsityReport"]
 
@@ -40,7 +42,8 @@ _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BN = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
-def export(model: nn.Module, *, threshold: float = 0.0) -> nn.Module:
+def export(model: nn.Module, *, threshold: float = 0.0, sparse_format: Optional[str] = None,
+           sparse_min_sparsity: float = 0.9, sparse_blocksize: Optional[Tuple[int, int]] = None) -> nn.Module:
     r"""A copy of ``model`` made of plain torch modules, computing the same function.
 
     Every DCS layer becomes the torch layer it replaced, with theta materialized
@@ -63,11 +66,39 @@ def export(model: nn.Module, *, threshold: float = 0.0) -> nn.Module:
       a unit stays. Batch norm is folded with its running statistics (eval
       mode): export a model for inference.
 
+    * Layers that share one structure (a tied weight, see :func:`convert`)
+      share one weight tensor in the exported model, and stay full size.
+
     With ``threshold=0`` the exported model computes the same outputs as the
     DCS model up to float rounding (exactly for elementwise and group).
+
+    **Sparse inference** (opt-in): with ``sparse_format="csr"`` (or ``"bsr"``,
+    blocks of ``sparse_blocksize``, default 16 x 16; or ``"semi_structured"``,
+    2:4 on CUDA), every ``nn.Linear`` (and transformers ``Conv1D``) whose weight
+    has at least ``sparse_min_sparsity`` zeros becomes a
+    :class:`~symfast.nn.SparseLinear`, whose forward multiplies by the sparse
+    weight. It sums in another order than the dense product: outputs agree to
+    float rounding. On CPU, CSR beats dense from about 80-90% zeros on (see the
+    README's sparse-inference table; hence the default 0.9); BSR only pays for
+    weights whose zeros come in blocks. A tied weight stays dense (the tie is
+    kept), with a warning naming the layers.
+
+    Raises ValueError, naming the layer, when a weight holds NaN or inf (a run
+    that diverged).
     """
     require_module("export", model)
     threshold = _check_threshold("export", threshold)
+    _check_finite("export", model)
+    if sparse_format is not None and sparse_format not in SPARSE_FORMATS:
+        raise ValueError(f"symfast.export: sparse_format must be None or one of {SPARSE_FORMATS}, "
+                         f"got {sparse_format!r}")
+    if isinstance(sparse_min_sparsity, bool) or not isinstance(sparse_min_sparsity, numbers.Real) or not (
+            0 <= sparse_min_sparsity <= 1):
+        raise ValueError(f"symfast.export: sparse_min_sparsity must be a number in [0, 1], "
+                         f"got {sparse_min_sparsity!r}")
+    if sparse_blocksize is not None and sparse_format != "bsr":
+        raise ValueError(f"symfast.export: sparse_blocksize applies to sparse_format='bsr' only, "
+                         f"got sparse_blocksize={sparse_blocksize!r} with sparse_format={sparse_format!r}")
     exported = copy.deepcopy(model)
     if hasattr(exported, "dcs_report"):
         del exported.dcs_report
@@ -77,6 +108,15 @@ def export(model: nn.Module, *, threshold: float = 0.0) -> nn.Module:
     uses: Dict[int, int] = defaultdict(int)
     for _, m in exported.named_modules(remove_duplicate=False):
         uses[id(m)] += 1
+    # Likewise a module holding a parameter that another module holds too (a tied weight).
+    holders: Dict[int, set] = defaultdict(set)
+    for m in exported.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders[id(p)].add(id(m))
+    for m in exported.modules():
+        if any(p is not None and len(holders[id(p)]) > 1 for p in m._parameters.values()):
+            uses[id(m)] = max(uses[id(m)], 2)
     folded_bn = []
     for seq in [m for m in exported.modules() if type(m) is nn.Sequential]:
         folded_bn += _shrink_sequential(seq, uses)
@@ -87,7 +127,85 @@ def export(model: nn.Module, *, threshold: float = 0.0) -> nn.Module:
             "the same function as the original in eval mode only (call .eval() on both to compare or deploy)",
             stacklevel=2,
         )
+    if sparse_format is not None:
+        exported = _to_sparse(exported, sparse_format, float(sparse_min_sparsity), sparse_blocksize, holders)
     return exported
+
+
+def _check_finite(fn: str, model: nn.Module) -> None:
+    """NaN or inf in a weight means the run diverged: say so, naming the layer, before a
+    threshold or an SVD meets them (the SVD's own error names no layer)."""
+    for name, m in model.named_modules():
+        if isinstance(m, Structure):
+            continue  # checked with its layer, which the message names
+        tensors = m.named_parameters() if isinstance(m, DCSLayer) else (
+            list(m._parameters.items()) + list(m._buffers.items()))
+        for tname, t in tensors:
+            if t is None or t.layout != torch.strided or not t.is_floating_point():
+                continue
+            finite = torch.isfinite(t.detach())
+            if not bool(finite.all()):
+                raise ValueError(
+                    f"symfast.{fn}: layer {name or '<root>'} ({type(m).__name__}) has {int((~finite).sum())} "
+                    f"non-finite values (NaN or inf) of {t.numel()} in {tname}: the training run diverged. "
+                    "Use a checkpoint from before the divergence, or train again with a lower learning rate "
+                    "(or gradient clipping)")
+
+
+@torch.no_grad()
+def _to_sparse(model: nn.Module, sparse_format: str, min_sparsity: float,
+               blocksize: Optional[Tuple[int, int]], holders: Dict[int, set]) -> nn.Module:
+    """Every sparse enough Linear (or transformers Conv1D, as the Linear of its transposed weight)
+    becomes a SparseLinear; a tied weight stays dense."""
+    conv1d = _supported_conv1d()
+    tied, undivided = [], []
+    blocks = SPARSE_DEFAULT_BLOCKSIZE if blocksize is None else tuple(blocksize)
+    cache: Dict[int, nn.Module] = {}  # a layer used twice stays one layer
+
+    def swap(name: str, m: nn.Module) -> nn.Module:
+        if type(m) is not nn.Linear and (conv1d is None or type(m) is not conv1d):
+            return m
+        w = m.weight
+        if w.numel() == 0 or float((w == 0).sum()) / w.numel() < min_sparsity:
+            return m
+        if len(holders[id(w)]) > 1:
+            tied.append(name or "<root>")
+            return m
+        out_f, in_f = (w.shape[1], w.shape[0]) if type(m) is not nn.Linear else w.shape
+        if (sparse_format == "bsr" and len(blocks) == 2 and all(isinstance(b, int) and b >= 1 for b in blocks)
+                and (out_f % blocks[0] or in_f % blocks[1])):
+            # (removing dead units leaves shapes no block size was chosen for)
+            undivided.append(f"{name or '<root>'} {(out_f, in_f)}")
+            return m
+        if id(m) not in cache:
+            linear = m
+            if type(m) is not nn.Linear:  # Conv1D: y = x W + b is the Linear of W^T
+                linear = nn.Linear(m.nx, m.nf, device="meta", dtype=w.dtype)
+                linear.weight = nn.Parameter(w.t().contiguous())
+                linear.bias = m.bias
+            cache[id(m)] = SparseLinear.from_dense(linear, sparse_format=sparse_format, blocksize=blocksize,
+                                                   name=name or "<root>").train(m.training)
+        return cache[id(m)]
+
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None:
+                parent._modules[child_name] = swap(f"{parent_name}.{child_name}" if parent_name else child_name,
+                                                   child)
+    model = swap("", model)
+    if tied:
+        warnings.warn(f"symfast.export: sparse_format={sparse_format!r} left {', '.join(tied)} dense: their weight "
+                      "is tied to another module's, and a sparse copy would untie it", stacklevel=3)
+    if undivided:
+        warnings.warn(f"symfast.export: sparse_format='bsr' left {', '.join(undivided)} dense: the block size "
+                      f"{blocks} does not divide their (out, in) shape; choose sparse_blocksize", stacklevel=3)
+    return model
+
+
+def _supported_conv1d() -> Optional[type]:
+    """transformers' Conv1D if transformers is loaded (see supported_layers), else None."""
+    return next((t for t in supported_layers() if t.__name__ == "Conv1D" and
+                 t.__module__.startswith("transformers")), None)
 
 
 def _check_threshold(fn: str, threshold: Any) -> float:
@@ -103,11 +221,30 @@ def _materialize(model: nn.Module, threshold: float) -> nn.Module:
     if isinstance(model, DCSLayer):
         return model.to_dense(threshold)
     dense: Dict[int, nn.Module] = {}  # one dense layer per DCS layer: a layer used twice stays shared
+    layers = [m for m in model.modules() if isinstance(m, DCSLayer)]
+    sharing = defaultdict(int)
+    for m in layers:
+        sharing[id(m.parametrization)] += 1
+    # Layers that share one structure (a tied weight) share one exported weight tensor,
+    # and stay full (two thin low-rank layers would need the factors transposed).
+    tied_weight: Dict[int, nn.Parameter] = {}
+    for m in layers:
+        key = id(m.parametrization)
+        out = m.to_dense(threshold, thin=sharing[key] == 1)
+        bias = m._parameters.get("bias")
+        if bias is not None and not isinstance(out, nn.Sequential):
+            # A free bias stays the same tensor (as in convert): still frozen if it
+            # was, still shared with whatever shares it.
+            out.bias = bias
+        if sharing[key] > 1:
+            if key in tied_weight:
+                out.weight = tied_weight[key]
+            else:
+                tied_weight[key] = out.weight
+        dense[id(m)] = out
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if isinstance(child, DCSLayer):
-                if id(child) not in dense:
-                    dense[id(child)] = child.to_dense(threshold)
                 parent._modules[name] = dense[id(child)]
     return model
 
@@ -360,19 +497,21 @@ def sparsity_report(model: nn.Module, *, threshold: float = 0.0, compute_rank: b
     """
     require_module("sparsity_report", model)
     threshold = _check_threshold("sparsity_report", threshold)
+    _check_finite("sparsity_report", model)
     with warnings.catch_warnings():  # only parameters are counted here: the eval-mode caveat does not apply
         warnings.filterwarnings("ignore", message="symfast.export: removing dead units folded")
         exported = export(model, threshold=threshold)
     rows = []
     dense_total = 0
     dcs_params = set()
+    counted = set()
     for name, m in model.named_modules():
         if not isinstance(m, DCSLayer):
             continue
         p = m.parametrization
         theta = p.thresholded(threshold)
         if m._bias_mode == "joint":  # [W_g | b_g] per unit: the row describes the weight
-            theta = theta[:, :-1].reshape(m._weight_shape)
+            theta = m._split(theta)[0]
         bias = getattr(m, "bias", None)  # an embedding has none
         row: Dict[str, Any] = {
             "name": name, "layer": type(m).__name__, "structure": m.structure, "alpha": m.alpha,
@@ -394,7 +533,9 @@ def sparsity_report(model: nn.Module, *, threshold: float = 0.0, compute_rank: b
         row["params_dense"] = m._weight_shape.numel() + (0 if bias is None else bias.numel())
         sub = exported.get_submodule(name) if name else exported
         row["params_export"] = sum(q.numel() for q in sub.parameters())
-        dense_total += row["params_dense"]
+        # a tied weight (one structure, several layers) counts once in the total
+        dense_total += row["params_dense"] - (m._weight_shape.numel() if id(p) in counted else 0)
+        counted.add(id(p))
         rows.append(row)
     train_total = sum(q.numel() for q in model.parameters())
     other = sum(q.numel() for q in model.parameters() if id(q) not in dcs_params)

@@ -111,16 +111,17 @@ def test_convert_reports_what_it_did_not_convert():
     head = nn.Linear(4, 10, bias=False)
     head.weight = tied.weight  # weight tying
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), Custom(4, 3), Scale(), nn.Linear(3, 3), tied, head)
-    with pytest.warns(UserWarning, match=r"5 module\(s\) with parameters were not converted"):
+    with pytest.warns(UserWarning, match=r"3 module\(s\) with parameters were not converted"):
         convert(model, alpha=1e-3, exclude=["4"])
     report = model.dcs_report
-    assert [c[0] for c in report.converted] == ["0"]
+    assert [c[0] for c in report.converted] == ["0", "5", "6"]
     reasons = {name: reason for name, _, _, reason in report.not_converted}
-    assert set(reasons) == {"1", "2", "3", "5", "6"}
+    assert set(reasons) == {"1", "2", "3"}
     assert "no DCS layer for BatchNorm1d" in reasons["1"]
     assert "subclass of nn.Linear" in reasons["2"]
     assert "no DCS layer for Scale" in reasons["3"]
-    assert "shared with another module" in reasons["5"] and "shared" in reasons["6"]
+    # the tied weight is converted once, one structure for both layers
+    assert report.tied == [("5", "6")] and model[5].parametrization is model[6].parametrization
     assert report.excluded == ["4"] and type(model[4]) is nn.Linear
     assert "NOT converted" in str(report) and "excluded" in str(report)
     # A conversion the structure cannot do exactly is reported, not approximated.

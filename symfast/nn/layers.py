@@ -60,6 +60,9 @@ class DCSLayer:
     bias_parametrization: Optional[Structure]
     _dense_cls: type
     _default_group_dim: int = 0
+    # The dimension of theta that indexes output units (and the bias): 0 for torch's
+    # layers; transformers' Conv1D stores its weight transposed, (in, out).
+    _out_dim: int = 0
 
     # ------------------------------------------------------------ set-up
     def _setup_dcs(
@@ -123,11 +126,10 @@ class DCSLayer:
         if structure == "elementwise":
             p = Elementwise(weight_shape, alpha=alpha, mask=mask, **factory)
         elif structure == "group":
-            if constrain_bias and gdim == 0:
+            if constrain_bias and gdim == self._out_dim:
                 # The bias joins its unit's group: theta_aug = [W_g | b_g] per output unit.
                 self._bias_mode = "joint"
-                fan = weight_shape.numel() // weight_shape[0]
-                p = Group((weight_shape[0], fan + 1), alpha=alpha, dim=0, **factory)
+                p = Group(self._joint_shape(weight_shape), alpha=alpha, dim=self._out_dim, **factory)
             else:
                 p = Group(weight_shape, alpha=alpha, dim=gdim, **factory)
         elif structure == "lowrank":
@@ -136,7 +138,7 @@ class DCSLayer:
             p = MirrorStructure(weight_shape, alpha=alpha, O=mirror, dim=mirror_dim, **factory)
         self.parametrization = p
 
-        out = weight_shape[0] if not isinstance(self, nn.Embedding) else None
+        out = weight_shape[self._out_dim] if not isinstance(self, nn.Embedding) else None
         if has_bias:
             if constrain_bias and self._bias_mode != "joint":
                 self._bias_mode = "elementwise"
@@ -150,11 +152,23 @@ class DCSLayer:
             self.bias_parametrization = None
 
     # ---------------------------------------------------- weight and bias
+    def _joint_shape(self, weight_shape: torch.Size) -> Tuple[int, int]:
+        """Shape of theta_aug, the weight viewed as (out, fan) with the bias as one more column."""
+        return (weight_shape[0], weight_shape.numel() // weight_shape[0] + 1)
+
+    def _join(self, weight: Tensor, bias: Tensor) -> Tensor:
+        """theta_aug from the weight and the bias (see :meth:`_joint_shape`)."""
+        return torch.cat([weight.reshape(weight.shape[0], -1), bias.reshape(-1, 1).to(weight)], dim=1)
+
+    def _split(self, aug: Tensor) -> Tuple[Tensor, Tensor]:
+        """(weight, bias) from theta_aug: the inverse of :meth:`_join`."""
+        return aug[:, :-1].reshape(self._weight_shape), aug[:, -1]
+
     def weight_and_bias(self) -> Tuple[Tensor, Optional[Tensor]]:
         """(theta, bias), each computed once."""
         theta = self.parametrization()
         if self._bias_mode == "joint":
-            return theta[:, :-1].view(self._weight_shape), theta[:, -1]
+            return self._split(theta)
         if self._bias_mode == "elementwise":
             return theta, self.bias_parametrization()
         return theta, self._parameters.get("bias")
@@ -169,7 +183,7 @@ class DCSLayer:
         """The bias: a plain parameter, or computed from its factors with ``constrain_bias=True``."""
         mode = self.__dict__.get("_bias_mode", "free")
         if mode == "joint":
-            return self.parametrization()[:, -1]
+            return self._split(self.parametrization())[1]
         if mode == "elementwise":
             return self.bias_parametrization()
         if "bias" in self._parameters:
@@ -213,7 +227,15 @@ class DCSLayer:
         for structure in (self.parametrization, self.bias_parametrization):
             if structure is not None:
                 structure.reset_buffers()  # a mask or O that to_empty left uninitialized
-        theta = torch.empty(self._weight_shape, device=p.device, dtype=p.dtype)
+        theta, bias = self._draw_initial(p.device, p.dtype)
+        if isinstance(self.parametrization, LowRank) and self.parametrization.rank < min(
+                self.parametrization.rows, self.parametrization.cols):
+            theta = self.parametrization.truncate(theta)  # reduced rank: same variance, rank `rank`
+        self.set_weight(theta, bias)
+
+    def _draw_initial(self, device, dtype) -> Tuple[Tensor, Optional[Tensor]]:
+        """(theta, bias) drawn as the torch layer's own initialization draws them, same random numbers."""
+        theta = torch.empty(self._weight_shape, device=device, dtype=dtype)
         bias = None
         if isinstance(self, nn.Embedding):
             init.normal_(theta)
@@ -225,12 +247,9 @@ class DCSLayer:
             if self._has_bias():
                 fan_in, _ = init._calculate_fan_in_and_fan_out(theta)
                 bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-                bias = torch.empty(self._weight_shape[0], device=p.device, dtype=p.dtype)
+                bias = torch.empty(self._weight_shape[0], device=device, dtype=dtype)
                 init.uniform_(bias, -bound, bound)
-        if isinstance(self.parametrization, LowRank) and self.parametrization.rank < min(
-                self.parametrization.rows, self.parametrization.cols):
-            theta = self.parametrization.truncate(theta)  # reduced rank: same variance, rank `rank`
-        self.set_weight(theta, bias)
+        return theta, bias
 
     def _ref_param(self) -> Tensor:
         return self.parametrization.penalized_parameters()[0]
@@ -257,8 +276,7 @@ class DCSLayer:
             # factors stay uninitialized until to_empty(...) and reset_parameters().
             return
         if self._bias_mode == "joint":
-            aug = torch.cat([weight.reshape(weight.shape[0], -1), bias.detach().reshape(-1, 1).to(weight)], dim=1)
-            self.parametrization.set_theta(aug)
+            self.parametrization.set_theta(self._join(weight, bias.detach()))
             return
         self.parametrization.set_theta(weight)
         if self._bias_mode == "elementwise":
@@ -291,27 +309,73 @@ class DCSLayer:
         obj.train(module.training)
         return obj
 
+    @classmethod
+    def tied_to(cls, module: nn.Module, parametrization: Structure, **dcs_options: Any) -> "DCSLayer":
+        """The DCS layer computing ``module``'s function with its weight taken from ``parametrization``,
+        the structure of another DCS layer: a tied weight, one set of factors and one penalty for both.
+
+        Use it for a module whose weight is the same tensor as the one ``parametrization``
+        was factored from (``symfast.convert`` does, for tied embeddings): the weight is not
+        factored again. ``dcs_options`` are :meth:`from_dense`'s and must describe
+        ``parametrization`` (same structure, shape and options). The bias stays this layer's
+        own, free or, with ``constrain_bias=True``, under its own elementwise DCS; joining it
+        to the weight's groups (output groups with ``constrain_bias=True``) would put it in
+        a structure other layers share, and is a ValueError.
+        """
+        name = f"{cls.__name__}.tied_to"
+        if not isinstance(module, cls._dense_cls):
+            raise TypeError(f"{name}: expected a {cls._dense_cls.__name__}, got {type(module).__name__}")
+        if not isinstance(parametrization, Structure):
+            raise TypeError(f"{name}: parametrization must be a symfast.nn Structure, got {type(parametrization).__name__}")
+        weight = module.weight
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "_skip_reset", True)
+        # On meta: nothing is allocated or factored for the weight, which comes from parametrization.
+        cls.__init__(obj, **cls._options_from(module), device="meta", dtype=weight.dtype, **dcs_options)
+        object.__setattr__(obj, "_skip_reset", False)
+        if obj._bias_mode == "joint":
+            raise ValueError(
+                f"{name}: constrain_bias=True with groups over output units would put this layer's bias into "
+                "the groups of a weight other layers share; use constrain_bias=False or another group_dim")
+        wanted = obj.parametrization
+        if type(wanted) is not type(parametrization) or wanted.extra_repr() != parametrization.extra_repr():
+            raise ValueError(f"{name}: parametrization must be the structure dcs_options describe, "
+                             f"{type(wanted).__name__}({wanted.extra_repr()}), got "
+                             f"{type(parametrization).__name__}({parametrization.extra_repr()})")
+        ref = parametrization.penalized_parameters()[0]
+        bias = module._parameters.get("bias") if not isinstance(module, nn.Embedding) else None
+        with torch.no_grad():
+            if obj._bias_mode == "elementwise":
+                obj.bias_parametrization.to_empty(device=ref.device)
+                obj.bias_parametrization.set_theta(bias.detach().to(ref.dtype))
+            elif bias is not None:
+                obj._parameters["bias"] = nn.Parameter(bias.detach().to(device=ref.device, dtype=ref.dtype).clone(),
+                                                       requires_grad=bias.requires_grad)
+        obj.parametrization = parametrization
+        return obj.train(module.training)
+
     def _finish_init(self) -> None:
         if not self.__dict__.get("_skip_reset", False):
             self.reset_parameters()
 
     # -------------------------------------------------------------- export
     @torch.no_grad()
-    def to_dense(self, threshold: float = 0.0) -> nn.Module:
+    def to_dense(self, threshold: float = 0.0, *, thin: bool = True) -> nn.Module:
         """A plain torch module computing this layer's function, with the structure's
         parts of size <= threshold set to exact zeros (see :func:`symfast.export`).
 
-        Low rank becomes two thin layers when that has fewer parameters.
+        Low rank becomes two thin layers when that has fewer parameters, unless
+        ``thin=False`` (a tied weight: its layers must keep one shared weight).
         """
         theta = self.parametrization.thresholded(threshold)
         bias = None
         if self._bias_mode == "joint":
-            theta, bias = theta[:, :-1].reshape(self._weight_shape), theta[:, -1]
+            theta, bias = self._split(theta)
         elif self._bias_mode == "elementwise":
             bias = self.bias_parametrization.thresholded(threshold)
         elif self._parameters.get("bias") is not None:
             bias = self._parameters["bias"].detach()
-        if isinstance(self.parametrization, LowRank):
+        if thin and isinstance(self.parametrization, LowRank):
             with warnings.catch_warnings():
                 # A dead layer (rank 0) exports as two thin layers of width 0, whose
                 # random init torch warns is a no-op; their weights are copied anyway.
