@@ -9,6 +9,7 @@ pure-PyTorch twins live in :mod:`symfast.reference`. Diagnostics live in
 
 from . import collapse, curvature, metrics, monitor, nn, reference, remedies, symmetry
 from .ops.cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
+from .ops.checks import DeviceMismatchError
 from .ops.dcs import dcs
 from .ops.dcs_group import dcs_group
 from .collapse import (
@@ -59,6 +60,7 @@ __all__ = [
     "per_sample_hvp",
     "functional_loss",
     "UnsupportedOpError",
+    "DeviceMismatchError",
     "lyapunov_exponent",
     "critical_learning_rate",
     "approx_critical_learning_rate",

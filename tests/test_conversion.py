@@ -522,6 +522,8 @@ def test_convert_keeps_a_frozen_bias_frozen_and_the_users_attributes():
     (dict(alpha=float("nan")), ValueError, "alpha"),
     (dict(alpha=None), TypeError, "alpha"),
     (dict(alpha="x"), TypeError, "alpha"),
+    (dict(alpha="0.1"), TypeError, "alpha must be a real number >= 0, got str '0.1'"),
+    (dict(alpha=True), TypeError, "alpha must be a real number >= 0, got bool"),
     (dict(alpha=1e-3, include=5), TypeError, "include"),
     (dict(alpha=1e-3, exclude=[3.0]), TypeError, "exclude"),
     (dict(alpha=1e-3, rank=2), ValueError, "rank= applies to structure='lowrank'"),

@@ -10,6 +10,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ..ops.checks import DeviceMismatchError
+
 __all__ = ["UnsupportedOpError"]
 
 
@@ -96,7 +98,8 @@ def check_directions(
         if d.dtype != p.dtype:
             raise TypeError(f"{op}: {arg}[{name!r}] must have dtype {p.dtype} like params[{name!r}], got {d.dtype}")
         if d.device != p.device:
-            raise ValueError(f"{op}: {arg}[{name!r}] must be on {p.device} like params[{name!r}], got {d.device}")
+            raise DeviceMismatchError(
+                f"{op}: {arg}[{name!r}] must be on {p.device} like params[{name!r}], got {d.device}")
         out[name] = d
     return out, (K if leading else 1)  # type: ignore[return-value]
 

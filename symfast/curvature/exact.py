@@ -117,12 +117,23 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
             raise ValueError("scaled_dot_product_attention: attn_mask and is_causal=True cannot be used together")
         allowed = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+    if attn_mask is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), value)
+    if attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        no_key = ~attn_mask.any(dim=-1, keepdim=True)
+    else:
+        scores = scores + attn_mask
+        no_key = torch.isneginf(attn_mask).all(dim=-1, keepdim=True)
+    # A query row that the mask allows to see no key (a left-padded position
+    # of an HF model) has the output 0 in torch >= 2.5 (its "safe softmax"),
+    # not softmax([-inf, ...]) = NaN. Those rows are constant, so their scores
+    # are replaced by zeros before the softmax (finite jets) and their weights
+    # by zeros after it; the mask is data, not a parameter, so this holds for
+    # every derivative too.
+    scores = scores.masked_fill(no_key, 0.0)
+    weights = torch.softmax(scores, dim=-1).masked_fill(no_key, 0.0)
+    return torch.matmul(weights, value)
 
 
 def _mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):

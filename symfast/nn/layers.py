@@ -64,6 +64,18 @@ class DCSLayer:
     # layers; transformers' Conv1D stores its weight transposed, (in, out).
     _out_dim: int = 0
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling. The
+        # DCS layers dispatch on a Python structure object and call custom ops
+        # through torch.library, which TorchScript cannot compile; without this
+        # hook the user gets "Unknown type annotation: 'Structure'", which names
+        # neither the layer nor a way out.
+        raise RuntimeError(
+            f"torch.jit.script: {type(self).__name__} is not supported (TorchScript is deprecated in PyTorch "
+            "and cannot compile symfast's custom ops). Use torch.compile(model) to compile a model with DCS "
+            "layers, or symfast.export(model) to get plain torch modules, which TorchScript accepts."
+        )
+
     # ------------------------------------------------------------ set-up
     def _setup_dcs(
         self,

@@ -49,6 +49,7 @@ large as the balanced ones.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -75,10 +76,14 @@ STRUCTURES = ("elementwise", "group", "lowrank", "mirror")
 
 # ----------------------------------------------------------------- helpers
 def check_alpha(alpha: float) -> float:
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError):
-        raise TypeError(f"alpha must be a real number >= 0, got {alpha!r}") from None
+    # float() would also accept a string ("0.1") or a bool, both of which are
+    # mistakes in a config file rather than a weight decay: only real numbers
+    # (Python, numpy, or a one-element real tensor) are taken.
+    if isinstance(alpha, Tensor) and alpha.numel() == 1 and not (alpha.is_complex() or alpha.dtype == torch.bool):
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number >= 0, got {type(alpha).__name__} {alpha!r}")
+    a = float(alpha)
     if not math.isfinite(a) or a < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     return a

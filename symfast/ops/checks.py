@@ -15,6 +15,16 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+class DeviceMismatchError(ValueError, RuntimeError):
+    """A tensor argument is on another device than the one the call runs on.
+
+    A subclass of both ``RuntimeError`` (what torch raises for tensors on
+    different devices, and what the C++ checks of a direct
+    ``torch.ops.symfast.*`` call raise) and ``ValueError`` (what the rest of
+    symfast's argument checks raise), so code catching either sees it.
+    """
+
+
 def require_tensor(op: str, name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -32,7 +42,7 @@ def check_dtype_device(op: str, name: str, t: torch.Tensor, w: torch.Tensor) -> 
     if t.dtype != w.dtype:
         raise TypeError(f"{op}: {name} must have the dtype of w ({w.dtype}), got {t.dtype}")
     if t.device != w.device:
-        raise ValueError(f"{op}: {name} must be on w's device ({w.device}), got {t.device}")
+        raise DeviceMismatchError(f"{op}: {name} must be on w's device ({w.device}), got {t.device}")
 
 
 def broadcasts_to(shape, target) -> bool:
@@ -68,7 +78,7 @@ def check_mask(op: str, mask: Optional[torch.Tensor], w: torch.Tensor) -> None:
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{op}: mask must be a bool or floating 0/1 tensor, got {mask.dtype}")
     if mask.device != w.device:
-        raise ValueError(f"{op}: mask must be on w's device ({w.device}), got {mask.device}")
+        raise DeviceMismatchError(f"{op}: mask must be on w's device ({w.device}), got {mask.device}")
     if not broadcasts_to(mask.shape, w.shape):
         raise ValueError(
             f"{op}: mask must broadcast to w's shape {tuple(w.shape)}, got {tuple(mask.shape)}"

@@ -258,6 +258,53 @@ def test_attention_with_masks_matches_finite_differences():
     torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, batch, method="forward"))
 
 
+class PaddedSDPA(nn.Module):
+    """One attention layer over a left-padded batch, as HF models call it (sdpa with a bool mask)."""
+
+    def __init__(self, d=6, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.head(y.transpose(1, 2).reshape(b, t, d).sum(1))
+
+
+def _left_padded_mask(lengths, T, float_mask):
+    """[B, 1, T, T] causal mask over the last ``length`` positions; padded query rows allow no key."""
+    keep = torch.arange(T)[None, :] >= (T - torch.tensor(lengths))[:, None]
+    allowed = keep[:, None, :, None] & keep[:, None, None, :] & torch.ones(T, T, dtype=torch.bool).tril()
+    if not float_mask:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=DT).masked_fill(~allowed, float("-inf"))
+
+
+@pytest.mark.parametrize("float_mask", [False, True], ids=["bool-mask", "float-mask"])
+@pytest.mark.parametrize("method", ["fast", "forward", "reference"])
+def test_sdpa_rows_that_allow_no_key_give_zero_output_not_nan(float_mask, method):
+    torch.manual_seed(0)
+    module = PaddedSDPA().to(DT)
+    T, lengths = 5, [5, 3, 1, 4]
+    x, mask = _randn(len(lengths), T, 6, seed=3), _left_padded_mask(lengths, T, float_mask)
+    with torch.no_grad():  # torch's own semantics: a fully masked row gives 0, and our decomposition agrees
+        assert torch.equal(torch.isnan(module(x, mask)), torch.zeros(len(lengths), 3, dtype=torch.bool))
+    y = torch.tensor([0, 2, 1, 1])
+    loss_fn, params = functional_loss(module, _ce())
+    batch = ((x, mask), y)
+    dirs = _directions(params, K=2)
+    g = per_sample_directional_derivatives(loss_fn, params, dirs, batch, method=method)
+    h = per_sample_curvatures(loss_fn, params, dirs, batch, method=method)
+    assert torch.isfinite(g).all() and torch.isfinite(h).all()
+    fd_g = torch.stack([fd_first(loss_fn, params, {k: v[i] for k, v in dirs.items()}, batch) for i in range(2)], 1)
+    fd_h = torch.stack([fd_second(loss_fn, params, {k: v[i] for k, v in dirs.items()}, batch) for i in range(2)], 1)
+    _assert_fd_close(g, fd_g, f"left-padded sdpa first derivative ({method})")
+    _assert_fd_close(h, fd_h, f"left-padded sdpa curvature ({method})")
+
+
 def test_in_place_ops_and_tied_parameters_fall_back_or_work():
     # nn.ReLU(inplace=True) mutates a tensor that carries a jet: the fast path falls back to nested jvp.
     module = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).to(DT)

@@ -27,6 +27,7 @@ from symfast.nn import (
     MirrorStructure,
     permutation_basis,
 )
+import symfast
 from symfast import reference
 
 from matrix import DEVICES
@@ -133,6 +134,15 @@ def test_mirror_validates_O():
     torch.testing.assert_close(O.t() @ O, torch.eye(2, dtype=DT))
     theta = torch.randn(4, 3, dtype=DT)
     torch.testing.assert_close(O.t() @ theta, (theta[[0, 2]] - theta[[1, 3]]) / math.sqrt(2))
+
+
+def test_torchscript_is_refused_with_a_way_out():
+    model = nn.Sequential(DCSLinear(4, 5), nn.ReLU())
+    with pytest.raises(RuntimeError, match=r"torch.jit.script: DCSLinear is not supported.*torch.compile.*symfast.export"):
+        torch.jit.script(model)
+    exported = symfast.export(model)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(torch.jit.script(exported)(x), model(x))
 
 
 def test_embedding_rejects_in_place_and_sparse_options():

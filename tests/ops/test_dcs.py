@@ -316,8 +316,8 @@ def _bad_calls():
     yield "mask must broadcast to w's shape", ValueError, (w, u), {"mask": torch.ones(2, 3, 4, dtype=torch.bool)}
     yield "u must have the dtype of w", TypeError, (w, u.double()), {}
     yield "v must have the dtype of w", TypeError, (w, u, torch.randn(3, 4).half()), {"mask": m}
-    yield "u must be on w's device", ValueError, (w, torch.empty(3, 4, device="meta")), {}
-    yield "mask must be on w's device", ValueError, (w, u), {"mask": torch.empty(3, 4, device="meta", dtype=torch.bool)}
+    yield "u must be on w's device", symfast.DeviceMismatchError, (w, torch.empty(3, 4, device="meta")), {}
+    yield "mask must be on w's device", symfast.DeviceMismatchError, (w, u), {"mask": torch.empty(3, 4, device="meta", dtype=torch.bool)}
     yield "w must be float32, float64, float16 or bfloat16, got torch.int64", TypeError, (torch.ones(3, 4, dtype=torch.long), u), {}
     yield "mask must be a bool or floating 0/1 tensor, got torch.int64", TypeError, (w, u), {"mask": torch.ones(3, 4, dtype=torch.long)}
     yield "v was given without a mask", ValueError, (w, u, torch.randn(3, 4)), {}
@@ -329,6 +329,19 @@ def _bad_calls():
 def test_bad_input_is_a_clear_error(message, exc, args, kwargs):
     with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)")):
         symfast.dcs(*args, **kwargs)
+
+
+@pytest.mark.parametrize("caught", [RuntimeError, ValueError])
+def test_device_errors_are_runtime_errors_like_torch_and_value_errors_like_the_other_checks(caught):
+    # torch raises RuntimeError for tensors on different devices, and so does
+    # the raw op's C++ check; the wrapper's error is catchable as either.
+    w = torch.randn(3, 4)
+    with pytest.raises(caught, match="u must be on w's device"):
+        symfast.dcs(w, torch.empty(3, 4, device="meta"))
+    with pytest.raises(caught, match="s must be on w's device"):
+        symfast.dcs_group(w, torch.empty(4, device="meta"), 1)
+    with pytest.raises(RuntimeError, match="u must be on w's device"):
+        ops.dcs(w, torch.empty(3, 4, device="meta"))
 
 
 def test_float_mask_with_other_values_is_an_error():

@@ -377,7 +377,7 @@ def _bad_calls():
     yield r"w must have at least one dimension", ValueError, (torch.tensor(1.0), torch.randn(1), 0)
     yield r"s must have the dtype of w \(torch.float32\), got torch.float64", TypeError, (w, s.double(), 1)
     yield r"s must have the dtype of w \(torch.float32\), got torch.int64", TypeError, (w, torch.ones(5, dtype=torch.long), 1)
-    yield r"s must be on w's device \(cpu\), got meta", ValueError, (w, torch.empty(5, device="meta"), 1)
+    yield r"s must be on w's device \(cpu\), got meta", symfast.DeviceMismatchError, (w, torch.empty(5, device="meta"), 1)
     yield r"w must be float32, float64, float16 or bfloat16, got torch.int64", TypeError, (torch.ones(3, 5, dtype=torch.long), torch.ones(5, dtype=torch.long), 1)
     yield r"s must be a torch.Tensor, got float", TypeError, (w, 2.0, 1)
 
