@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import symfast  # noqa: E402
-from symfast.nn import permutation_mirror  # noqa: E402
+from symfast.nn import permutation_basis  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +38,7 @@ STRUCTURES_1D = [
     ("group", {"constrain_bias": True}),
     ("group", {"group_dim": 0, "constrain_bias": True}),
     ("lowrank", {}),
-    ("mirror", {"mirror": permutation_mirror(7, [(0, 1), (3, 5)], dtype=torch.float64), "mirror_dim": 1}),
+    ("mirror", {"mirror": permutation_basis(7, [(0, 1), (3, 5)], dtype=torch.float64), "mirror_dim": 1}),
 ]
 
 
@@ -276,7 +276,7 @@ def test_gpt2_other_structures_keep_the_function_to_rounding(structure):
         def dim(n, m):
             # the tied lm_head takes the embedding's mirror: one structure has one O
             return 1 if type(m).__name__ in ("Conv1D", "Embedding") or n == "lm_head" else 0
-        kw = dict(mirror=lambda n, m: permutation_mirror(m.weight.shape[dim(n, m)], [(0, 1)], dtype=torch.float64),
+        kw = dict(mirror=lambda n, m: permutation_basis(m.weight.shape[dim(n, m)], [(0, 1)], dtype=torch.float64),
                   mirror_dim=dim)
     _convert(model, structure, **kw)
     assert len(model.dcs_report.converted) == 11 and model.dcs_report.tied == [("transformer.wte", "lm_head")]

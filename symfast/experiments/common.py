@@ -121,7 +121,8 @@ def criterion_text(criteria: Sequence[Criterion]) -> str:
 # ------------------------------------------------------------------- threads
 #: The small-tensor loops of these experiments run fastest on one thread, and one thread makes every
 #: reduction's rounding independent of the machine's core count (bitwise determinism per seed).
-#: On a loaded 2-core machine, 2 threads made a 200 x 200 batched update 300x slower (OpenMP waits).
+#: On a loaded 2-core machine, 2 threads make a 200 x 200 batched update orders of magnitude slower
+#: (OpenMP threads wait at every barrier).
 EXPERIMENT_THREADS = 1
 
 
@@ -253,7 +254,7 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _md_cell(s: str) -> str:
+def md_cell(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
@@ -274,8 +275,8 @@ def experiment_markdown(record: dict, *, heading: str = "#", fig_prefix: str = "
     ]
     for c in r.get("checks", []):
         lines.append(
-            f"| {_md_cell(c['text'])} (`{c['key']}`) | {_md_cell(_fmt_value(c['measured']))} | "
-            f"{c['op']} {_md_cell(_fmt_value(c['threshold']))} | {'yes' if c['passed'] else '**no**'} |"
+            f"| {md_cell(c['text'])} (`{c['key']}`) | {md_cell(_fmt_value(c['measured']))} | "
+            f"{c['op']} {md_cell(_fmt_value(c['threshold']))} | {'yes' if c['passed'] else '**no**'} |"
         )
     lines.append("")
     for f in r.get("figures", []):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from . import EXPERIMENTS
-from .common import REPORT_FILE, RESULT_FILE, _md_cell, experiment_markdown, load_record, short_claim
+from .common import REPORT_FILE, RESULT_FILE, md_cell, experiment_markdown, load_record, short_claim
 
 
 def collect(out_root: str | Path) -> list[dict]:
@@ -42,7 +42,7 @@ def summary_markdown(records: Sequence[dict]) -> str:
         fig_cell = f"[{fig}]({name}/{fig})" if fig else ""
         verdict = r["verdict"] if r["verdict"] == "reproduced" else f"**{r['verdict']}**"
         lines.append(
-            f"| [{name}](#{_anchor(r)}) | {_md_cell(short_claim(r))} | {verdict} | {_md_cell(r.get('headline', ''))} "
+            f"| [{name}](#{_anchor(r)}) | {md_cell(short_claim(r))} | {verdict} | {md_cell(r.get('headline', ''))} "
             f"| {fig_cell} | {r.get('seconds', 0):.0f} s ({_mode(r)}) |"
         )
     return "\n".join(lines)
@@ -67,12 +67,11 @@ def combined_markdown(records: Sequence[dict], *, command: Optional[str] = None)
         lines += ["", f"Produced by `{command}`."]
     lines += ["", "## Summary", "", summary_markdown(records), ""]
     ran = {r["experiment"] for r in records}
-    pending = [(e, e.unavailable_reason()) for e in EXPERIMENTS if e.name not in ran]
-    if pending:
+    not_run = [e for e in EXPERIMENTS if e.name not in ran]
+    if not_run:
         lines += ["Not in this report:", ""]
-        for e, why in pending:
-            lines.append(f"- `{e.name}` ({e.title}): " + (why if why else "available, not run here "
-                                                             f"(`symfast repro {e.name}`)"))
+        for e in not_run:
+            lines.append(f"- `{e.name}` ({e.title}): not run here (`symfast repro {e.name}`)")
         lines.append("")
     for r in records:
         lines += [experiment_markdown(r, heading="##", fig_prefix=f"{r['experiment']}/"), ""]

@@ -5,15 +5,15 @@ Layers (subclasses of the torch layers they replace; ``.weight`` is theta):
 :class:`DCSEmbedding`; :class:`DCSConv1D` for transformers' ``Conv1D`` (loaded
 on first use, so that importing symfast never imports transformers).
 Structures (exact parametrizations with a weight-decay penalty):
-:class:`Elementwise`, :class:`Group`, :class:`LowRank`, :class:`Mirror`;
-:func:`permutation_mirror` builds O for merging units. :class:`SparseLinear`:
-an inference-only Linear with a torch sparse weight
+:class:`Elementwise`, :class:`Group`, :class:`LowRank`,
+:class:`MirrorStructure`; :func:`permutation_basis` builds O for merging units.
+:class:`SparseLinear`: an inference-only Linear with a torch sparse weight
 (``symfast.export(..., sparse_format=...)``).
 """
 
 from .layers import DCSConv1d, DCSConv2d, DCSConv3d, DCSEmbedding, DCSLayer, DCSLinear
 from .sparse import SPARSE_FORMATS, SparseLinear
-from .structures import STRUCTURES, Elementwise, Group, LowRank, Mirror, Structure, permutation_mirror
+from .structures import STRUCTURES, Elementwise, Group, LowRank, MirrorStructure, Structure, permutation_basis
 
 __all__ = [
     "DCSLinear",
@@ -26,15 +26,25 @@ __all__ = [
     "Elementwise",
     "Group",
     "LowRank",
-    "Mirror",
-    "permutation_mirror",
+    "MirrorStructure",
+    "permutation_basis",
     "STRUCTURES",
     "SparseLinear",
     "SPARSE_FORMATS",
 ]
 
+# Old names, kept for one release: symfast.nn.Mirror collided with symfast.Mirror (the O-mirror of
+# symfast.symmetry), and nn.permutation_mirror (a Tensor) with symmetry.permutation_mirror (a Mirror).
+_DEPRECATED = {"Mirror": "MirrorStructure", "permutation_mirror": "permutation_basis"}
+
 
 def __getattr__(name: str):
+    if name in _DEPRECATED:
+        import warnings
+
+        new = _DEPRECATED[name]
+        warnings.warn(f"symfast.nn.{name} is deprecated; use symfast.nn.{new}", DeprecationWarning, stacklevel=2)
+        return globals()[new]
     # DCSConv1D subclasses transformers' Conv1D: importing it imports transformers,
     # an optional dependency that takes seconds to load, so it is loaded on first use.
     if name == "DCSConv1D":
@@ -44,4 +54,4 @@ def __getattr__(name: str):
             raise ImportError(f"symfast.nn.DCSConv1D is the twin of transformers' Conv1D and needs transformers "
                               f"(pip install transformers): {exc}") from exc
         return DCSConv1D
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module 'symfast.nn' has no attribute {name!r}")
