@@ -462,7 +462,7 @@ def convert(
         if all(id(m) in replacement for m in held):
             report.tied.append(names)
             continue
-        # Some holder failed after another was converted (an option its own layer rejects):
+        # A holder failed after another was converted (its bias is shared and constrain_bias=True):
         # keep them all dense, tied, and say so.
         failed = [n or "<root>" for n, m in zip(names, held) if id(m) not in replacement]
         done = {n for n, m in zip(names, held) if id(m) in replacement}

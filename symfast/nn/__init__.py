@@ -5,9 +5,9 @@ Layers (subclasses of the torch layers they replace; ``.weight`` is theta):
 :class:`DCSEmbedding`; :class:`DCSConv1D` for transformers' ``Conv1D`` (loaded
 on first use, so that importing symfast never imports transformers).
 Structures (exact parametrizations with a weight-decay penalty):
-:class:`Elementwise`, :class:`Group`, :class:`LowRank`, :class:`MirrorStructure`;
-:func:`permutation_basis` builds O for merging units. :class:`SparseLinear`:
-an inference-only Linear with a torch sparse weight
+:class:`Elementwise`, :class:`Group`, :class:`LowRank`,
+:class:`MirrorStructure`; :func:`permutation_basis` builds O for merging units.
+:class:`SparseLinear`: an inference-only Linear with a torch sparse weight
 (``symfast.export(..., sparse_format=...)``).
 """
 

@@ -42,7 +42,7 @@ DEFAULT_BLOCKSIZE = (16, 16)
 
 
 class SparseLinear(nn.Module):
-    r"""y = x W^T + b with W (out_features, in_features) stored sparse; for inference (no autograd).
+    r"""y = x W^T + b with W (out_features, in_features) stored sparse; for inference (W is not trained).
 
     Build it with :meth:`from_dense`. ``weight`` and ``bias`` are buffers (they
     move with ``.to()`` and are saved by ``torch.save``; safetensors cannot hold a

@@ -9,7 +9,7 @@ from torch import nn
 
 from symfast.nn import SparseLinear
 
-from conftest import ALL_DEVICES
+from matrix import DEVICES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,7 @@ def _sparse_linear(in_f=48, out_f=32, sparsity=0.9, bias=True, dtype=torch.float
     return layer.to(device=device, dtype=dtype)
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", ["csr", "bsr"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(5, 48), (2, 3, 48), (0, 48), (48,)], ids=str)
