@@ -91,6 +91,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                main_job=True),
     Experiment("dcs-cnn", "dcs_cnn", "Fig. 6 / A.4 at CPU scale: DCS on every parameter of a small CNN",
                needs=("symfast.nn", "symfast.convert"), provider="issue 3"),
+    Experiment("mf-weight-decay", "mf_weight_decay",
+               "Sec. 4.3 / 4.7: matrix factorization with weight decay converges to low rank"),
 )
 
 #: ``symfast demo``: the curated quick set of the main job.
