@@ -38,6 +38,9 @@ class Experiment:
     needs: tuple[str, ...] = ()  #: library modules it needs beyond ``symfast.dcs``
     provider: str = ""  #: where those modules are being built
     main_job: bool = False  #: part of ``symfast demo`` (the curated quick set)
+    #: expected wall minutes (quick, full) on 2 otherwise idle cores: the CPU time of single-threaded runs measured
+    #: on a shared 2-core machine (CPU time is what the run takes when it has a core to itself)
+    minutes: tuple[float, float] = (1.0, 1.0)
 
     @property
     def qualname(self) -> str:
@@ -93,6 +96,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
                needs=("symfast.nn", "symfast.convert"), provider="issue 3"),
     Experiment("mf-weight-decay", "mf_weight_decay",
                "Sec. 4.3 / 4.7: matrix factorization with weight decay converges to low rank"),
+    Experiment("theorems123", "theorems123",
+               "Theorems 1-3: rescaling, rotation, permutation: stationary conditions favoured by weight decay"),
 )
 
 #: ``symfast demo``: the curated quick set of the main job.
