@@ -383,3 +383,18 @@ def test_combined_report(tmp_path):
     assert "Not in this report" in md
     text = report.summary_text(recs)
     assert "eq6" in text and "fig4" in text and "claims reproduced" in text
+
+
+def test_readme_table_from_records(tmp_path, capsys):
+    """The README table reads every verdict's mode, judged settings and deviations from the records."""
+    rec = eq6.run(tmp_path / "eq6", progress=False, config=TINY_EQ6)
+    fake = dict(rec, experiment="fig3", verdict="not reproduced", config=dict(rec["config"], quick=False,
+                steps_per_task=25_000, settings=[{"weight_decay": 0.01, "mode": "coupled"}]),
+                deviations=[common.deviation("steps", 25_000, 2_500, "quick mode")])
+    md = report.readme_markdown([rec, fake])
+    row_eq6, row_fig3 = md.splitlines()[2:]
+    assert "`eq6` | quick" in row_eq6 and "none recorded" in row_eq6
+    assert "`fig3` | full" in row_fig3 and "**not reproduced**" in row_fig3
+    assert "steps_per_task 25000" in row_fig3 and "0.01 coupled" in row_fig3 and "steps: 25000 → 2500" in row_fig3
+    assert report.main([str(tmp_path), "--readme"]) == 0
+    assert "`eq6` | quick" in capsys.readouterr().out

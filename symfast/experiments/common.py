@@ -75,7 +75,7 @@ class Criterion:
 
     def describe(self) -> str:
         tag = "control, not counted: " if self.control else ""
-        return f"{tag}{self.text} [{self.key} {self.op} {_fmt_value(self.threshold)}]"
+        return f"{tag}{self.text} [{self.key} {self.op} {fmt_value(self.threshold)}]"
 
 
 def deviation(what: str, paper: Any, here: Any, reason: str) -> dict:
@@ -260,7 +260,7 @@ def verdict_color(verdict: str) -> str:
 
 
 # ------------------------------------------------------------------- markdown
-def _fmt_value(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, bool):
@@ -273,11 +273,11 @@ def _fmt_value(v: Any) -> str:
         a = abs(v)
         return f"{v:.3g}" if 1e-3 <= a < 1e5 else f"{v:.2e}"
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+        return "[" + ", ".join(fmt_value(x) for x in v) + "]"
     return str(v)
 
 
-def _md_cell(s: str) -> str:
+def md_cell(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
@@ -299,8 +299,8 @@ def experiment_markdown(record: dict, *, heading: str = "#", fig_prefix: str = "
     for c in r.get("checks", []):
         tag = "control (not counted): " if c.get("control") else ""
         lines.append(
-            f"| {tag}{_md_cell(c['text'])} (`{c['key']}`) | {_md_cell(_fmt_value(c['measured']))} | "
-            f"{c['op']} {_md_cell(_fmt_value(c['threshold']))} | {'yes' if c['passed'] else '**no**'} |"
+            f"| {tag}{md_cell(c['text'])} (`{c['key']}`) | {md_cell(fmt_value(c['measured']))} | "
+            f"{c['op']} {md_cell(fmt_value(c['threshold']))} | {'yes' if c['passed'] else '**no**'} |"
         )
     lines.append("")
     cfg = r.get("config", {})
@@ -309,8 +309,8 @@ def experiment_markdown(record: dict, *, heading: str = "#", fig_prefix: str = "
                   f"`symfast repro {r['experiment']} --full`.", ""]
     if r.get("deviations"):
         lines += ["**Deviations from the paper.**", "", "| what | paper | here | reason |", "|---|---|---|---|"]
-        lines += [f"| {_md_cell(d['what'])} | {_md_cell(_fmt_value(d['paper']))} | {_md_cell(_fmt_value(d['here']))} | "
-                  f"{_md_cell(d['reason'])} |" for d in r["deviations"]]
+        lines += [f"| {md_cell(d['what'])} | {md_cell(fmt_value(d['paper']))} | {md_cell(fmt_value(d['here']))} | "
+                  f"{md_cell(d['reason'])} |" for d in r["deviations"]]
         lines.append("")
     for f in r.get("figures", []):
         lines += [f"![{r['experiment']}: {f}]({fig_prefix}{f})", ""]
