@@ -99,7 +99,8 @@ def _memory_criteria(key: str) -> list[Criterion]:
 
 def integrated_decay(cfg: dict, wd: float) -> float:
     """sum over the steps of lr_t * wd: lr * wd * steps for a constant lr, half that under the cosine schedule."""
-    return cfg["lr"] * wd * cfg["steps"] * (0.5 if cfg["lr_schedule"] == "cosine" else 1.0)
+    steps = cfg["steps"] if cfg["model"] == "digits_cnn" else cifar.steps_per_model(cfg)
+    return cfg["lr"] * wd * steps * (0.5 if cfg["lr_schedule"] == "cosine" else 1.0)
 
 
 #: ``model`` (``--model``): the default (digits CNN) and the paper's network (ResNet18 on CIFAR-10, with ``data``).
