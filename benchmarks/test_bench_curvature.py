@@ -163,7 +163,7 @@ def _impls(case: Case, model, loss_fn, params, dirs, x, y) -> Dict[str, Callable
     else:
         import unittest.mock
 
-        import symfast.curvature as curvature
+        import symfast.curvature.api as curvature
 
         def vmap():
             # The recipe as torch.func runs it: without the engine's wrapper that makes results

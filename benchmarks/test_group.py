@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from symfast import reference
-from symfast._ops_group import dcs_group
+from symfast.ops.dcs_group import dcs_group
 
 from bench_utils import DEVICES, bytes_moved_group, run_copy, run_pedantic
 

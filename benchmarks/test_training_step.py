@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import symfast
-from symfast.convert import convert, param_groups
+from symfast.conversion import convert, param_groups
 import symfast.nn.structures as structures
 from symfast import reference
 
@@ -97,7 +97,7 @@ CUDA_CASES = [
 def make_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "resnet18":
-        from symfast.train import ResNet18
+        from symfast.models import ResNet18
 
         return ResNet18(num_classes=10)
     if kind == "mlp":

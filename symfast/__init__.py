@@ -7,9 +7,10 @@ pure-PyTorch twins live in :mod:`symfast.reference`. Diagnostics live in
 (collapse and plasticity).
 """
 
-from . import collapse, curvature, metrics, nn, reference, symmetry
-from ._ops import dcs
-from ._ops_group import dcs_group
+from . import collapse, curvature, metrics, monitor, nn, reference, remedies, symmetry
+from .ops.cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
+from .ops.dcs import dcs
+from .ops.dcs_group import dcs_group
 from .collapse import (
     approx_critical_learning_rate,
     critical_learning_rate,
@@ -17,8 +18,8 @@ from .collapse import (
     lyapunov_exponent,
     weight_decay_threshold,
 )
-from .convert import ConversionReport, SparsityReport, convert, export, param_groups, penalty, sparsity_report
-from .cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
+from .conversion import ConversionReport, convert, param_groups, penalty
+from .exporting import SparsityReport, export, sparsity_report
 from .curvature import (
     UnsupportedOpError,
     functional_loss,
@@ -26,7 +27,7 @@ from .curvature import (
     per_sample_directional_derivatives,
     per_sample_hvp,
 )
-from .metrics import CollapseMonitor
+from .monitor import CollapseMonitor
 from .symmetry import Mirror, find_symmetries, stationary_report, verify
 
 __all__ = [

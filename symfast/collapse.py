@@ -304,13 +304,13 @@ def weight_decay_threshold(
         reduction: ``"mean"`` (the empirical risk :math:`L_0`, a scalar) or
             ``"none"`` (per sample, ``[B]``: Theorem 1 holds for every x).
     """
-    from .curvature import _check_directions, _check_losses, _check_params
+    from .curvature.checks import check_directions, check_losses, check_params
 
     op = "symfast.weight_decay_threshold"
     if reduction not in ("mean", "none"):
         raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
-    params = _check_params(op, params)
-    dirs, K = _check_directions(op, "directions", directions, params, leading=True)
+    params = check_params(op, params)
+    dirs, K = check_directions(op, "directions", directions, params, leading=True)
     if K == 0:
         raise ValueError(f"{op}: directions is empty (K = 0); give at least one column of O")
     O = torch.cat([dirs[k].reshape(K, -1) for k in params], dim=1).to(torch.float64)  # [K, P]
@@ -326,8 +326,8 @@ def weight_decay_threshold(
                          "gamma_0 is defined for theta off the mirror")
     sym = {k: params[k] - torch.einsum("k,k...->...", coeff.to(params[k].dtype), dirs[k]) for k in params}
     with torch.no_grad():
-        l_theta = _check_losses(op, loss_fn(params, batch)).to(torch.float64)
-        l_sym = _check_losses(op, loss_fn(sym, batch), l_theta.shape[0]).to(torch.float64)
+        l_theta = check_losses(op, loss_fn(params, batch)).to(torch.float64)
+        l_sym = check_losses(op, loss_fn(sym, batch), l_theta.shape[0]).to(torch.float64)
     diff = l_sym - l_theta
     if reduction == "mean":
         diff = diff.mean()

@@ -1,4 +1,4 @@
-r"""Collapse and plasticity metrics, a training monitor, and the paper's two plasticity remedies.
+r"""Collapse and plasticity metrics.
 
 The paper (§2, §4.4) predicts which structures symmetries produce, and so what to measure:
 
@@ -11,10 +11,8 @@ The paper (§2, §4.4) predicts which structures symmetries produce, and so what
 * stationary conditions -> **loss of plasticity**: :func:`dead_parameters` (vanishing gradient over
   a batch, App. A.3) and :func:`dormant_units` (Sokar et al., 2023).
 
-:class:`CollapseMonitor` records these during training and plots them with matplotlib.
-:func:`add_random_bias` and :func:`add_gradient_noise` are §4.4's remedies as one-line hooks: a
-fixed random offset ``w -> w + beta`` moves every mirror off the origin (so weight decay no longer
-pulls towards the symmetric solution), and gradient noise removes the absorbing states.
+:class:`symfast.monitor.CollapseMonitor` records these during training and plots them;
+:mod:`symfast.remedies` holds §4.4's plasticity remedies.
 
 Matrices with more than two dims (convolution weights) are viewed as ``[shape[0], -1]``: one row
 per output unit. Singular values are computed in float64.
@@ -24,13 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 import torch.func as tf
 from torch import Tensor, nn
 
-from .symmetry import _batch_leaves, _check_per_sample, _single_sample_fn
+from .symmetry.per_sample import batch_leaves, check_per_sample, single_sample_fn
 
 __all__ = [
     "sparsity",
@@ -47,10 +45,6 @@ __all__ = [
     "dead_parameters",
     "DeadParameters",
     "gradient_magnitude",
-    "CollapseMonitor",
-    "add_random_bias",
-    "add_gradient_noise",
-    "GradientNoise",
 ]
 
 TensorSource = Union[Tensor, Mapping[str, Tensor], nn.Module, Iterable[Tensor]]
@@ -104,7 +98,8 @@ def sparsity(x: TensorSource, *, tol: float = 1e-6) -> float:
 
 
 # =============================================================================== ranks
-def _rows(M: Tensor) -> Tensor:
+def unit_rows(M: Tensor) -> Tensor:
+    """``M`` as ``[shape[0], -1]``: one row per output unit."""
     # explicit width: reshape(n, -1) cannot infer -1 for an empty tensor ([0, k] or [n, 0] weights)
     return M.reshape(M.shape[0], math.prod(M.shape[1:]))
 
@@ -115,7 +110,7 @@ def _as_matrix(M: Tensor, op: str) -> Tensor:
     if M.dim() < 2:
         raise ValueError(f"{op}: M must be a matrix (>= 2 dims; more dims are viewed as [shape[0], -1]), got shape {tuple(M.shape)}")
     _check_finite(op, "M", M)
-    return _rows(M.detach())
+    return unit_rows(M.detach())
 
 
 def _singular_values(M: Tensor, op: str) -> Tensor:
@@ -282,7 +277,7 @@ def homogeneity(
     if not isinstance(neurons, Tensor) or neurons.dim() < 1:
         raise ValueError(f"homogeneity: neurons must be a tensor [n, ...] with one row per neuron, got {getattr(neurons, 'shape', type(neurons).__name__)}")
     # small n x n computations: done on the CPU in float64 whatever the input's device
-    T = _rows(neurons.detach()).to(device="cpu", dtype=torch.float64)
+    T = unit_rows(neurons.detach()).to(device="cpu", dtype=torch.float64)
     n = T.shape[0]
     if activations is not None:
         if not isinstance(activations, Tensor) or activations.dim() != 2 or activations.shape[1] != n:
@@ -345,7 +340,7 @@ def vanishing_neurons(
         raise ValueError("vanishing_neurons: incoming must be a tensor [n, ...] or a module with a weight")
     n = incoming.shape[0]
     _check_finite("vanishing_neurons", "incoming", incoming)
-    sq = _rows(incoming.detach()).double().pow(2).sum(1)
+    sq = unit_rows(incoming.detach()).double().pow(2).sum(1)
     if isinstance(bias, Tensor):
         if bias.shape != (n,):
             raise ValueError(f"vanishing_neurons: bias must have shape ({n},), got {tuple(bias.shape)}")
@@ -355,7 +350,7 @@ def vanishing_neurons(
         if outgoing.dim() < 2 or outgoing.shape[1] != n:
             raise ValueError(f"vanishing_neurons: outgoing must have shape [out, {n}, ...] (the next layer's weight), got {tuple(outgoing.shape)}")
         _check_finite("vanishing_neurons", "outgoing", outgoing)
-        sq = sq + _rows(outgoing.detach().double().pow(2).transpose(0, 1)).sum(1)
+        sq = sq + unit_rows(outgoing.detach().double().pow(2).transpose(0, 1)).sum(1)
     return sq.sqrt() < tol
 
 
@@ -436,14 +431,14 @@ def gradient_magnitude(
     ``loss_fn(params, batch)`` returns per-sample losses ``[B]``.
     """
     op = "gradient_magnitude"
-    losses, dims = _check_per_sample(op, loss_fn, params, batch)
+    losses, dims = check_per_sample(op, loss_fn, params, batch)
     params = {k: v.detach() for k, v in params.items()}
     if not per_sample:
         g = tf.grad(lambda p: loss_fn(p, batch).mean())(params)
         return {k: v.abs() for k, v in g.items()}
     B = losses.shape[0]
-    leaves, spec = _batch_leaves(batch)
-    one = tf.grad(_single_sample_fn(loss_fn, spec, dims))
+    leaves, spec = batch_leaves(batch)
+    one = tf.grad(single_sample_fn(loss_fn, spec, dims))
     out = {k: torch.zeros_like(v) for k, v in params.items()}
     for s in range(0, B, chunk_size):
         chunk = [l[s:s + chunk_size] if d == 0 else l for l, d in zip(leaves, dims)]
@@ -460,331 +455,18 @@ def gradient_magnitude(
     return out
 
 
-# =============================================================================== monitor
-def _units_view(out: Any, max_samples: int, channels_first: bool) -> Optional[Tensor]:
-    """A layer output as [samples, units]: units are the last dim for linear layers, dim 1 for
-    convolution maps ([B, C, ...])."""
-    if isinstance(out, (tuple, list)):
-        out = out[0] if out else None
-    if not isinstance(out, Tensor) or out.dim() < 2 or not out.is_floating_point():
-        return None
-    x = out.detach()
-    if channels_first:
-        x = x.movedim(1, -1)
-    if x.numel() == 0:
-        return None  # no units or no samples: no activation metrics
-    return x.reshape(-1, x.shape[-1])[:max_samples]
+# Names that lived here before the monitor and the remedies got modules of their own.
+_MOVED = {"CollapseMonitor": "monitor", "add_random_bias": "remedies", "add_gradient_noise": "remedies",
+          "GradientNoise": "remedies"}
 
 
-class CollapseMonitor:
-    """Records collapse metrics during training and plots them.
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        import warnings
 
-    ::
-
-        monitor = CollapseMonitor(model, every=10)
-        for step, (x, y) in enumerate(loader):
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            monitor.step(loss=loss.item())    # after backward, before zero_grad
-            opt.step(); opt.zero_grad()
-        monitor.plot(path="collapse.png")
-        monitor.close()                        # removes the activation hooks
-
-    Per step it records ``sparsity`` (all parameters, ``|theta| < sparsity_tol``) and
-    ``dead_fraction`` (entries with ``|grad| <= dead_tol``, when gradients exist), and for each
-    tracked layer ``"<layer>/<metric>"``: the four ranks of the weight (:func:`rank_metrics`), the
-    fraction of vanishing neurons and of near-identical neurons (rows of the weight), and, from the
-    layer's output in the last forward pass (captured by a forward hook), the fraction of dormant
-    units, the number of correlated blocks (:func:`homogeneity` on the activations) and the
-    effective rank of the features. Extra keyword values given to :meth:`step` (e.g. the loss) are
-    recorded as they are.
-
-    Args:
-        layers: names of modules to track; default: every module with a weight of >= 2 dims
-            (linear and convolution layers, DCS layers).
-        every: record every ``every``-th call of :meth:`step`.
-        activations: capture layer outputs (forward hooks) for the activation metrics.
-        max_samples: rows of each captured output used by the activation metrics.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        layers: Optional[Sequence[str]] = None,
-        every: int = 1,
-        activations: bool = True,
-        sparsity_tol: float = 1e-6,
-        vanish_tol: float = 1e-6,
-        dead_tol: float = 1e-8,
-        dormant_tau: float = 0.025,
-        near_identical: float = 0.1,
-        corr_threshold: float = 0.9,
-        max_samples: int = 1024,
-    ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"CollapseMonitor: model must be an nn.Module, got {type(model).__name__}")
-        if every < 1:
-            raise ValueError(f"CollapseMonitor: every must be >= 1, got {every}")
-        self.model = model
-        mods = dict(model.named_modules())
-        if layers is None:
-            layers = [n for n, m in mods.items()
-                      if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() >= 2 and not isinstance(m, nn.MultiheadAttention)]
-        missing = [n for n in layers if n not in mods]
-        if missing:
-            raise KeyError(f"CollapseMonitor: layers {missing} are not modules of the model (have {list(mods)[:10]})")
-        # checked now, not at the first measure(): every tracked layer needs a matrix weight
-        for n in layers:
-            w = getattr(mods[n], "weight", None)
-            if not isinstance(w, Tensor) or w.dim() < 2:
-                got = f"a weight of shape {tuple(w.shape)}" if isinstance(w, Tensor) else "no weight tensor"
-                raise ValueError(f"CollapseMonitor: layers entry {n!r} ({type(mods[n]).__name__}) must have a weight "
-                                 f"of >= 2 dims (linear, convolution or DCS layers), got {got}")
-        if not any(p.numel() for p in model.parameters()):
-            raise ValueError(f"CollapseMonitor: model ({type(model).__name__}) must have parameters with entries to "
-                             f"monitor, got {sum(1 for _ in model.parameters())} parameters and no entries")
-        self.layers = list(layers)
-        self.every = every
-        self.opts = dict(sparsity_tol=sparsity_tol, vanish_tol=vanish_tol, dead_tol=dead_tol, dormant_tau=dormant_tau,
-                         near_identical=near_identical, corr_threshold=corr_threshold)
-        self.max_samples = max_samples
-        self.history: List[Dict[str, float]] = []
-        self._calls = 0
-        self._acts: Dict[str, Tensor] = {}
-        self._handles = []
-        if activations:
-            for n in self.layers:
-                self._handles.append(mods[n].register_forward_hook(self._hook(n)))
-
-    def _hook(self, name: str):
-        def hook(module, inp, out):
-            v = _units_view(out, self.max_samples, isinstance(module, nn.modules.conv._ConvNd))
-            if v is not None:
-                self._acts[name] = v
-        return hook
-
-    def close(self) -> None:
-        """Removes the forward hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._acts = {}
-
-    def __enter__(self) -> "CollapseMonitor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @torch.no_grad()
-    def measure(self) -> Dict[str, float]:
-        """The metrics now (without recording them)."""
-        o = self.opts
-        rec: Dict[str, float] = {"sparsity": sparsity(self.model, tol=o["sparsity_tol"])}
-        params = list(self.model.parameters())
-        if any(p.grad is not None for p in params):
-            rec["dead_fraction"] = dead_parameters(self.model, tol=o["dead_tol"]).fraction
-        mods = dict(self.model.named_modules())
-        for name in self.layers:
-            m = mods[name]
-            w = m.weight.detach()
-            for k, v in rank_metrics(w).items():
-                rec[f"{name}/{k}"] = float(v)
-            if w.shape[0] == 0:
-                continue  # no neurons: the ranks are 0, the per-neuron fractions undefined
-            b = getattr(m, "bias", None)
-            b = b if isinstance(b, Tensor) and b.shape == (w.shape[0],) else None
-            rec[f"{name}/vanishing_fraction"] = vanishing_neurons(w, bias=b, tol=o["vanish_tol"]).double().mean().item()
-            rows = torch.cat([_rows(w), b[:, None]], 1) if b is not None else w
-            rec[f"{name}/near_identical_fraction"] = homogeneity(rows, near_identical=o["near_identical"]).near_identical_fraction
-            a = self._acts.get(name)
-            if a is not None and a.shape[0] >= 2:
-                rec[f"{name}/dormant_fraction"] = dormant_units(a, tau=o["dormant_tau"]).double().mean().item()
-                if a.shape[1] == w.shape[0]:
-                    rec[f"{name}/block_count"] = float(homogeneity(rows, activations=a, corr_threshold=o["corr_threshold"]).block_count)
-                rec[f"{name}/feature_effective_rank"] = effective_rank(a)
-        return rec
-
-    def step(self, step: Optional[int] = None, **extra: float) -> Optional[Dict[str, float]]:
-        """Records the metrics on every ``every``-th call; returns the record (None when skipped)."""
-        i = self._calls if step is None else int(step)
-        self._calls += 1
-        if i % self.every:
-            return None
-        rec = {"step": float(i), **self.measure()}
-        for k, v in extra.items():
-            rec[k] = float(v.item() if isinstance(v, Tensor) else v)
-        self.history.append(rec)
-        return rec
-
-    def keys(self) -> List[str]:
-        out: Dict[str, None] = {}
-        for r in self.history:
-            out.update(dict.fromkeys(k for k in r if k != "step"))
-        return list(out)
-
-    def series(self, key: str) -> Tuple[List[float], List[float]]:
-        """(steps, values) of one metric over the recorded steps where it exists."""
-        pts = [(r["step"], r[key]) for r in self.history if key in r]
-        if not pts and key not in self.keys():
-            raise KeyError(f"CollapseMonitor.series: no metric {key!r}; recorded: {self.keys()}")
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    def plot(self, metrics: Optional[Sequence[str]] = None, *, path: Optional[str] = None, ncols: int = 3):
-        """One panel per metric kind (the part after ``/``), one line per layer.
-
-        ``metrics``: metric kinds or full keys to show (default: all). Returns a
-        ``matplotlib.figure.Figure`` (made without pyplot, so no global state or display is
-        touched); ``path`` saves it too.
-        """
-        from matplotlib.figure import Figure
-
-        if not self.history:
-            raise ValueError("CollapseMonitor.plot: nothing recorded yet; call step() during training")
-        keys = self.keys()
-        groups: Dict[str, List[str]] = {}
-        for k in keys:
-            kind = k.split("/")[-1]
-            if metrics is None or kind in metrics or k in metrics:
-                groups.setdefault(kind, []).append(k)
-        if not groups:
-            raise ValueError(f"CollapseMonitor.plot: none of {list(metrics or [])} was recorded; recorded: {keys}")
-        n = len(groups)
-        ncols = min(ncols, n)
-        nrows = math.ceil(n / ncols)
-        fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), layout="constrained")
-        axes = fig.subplots(nrows, ncols, squeeze=False).reshape(-1)
-        for ax, (kind, ks) in zip(axes, groups.items()):
-            for k in ks:
-                xs, ys = self.series(k)
-                ax.plot(xs, ys, label=k.rsplit("/", 1)[0] if "/" in k else k)
-            ax.set_title(kind)
-            ax.set_xlabel("step")
-            if len(ks) > 1 or "/" in ks[0]:
-                ax.legend(fontsize=7)
-        for ax in axes[n:]:
-            ax.set_visible(False)
-        if path is not None:
-            fig.savefig(path, dpi=120)
-        return fig
-
-
-# =============================================================================== remedies (§4.4)
-class _FixedOffset(nn.Module):
-    """Parametrization ``theta = original + beta`` with a fixed (buffer) beta."""
-
-    def __init__(self, beta: Tensor, keep_function: bool) -> None:
-        super().__init__()
-        self.register_buffer("beta", beta)
-        self.keep_function = keep_function
-
-    def forward(self, original: Tensor) -> Tensor:
-        return original + self.beta
-
-    def right_inverse(self, value: Tensor) -> Tensor:
-        return value - self.beta if self.keep_function else value
-
-
-def add_random_bias(
-    model: nn.Module,
-    *,
-    std: float = 1e-2,
-    seed: int = 0,
-    include: Optional[Callable[[str, Tensor], bool]] = None,
-    keep_function: bool = False,
-) -> List[str]:
-    r"""§4.4 remedy (1): bias every parameter by a fixed random constant, ``w_i -> w_i + beta_i``.
-
-    Registered with ``torch.nn.utils.parametrize``: the trained tensor is the ``original`` and the
-    module sees ``original + beta`` (``beta ~ N(0, std^2)``, a buffer, seeded; the paper's App. A.3
-    uses std 1e-2). Every mirror through the origin of the trained tensors moves to ``-beta``, so
-    weight decay (acting on the originals) no longer pulls the model onto the symmetric solution
-    (footnote 9).
-
-    Args:
-        include: ``include(name, param)`` selects the parameters (default: all).
-        keep_function: False (the paper's recipe, for use at initialization): the module computes
-            with ``current + beta``. True: the originals are set to ``current - beta``, so the
-            model computes exactly the same function as before the call. Then a model already
-            on a stationary condition stays there under plain SGD (the gradient still vanishes);
-            weight decay, which pulls the originals to 0 and so the weights to ``beta``, is what
-            moves it off.
-
-    Returns the names of the parameters it biased. Note that parametrized parameters appear in
-    ``state_dict`` as ``<module>.parametrizations.<name>.original`` (and ``.0.beta``).
-    """
-    from torch.nn.utils import parametrize
-
-    g = torch.Generator().manual_seed(seed)
-    todo = []
-    for mname, m in model.named_modules():
-        if ".parametrizations." in f".{mname}." or mname.endswith("parametrizations"):
-            continue
-        for pname, p in list(m._parameters.items()):
-            if p is None:
-                continue
-            full = f"{mname}.{pname}" if mname else pname
-            if include is None or include(full, p):
-                todo.append((m, pname, full, p))
-    for m, pname, full, p in todo:
-        beta = (std * torch.randn(p.shape, generator=g, dtype=torch.float64)).to(device=p.device, dtype=p.dtype)
-        parametrize.register_parametrization(m, pname, _FixedOffset(beta, keep_function))
-    return [t[2] for t in todo]
-
-
-class GradientNoise:
-    """Handle of :func:`add_gradient_noise`; ``remove()`` detaches the hooks."""
-
-    def __init__(self, handles: list) -> None:
-        self._handles = handles
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def add_gradient_noise(
-    target: Union[nn.Module, torch.optim.Optimizer, Iterable[Tensor]],
-    *,
-    std: float = 1e-2,
-    seed: int = 0,
-) -> GradientNoise:
-    r"""§4.4 remedy (2): add Gaussian noise ``N(0, std^2)`` to every gradient, removing the
-    stationary conditions (absorbing states). The paper's App. A.3 uses variance 1e-4 (std 1e-2).
-
-    ``target``: an optimizer (noise is added once per ``optimizer.step()``, by a step pre-hook, to
-    every gradient that exists), or a module / iterable of parameters (noise is added when each
-    gradient has been accumulated, by ``register_post_accumulate_grad_hook``: once per backward).
-    Each parameter draws from its own generator seeded from ``seed``, so runs are reproducible.
-    """
-    if std < 0:
-        raise ValueError(f"add_gradient_noise: std must be >= 0, got {std}")
-
-    def noise_for(i: int, p: Tensor, gens: Dict[int, torch.Generator]) -> Tensor:
-        if i not in gens:
-            gens[i] = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + i)
-        return std * torch.randn(p.shape, generator=gens[i], device=p.device, dtype=p.dtype)
-
-    gens: Dict[int, torch.Generator] = {}
-    if isinstance(target, torch.optim.Optimizer):
-        def pre_hook(opt, args, kwargs):
-            i = 0
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.add_(noise_for(i, p, gens))
-                    i += 1
-        return GradientNoise([target.register_step_pre_hook(pre_hook)])
-    params = list(target.parameters()) if isinstance(target, nn.Module) else list(target)
-    handles = []
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor) or not p.requires_grad:
-            raise TypeError(f"add_gradient_noise: target[{i}] must be a tensor that requires grad")
-
-        def hook(param, i=i):
-            param.grad.add_(noise_for(i, param, gens))
-
-        handles.append(p.register_post_accumulate_grad_hook(hook))
-    return GradientNoise(handles)
+        module = _MOVED[name]
+        warnings.warn(f"symfast.metrics.{name} is deprecated; use symfast.{module}.{name}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f"symfast.{module}"), name)
+    raise AttributeError(f"module 'symfast.metrics' has no attribute {name!r}")

@@ -10,6 +10,7 @@ from torch import nn
 
 import symfast
 from symfast import metrics as M
+from symfast import monitor, remedies
 
 scipy = pytest.importorskip("scipy")
 from scipy.sparse.csgraph import connected_components  # noqa: E402
@@ -267,7 +268,7 @@ def test_collapse_monitor_records_and_plots(tmp_path):
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-2)
     g = _g(0)
-    with M.CollapseMonitor(model, every=2) as mon:
+    with monitor.CollapseMonitor(model, every=2) as mon:
         for i in range(5):
             x, y = torch.randn(32, 6, generator=g), torch.randn(32, 2, generator=g)
             loss = F.mse_loss(model(x), y)
@@ -295,7 +296,7 @@ def test_collapse_monitor_records_and_plots(tmp_path):
         assert steps == [0, 2, 4] and len(vals) == 3
     assert mon._handles == []  # hooks removed
     with pytest.raises(KeyError, match="layers \\['nope'\\] are not modules"):
-        M.CollapseMonitor(model, layers=["nope"])
+        monitor.CollapseMonitor(model, layers=["nope"])
 
 
 # ============================================================================== remedies
@@ -342,7 +343,7 @@ def test_add_random_bias_revives_dead_coordinates():
     # pairs sit off the mirror and learn again, without weight decay
     m = _collapsed_dcs_regression()
     w0 = m.w.detach().clone()
-    names = M.add_random_bias(m, std=1e-2, seed=0)
+    names = remedies.add_random_bias(m, std=1e-2, seed=0)
     assert names == ["w", "u"]
     beta = m.parametrizations.w[0].beta
     torch.testing.assert_close(m.w, w0 + beta)
@@ -352,7 +353,7 @@ def test_add_random_bias_revives_dead_coordinates():
     assert theta[1].abs() > 1e-3 and theta[4].abs() > 1e-3
     # include selects parameters
     m2 = _collapsed_dcs_regression()
-    assert M.add_random_bias(m2, include=lambda name, p: name == "u") == ["u"]
+    assert remedies.add_random_bias(m2, include=lambda name, p: name == "u") == ["u"]
 
 
 def test_add_random_bias_keep_function():
@@ -363,7 +364,7 @@ def test_add_random_bias_keep_function():
     for wd, revived in ((0.0, False), (0.1, True)):
         m = _collapsed_dcs_regression()
         before = m(x).detach()
-        M.add_random_bias(m, std=1e-2, seed=0, keep_function=True)
+        remedies.add_random_bias(m, std=1e-2, seed=0, keep_function=True)
         torch.testing.assert_close(m(x), before)
         _train(m, steps=100, wd=wd)
         theta = (m.w * m.u).detach()
@@ -374,22 +375,22 @@ def test_add_gradient_noise_revives_and_is_reproducible():
     runs = []
     for _ in range(2):
         m = _collapsed_dcs_regression()
-        _train(m, hook=lambda mod, opt: M.add_gradient_noise(mod, std=1e-2, seed=1))
+        _train(m, hook=lambda mod, opt: remedies.add_gradient_noise(mod, std=1e-2, seed=1))
         runs.append(torch.cat([m.w.detach(), m.u.detach()]))
         assert m.w[1] != 0 and m.u[4] != 0
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     # on an optimizer: once per step; removing the hook stops the noise
     m = _collapsed_dcs_regression()
-    h = _train(m, steps=3, hook=lambda mod, opt: M.add_gradient_noise(opt, std=1e-2, seed=1))
+    h = _train(m, steps=3, hook=lambda mod, opt: remedies.add_gradient_noise(opt, std=1e-2, seed=1))
     assert m.w[1] != 0
     h.remove()
     m2 = _collapsed_dcs_regression()
-    h2 = M.add_gradient_noise(m2, std=1e-2)
+    h2 = remedies.add_gradient_noise(m2, std=1e-2)
     h2.remove()
     _train(m2, steps=3)
     assert m2.w[1] == 0
     with pytest.raises(ValueError, match="std must be >= 0"):
-        M.add_gradient_noise(m2, std=-1.0)
+        remedies.add_gradient_noise(m2, std=-1.0)
 
 
 # ============================================================================== review regressions
@@ -443,13 +444,13 @@ def test_dormant_units_refuse_zero_samples():
 
 def test_collapse_monitor_empty_layer_and_bad_layers():
     model = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3))
-    with M.CollapseMonitor(model) as mon:
+    with monitor.CollapseMonitor(model) as mon:
         model(torch.randn(5, 4))
         rec = mon.step()
     assert rec["0/numerical_rank"] == 0 and rec["1/numerical_rank"] == 0
     assert "0/vanishing_fraction" not in rec  # no neurons: no per-neuron fraction
     # a LayerNorm's weight is no matrix: refused at construction, naming the layer
     with pytest.raises(ValueError, match=r"layers entry '1' \(LayerNorm\) must have a weight of >= 2 dims.*got a weight of shape \(3,\)"):
-        M.CollapseMonitor(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), layers=["1"])
+        monitor.CollapseMonitor(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), layers=["1"])
     with pytest.raises(ValueError, match=r"model \(ReLU\) must have parameters"):
-        M.CollapseMonitor(nn.ReLU())
+        monitor.CollapseMonitor(nn.ReLU())

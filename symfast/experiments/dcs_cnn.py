@@ -6,7 +6,7 @@ similar accuracy (~93%) in similar training time; the DCS model is very sparse (
 "setting these parameters to zero has no discernible effect on the model performance"; DCS costs twice the memory of
 vanilla at batch size 1 and under 10% more at batch size 128.
 
-CPU-scale version: :class:`symfast.train.models.DigitsCNN` (Conv 1->16, Conv 16->32, MaxPool, Linear 512->64,
+CPU-scale version: :class:`symfast.models.DigitsCNN` (Conv 1->16, Conv 16->32, MaxPool, Linear 512->64,
 Linear 64->10; 38k parameters) on scikit-learn's bundled digits (80/20 split, no download). Every weight *and bias*
 goes under elementwise DCS with :func:`symfast.convert` (``constrain_bias=True``), trained with
 :func:`symfast.param_groups` (coupled weight decay ``2 alpha`` on the factors: the penalty ``alpha |w|^2 +
@@ -33,7 +33,7 @@ Two verdicts:
   reported as well for both models. The paper does not say how it measured memory.
 
 Paper scale (``config={'model': 'resnet18', 'data': PATH}``; ``symfast repro dcs-cnn --model resnet18 --data
-PATH``): :class:`symfast.train.resnet.ResNet18` (CIFAR variant, 11.2M parameters) on CIFAR-10 (:mod:`.cifar`, the
+PATH``): :class:`symfast.models.ResNet18` (CIFAR variant, 11.2M parameters) on CIFAR-10 (:mod:`.cifar`, the
 python-version directory; random crop + flip), SGD momentum 0.9, batch 128, lr 0.1 with a cosine schedule to 0,
 vanilla weight decay 5e-4 and DCS alpha 2.5e-4 (the paper's weight decay 5e-4 on both factors), the same init and
 batches; every convolution and linear weight and the classifier's bias under DCS, while BatchNorm's affine
@@ -191,8 +191,8 @@ def alpha_key(a: Optional[float]) -> str:
 
 
 def make_model(cfg: dict, alpha: Optional[float]) -> torch.nn.Module:
-    from symfast.train.models import DigitsCNN
-    from symfast.train.resnet import ResNet18
+    from symfast.models import DigitsCNN
+    from symfast.models import ResNet18
 
     torch.manual_seed(int(cfg["seed"]))
     if cfg["model"] == "resnet18":

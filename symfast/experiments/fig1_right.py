@@ -27,7 +27,7 @@ the paper's (4.0); the record lists both differences under ``deviations``. The v
 only (blocks, pre- and post-activation); the near-identical neurons go beyond the paper and are reported, not judged.
 
 Paper scale (``config={'model': 'resnet18', 'data': PATH}``; ``symfast repro fig1-right --model resnet18 --data
-PATH``): :class:`symfast.train.resnet.ResNet18` (CIFAR variant) with a fully connected hidden layer of 128 neurons
+PATH``): :class:`symfast.models.ResNet18` (CIFAR variant) with a fully connected hidden layer of 128 neurons
 before the classifier (App. A.2: "the penultimate layer neurons of the fully connected layer with dimension 128"),
 trained on CIFAR-10 (:mod:`.cifar`, the python-version directory; random crop + flip) with SGD, batch 128, fixed
 lr 0.1, momentum 0.9, each weight decay from the same initialization and the same batches; full: 100 epochs on the
@@ -253,7 +253,7 @@ def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: boo
 
 def make_resnet(cfg: dict) -> torch.nn.Module:
     """ResNet18 (CIFAR variant, width ``resnet_width``) with a hidden FC layer of ``width`` neurons, seeded."""
-    from symfast.train.resnet import ResNet18
+    from symfast.models import ResNet18
 
     torch.manual_seed(int(cfg["seed"]))
     return ResNet18(10, width=cfg["resnet_width"], hidden=cfg["width"])

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from .structures import STRUCTURES, Elementwise, Group, LowRank, Mirror, Structure, _check_alpha
+from .structures import STRUCTURES, Elementwise, Group, LowRank, Mirror, Structure, check_alpha
 
 __all__ = ["DCSLinear", "DCSConv1d", "DCSConv2d", "DCSConv3d", "DCSEmbedding", "DCSLayer"]
 
@@ -185,7 +185,7 @@ class DCSLayer:
     @alpha.setter
     def alpha(self, value: float) -> None:
         for p in self.structures():
-            p.alpha = _check_alpha(value)
+            p.alpha = check_alpha(value)
 
     # ------------------------------------------------------------ penalty
     def structures(self) -> List[Structure]:

@@ -54,10 +54,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._checks import broadcasts_to
-from .._ops import dcs
-
-from .._ops_group import dcs_group
+from ..ops.checks import broadcasts_to
+from ..ops.dcs import dcs
+from ..ops.dcs_group import dcs_group
 
 __all__ = [
     "Structure",
@@ -73,7 +72,7 @@ STRUCTURES = ("elementwise", "group", "lowrank", "mirror")
 
 
 # ----------------------------------------------------------------- helpers
-def _check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float) -> float:
     try:
         a = float(alpha)
     except (TypeError, ValueError):
@@ -132,7 +131,7 @@ class Structure(nn.Module):
     def __init__(self, shape: Sequence[int], *, alpha: float = 0.0) -> None:
         super().__init__()
         self.shape = torch.Size(shape)
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_alpha(alpha)
 
     # -- the parametrization
     def forward(self) -> Tensor:  # pragma: no cover - abstract
@@ -290,7 +289,7 @@ class Group(Structure):
     r"""theta_g = s_g * w_g for the slices g along ``dim``; min penalty 2 alpha sum_g |theta_g|_2.
 
     ``s`` (the gates, length ``shape[dim]``) and ``w`` (theta's shape) are both
-    under weight decay alpha. theta = ``symfast._ops_group.dcs_group(w, s, dim)``
+    under weight decay alpha. theta = ``symfast.dcs_group(w, s, dim)``
     (fused CPU/CUDA kernels) = ``w * s`` broadcast along ``dim``.
     """
 
@@ -394,14 +393,14 @@ class LowRank(Structure):
     def numerical_rank(self, threshold: float = 0.0) -> int:
         """Number of singular values above max(threshold, the usual rounding tolerance)."""
         sv = self.singular_values()
-        return int((sv > _rank_tol(sv, self.rows, self.cols, self.a.dtype, threshold)).sum())
+        return int((sv > rank_tolerance(sv, self.rows, self.cols, self.a.dtype, threshold)).sum())
 
     @torch.no_grad()
     def set_theta(self, theta: Tensor) -> None:
         theta = self._check_theta(theta)
         mat = theta.double().reshape(self.rows, self.cols).to(self.a.device)
         U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
-        tol = _rank_tol(S, self.rows, self.cols, theta.dtype, 0.0)
+        tol = rank_tolerance(S, self.rows, self.cols, theta.dtype, 0.0)
         needed = int((S > tol).sum())
         if needed > self.rank:
             raise ValueError(
@@ -443,7 +442,7 @@ class LowRank(Structure):
         """
         theta = self().detach()
         U, S, Vh = torch.linalg.svd(theta.double().reshape(self.rows, self.cols), full_matrices=False)
-        keep = S > _rank_tol(S, self.rows, self.cols, theta.dtype, threshold)
+        keep = S > rank_tolerance(S, self.rows, self.cols, theta.dtype, threshold)
         U, S, V = U[:, keep], S[keep], Vh[keep].t()
         root = S.sqrt()
         return (U * root).to(theta.dtype), (V * root).to(theta.dtype)
@@ -461,7 +460,7 @@ class LowRank(Structure):
         return super().extra_repr() + f", rank={self.rank}"
 
 
-def _rank_tol(sv: Tensor, rows: int, cols: int, dtype: torch.dtype, threshold: float) -> float:
+def rank_tolerance(sv: Tensor, rows: int, cols: int, dtype: torch.dtype, threshold: float) -> float:
     """max(threshold, max(rows, cols) * eps(dtype) * sigma_max): numpy's matrix_rank tolerance."""
     top = float(sv.max()) if sv.numel() else 0.0
     return max(float(threshold), max(rows, cols) * torch.finfo(dtype).eps * top)

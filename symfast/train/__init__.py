@@ -9,8 +9,7 @@
 
 from .data import ByteWindows, digits_data, lm_data, stdlib_files
 from .loop import FitResult, Interrupted, cross_entropy, dcs_sparsity, evaluate, fit, lr_at
-from .models import ByteTransformer, DigitsCNN
-from .resnet import ResNet18
+from ..models import ByteTransformer, DigitsCNN, ResNet18
 from .task import TrainConfig, defaults, inference_speedup, prune_like, run
 
 __all__ = [

@@ -7,7 +7,7 @@ is stopped, checkpointed and resumed therefore sees exactly the batches of an un
 takes the ``r``-th contiguous slice). The learning rate is a pure function of the step too (linear
 warm-up, then cosine decay), so resuming needs only the model, optimizer and RNG states.
 
-DCS models (from :func:`symfast.convert`) are trained with :func:`symfast.convert.param_groups`:
+DCS models (from :func:`symfast.convert`) are trained with :func:`symfast.param_groups`:
 coupled weight decay ``2 alpha`` on the factors, which is exactly ``loss + penalty(model)`` for
 SGD and Adam (not AdamW, see ``param_groups``).
 """
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
-from ..convert import param_groups
+from ..conversion import param_groups
 from ..nn.layers import DCSLayer
 
 __all__ = ["fit", "evaluate", "dcs_sparsity", "FitResult", "Interrupted", "cross_entropy", "lr_at"]
@@ -136,14 +136,14 @@ def _dist() -> tuple[int, int]:
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, *, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam or SGD (momentum 0.9) over :func:`symfast.convert.param_groups` (the DCS penalty as coupled decay)."""
+    """Adam or SGD (momentum 0.9) over :func:`symfast.param_groups` (the DCS penalty as coupled decay)."""
     groups = param_groups(model, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     raise ValueError(f"symfast.train.fit: optimizer must be one of {OPTIMIZERS}, got {name!r} "
-                     "(AdamW's decoupled decay does not minimize loss + penalty; see symfast.convert.param_groups)")
+                     "(AdamW's decoupled decay does not minimize loss + penalty; see symfast.param_groups)")
 
 
 def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> List[str]:
@@ -230,7 +230,7 @@ def fit(
     Works with one's own module and dataset: ``train_data[i]`` must return ``(input, target)``
     (tensors, collated with ``default_collate``) and ``loss_fn(model(input), target)`` a scalar.
     A model converted by :func:`symfast.convert` is trained on ``loss + penalty(model)``, through the
-    optimizer's coupled weight decay (:func:`symfast.convert.param_groups`); a plain model without decay.
+    optimizer's coupled weight decay (:func:`symfast.param_groups`); a plain model without decay.
 
     Step ``k`` uses the items ``randint(len(train_data), (batch_size,))`` of a generator seeded with
     ``seed * 1_000_003 + k`` and the learning rate :func:`lr_at` (warm-up ``warmup`` steps, default

@@ -34,17 +34,30 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.utils import prune
 
-from ..convert import convert, export, sparsity_report
+from ..conversion import convert
+from ..exporting import export, sparsity_report
+from ..models import ByteTransformer, DigitsCNN
+from .baselines import inference_speedup, make_pruning_permanent, prune_like, svd_truncate
+from .checkpoints import (
+    PHASE_FILES,
+    RESUME_MAY_DIFFER,
+    ResumeMismatch,
+    check_resume_config,
+    config_dict,
+    phase_meta,
+    phase_mismatch,
+    remove_earlier_run,
+    write_config,
+)
 from .data import digits_data, lm_data
 from .loop import evaluate, fit
-from .models import ByteTransformer, DigitsCNN
+from .plots import plot_run
 
 __all__ = ["TrainConfig", "run", "prune_like", "svd_truncate", "inference_speedup", "check_resume_config",
            "RESUME_MAY_DIFFER", "ResumeMismatch", "NonFiniteMetrics"]
@@ -55,17 +68,6 @@ PARALLEL = ("ddp", "fsdp")
 LM_HEADS = 4
 #: Settings that only the lm task has (digits has neither blocks nor a context).
 LM_ONLY = ("depth", "context")
-#: What a run writes: the phase checkpoints in ``DIR/checkpoints/`` (with ``config.json``) and the outputs in ``DIR``.
-PHASE_FILES = ("dcs.pt", "dense.pt", "finetune.pt", "svd.pt")
-OUTPUT_FILES = ("metrics.json", "training.png", "exported.pt", "svd_truncation.pt")
-#: Settings that may differ between a run and its ``--resume``: the validation frequency (it also sets
-#: how often checkpoints are written) changes which steps the history validates, not the trained
-#: weights or the final metrics. Everything else in :class:`TrainConfig` must match.
-RESUME_MAY_DIFFER = ("eval_every",)
-
-
-class ResumeMismatch(ValueError):
-    """``resume`` with settings other than those the run in the directory started with."""
 
 
 class NonFiniteMetrics(RuntimeError):
@@ -135,194 +137,6 @@ def build(cfg: TrainConfig):
     return model, train, val, info
 
 
-def _weighted_modules(model: nn.Module, names) -> list:
-    return [(model.get_submodule(n), "weight") for n in names]
-
-
-def prune_like(model: nn.Module, names, zeros: int) -> None:
-    """Global L1 magnitude pruning of the ``weight`` of the modules ``names`` to exactly ``zeros`` zeros (masks stay).
-
-    The pruned ``weight`` attributes are left detached (the pruning hook recomputes them from
-    ``weight_orig * weight_mask`` at every forward), so the model can still be deep-copied.
-    """
-    prune.global_unstructured(_weighted_modules(model, names), pruning_method=prune.L1Unstructured, amount=int(zeros))
-    for m, name in _weighted_modules(model, names):
-        setattr(m, name, getattr(m, name).detach())
-
-
-@torch.no_grad()
-def svd_truncate(model: nn.Module, ranks: Dict[str, int]) -> nn.Module:
-    r"""A copy of the plain ``model`` whose layers ``ranks`` (``{name: r}``) hold the best rank-``r`` approximation
-    of their weight, as two trainable factors.
-
-    Each weight, viewed as the matrix ``(shape[0], prod(shape[1:]))`` (as :func:`symfast.convert`'s
-    lowrank structure views it), has the SVD ``U S V^T``; the layer becomes a lowrank DCS layer with
-    ``alpha = 0`` (no penalty) and factors ``a = U_r S_r^{1/2}``, ``b = V_r S_r^{1/2}``, so its
-    weight ``a b^T`` is the Eckart-Young truncation and stays of rank ``<= r`` when trained.
-    ``r = 0`` gives zero factors of width one, which training cannot move (both gradients vanish).
-    :func:`symfast.export` turns the result into plain (thin where smaller) torch layers.
-    """
-    out = copy.deepcopy(model)
-    factors = {}
-    for name, r in ranks.items():
-        w = out.get_submodule(name).weight
-        mat = w.double().reshape(w.shape[0], -1)
-        if not 0 <= r <= min(mat.shape):
-            raise ValueError(f"svd_truncate: rank for {name!r} must be in [0, {min(mat.shape)}], got {r}")
-        u, sv, vh = torch.linalg.svd(mat, full_matrices=False)
-        root = sv[:r].sqrt()
-        a, b = u[:, :r] * root, vh[:r].t() * root
-        if r == 0:
-            a, b = mat.new_zeros(mat.shape[0], 1), mat.new_zeros(mat.shape[1], 1)
-        factors[name] = (a.to(w.dtype), b.to(w.dtype))
-        w.zero_()  # rank 0: accepted by any rank below; the factors are set after the conversion
-    out = convert(out, structure="lowrank", alpha=0.0, include=lambda n, m: n in ranks,
-                  rank=lambda n, m: max(1, ranks[n]) if n in ranks else None, warn=False)
-    for name, (a, b) in factors.items():
-        p = out.get_submodule(name).parametrization
-        p.a.copy_(a)
-        p.b.copy_(b)
-    return out
-
-
-@torch.inference_mode()
-def inference_speedup(dense: nn.Module, small: nn.Module, x: torch.Tensor, *, repeats: int = 50) -> Dict[str, float]:
-    """Median forward time of ``dense`` and ``small`` on ``x`` (eval mode, after warm-up) and their ratio.
-
-    The two are timed alternately, so a change in machine load (a shared CPU) hits both alike.
-    """
-    models = {"dense": dense, "exported": small}
-    times: Dict[str, list] = {k: [] for k in models}
-    for m in models.values():
-        m.eval()
-        for _ in range(3):
-            m(x)
-    for _ in range(repeats):
-        for k, m in models.items():
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            m(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            times[k].append(time.perf_counter() - t)
-    res: Dict[str, Any] = {f"{k}_ms": 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
-    res["speedup"] = res["dense_ms"] / res["exported_ms"]
-    res["batch_shape"] = list(x.shape)
-    res["device"] = str(x.device)
-    return res
-
-
-def _plot(path: Path, sparse_hist, dense_hist, ft_hist, steps: int, title: str, svd_hist=None,
-          ranks=None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    s = [h["step"] for h in sparse_hist]
-    a.plot(s, [h["loss"] for h in sparse_hist], color="C0", alpha=0.35, lw=0.8, label="DCS train")
-    a.plot(*zip(*[(h["step"], h["val_loss"]) for h in sparse_hist if "val_loss" in h]), "o-", color="C0",
-           label="DCS val")
-    a.plot([h["step"] for h in dense_hist], [h["loss"] for h in dense_hist], color="C1", alpha=0.35, lw=0.8,
-           label="dense train")
-    a.plot(*zip(*[(h["step"], h["val_loss"]) for h in dense_hist if "val_loss" in h]), "s-", color="C1",
-           label="dense val")
-    if ft_hist:
-        a.plot(*zip(*[(steps + h["step"], h["val_loss"]) for h in ft_hist if "val_loss" in h]), "^-", color="C3",
-               label="magnitude-pruned, fine-tune val")
-    if svd_hist:
-        a.plot(*zip(*[(steps + h["step"], h["val_loss"]) for h in svd_hist if "val_loss" in h]), "v-", color="C2",
-               label="SVD-truncated, fine-tune val")
-    a.set_xlabel("step")
-    a.set_ylabel("loss")
-    a.set_yscale("log")
-    a.legend(fontsize=8)
-    a.set_title("loss")
-    if ranks:  # lowrank: nothing is zero; show the rank each exported layer keeps
-        names = list(ranks)
-        b.bar(range(len(names)), [r / full for r, full in ranks.values()], color="C0")
-        b.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        b.set_ylim(0, 1)
-        b.set_ylabel("rank kept / full rank")
-        b.set_title("ranks of the exported DCS layers (= SVD baseline's)")
-    else:
-        pts = [(h["step"], h["sparsity"]) for h in sparse_hist if "sparsity" in h]
-        b.plot(*zip(*pts), "o-", color="C0", label="DCS (zero fraction after threshold)")
-        b.set_ylim(0, 1)
-        b.set_xlabel("step")
-        b.set_ylabel("sparsity of converted weights")
-        b.legend(fontsize=8)
-        b.set_title("sparsity")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _config_dict(cfg: TrainConfig) -> Dict[str, Any]:
-    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
-
-
-def _differ(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
-    return [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
-
-
-def check_resume_config(cfg: TrainConfig, checkpoints: str | os.PathLike) -> None:
-    """:class:`ResumeMismatch` (a ``ValueError``) naming every setting of the resolved ``cfg`` that differs from
-    ``checkpoints/config.json``.
-
-    The settings in :data:`RESUME_MAY_DIFFER` may differ; without a ``config.json`` there is nothing to check.
-    """
-    path = Path(checkpoints) / "config.json"
-    if not path.exists():
-        return
-    saved, now = json.loads(path.read_text()), _config_dict(cfg)
-    differ = _differ(saved, now)
-    if differ:
-        raise ResumeMismatch(
-            f"symfast train --resume: the run in {path.parent.parent} was started with other settings ("
-            + "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in differ)
-            + f"). Resume with the same flags (only {', '.join(RESUME_MAY_DIFFER)} may differ), or use another --out."
-        )
-
-
-def _phase_meta(cfg: TrainConfig, phase: str) -> Dict[str, Any]:
-    """What each phase checkpoint records (``fit(meta=...)``), so that ``resume`` reuses only this run's."""
-    return {"phase": phase, "train_config": _config_dict(cfg)}
-
-
-def _phase_mismatch(path: Path, cfg: TrainConfig) -> Optional[str]:
-    """Why the phase checkpoint ``path`` is not this run's; ``None`` when it is (or when there is none)."""
-    if not path.exists():
-        return None
-    meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("meta")
-    if not isinstance(meta, dict) or "train_config" not in meta:
-        return "it records no run settings (an older symfast wrote it)"
-    if meta.get("phase") != path.name:
-        return f"it is the checkpoint of another phase ({meta.get('phase')})"
-    saved, now = meta["train_config"], _config_dict(cfg)
-    differ = _differ(saved, now)
-    if differ:
-        return "it was written by a run with other settings (" + "; ".join(
-            f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differ) + ")"
-    return None
-
-
-def _remove_earlier_run(out: Path) -> List[str]:
-    """Removes what an earlier run wrote into ``out`` (checkpoints and outputs); returns the paths removed."""
-    ck = out / "checkpoints"
-    paths = [ck / n for n in ("config.json", *PHASE_FILES)] + (sorted(ck.glob("*.tmp")) if ck.is_dir() else [])
-    paths += [out / n for n in OUTPUT_FILES]
-    removed = []
-    for p in paths:
-        if p.is_file():
-            p.unlink()
-            removed.append(str(p.relative_to(out)))
-    return removed
-
-
 def _non_finite(x: Any) -> bool:
     if isinstance(x, float):
         return not math.isfinite(x)
@@ -345,13 +159,6 @@ def _check_finite(metrics: Dict[str, Any], out: Path) -> None:
         raise NonFiniteMetrics(
             f"symfast train: the run's results are not finite: {', '.join(bad)}. It diverged or a setting is "
             f"degenerate (try a smaller --lr); nothing was written to {out}.")
-
-
-def _write_config(cfg: TrainConfig, checkpoints: Path) -> None:
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoints / "config.json.tmp"
-    tmp.write_text(json.dumps(_config_dict(cfg), indent=1))
-    os.replace(tmp, checkpoints / "config.json")  # atomic: another rank may be reading it
 
 
 def _fit(model: nn.Module, *args, parallel: str, world: int, **kw):
@@ -404,11 +211,11 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         check_resume_config(cfg, ck)
     elif rank == 0:
         if not resume:
-            removed = _remove_earlier_run(out)
+            removed = remove_earlier_run(out)
             if removed:
                 note(f"symfast train: removed the earlier run's {', '.join(removed)} from {out} (a run without "
                      "--resume starts clean)")
-        _write_config(cfg, ck)
+        write_config(cfg, ck)
     if world > 1:
         dist.barrier()  # no rank reads the directory before rank 0 has cleaned it
 
@@ -416,7 +223,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         """Whether the phase resumes from its checkpoint: only with ``resume``, and only this run's."""
         if not resume:
             return False
-        why = _phase_mismatch(ck / phase, cfg)
+        why = phase_mismatch(ck / phase, cfg)
         if why is not None:
             note(f"symfast train --resume: not reusing {ck / phase}: {why}; that phase is trained from scratch")
         return why is None
@@ -434,7 +241,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
                   progress=progress, device=device, parallel=parallel, world=world)
 
     def phase(name: str) -> Dict[str, Any]:
-        return dict(checkpoint=ck / name, resume=reuse(name), meta=_phase_meta(cfg, name))
+        return dict(checkpoint=ck / name, resume=reuse(name), meta=phase_meta(cfg, name))
 
     r_sparse = _fit(sparse, train, val, steps=cfg.steps, lr=cfg.lr, sparsity_threshold=cfg.threshold,
                     stop_after=stop_after, desc=f"DCS {cfg.structure}", **phase("dcs.pt"), **common)
@@ -458,8 +265,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
     ft_steps = max(1, round(cfg.finetune_fraction * cfg.steps))
     r_ft = _fit(dense, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0, desc="prune + fine-tune",
                 **phase("finetune.pt"), **{**common, "seed": cfg.seed + 1})
-    for m, name in _weighted_modules(dense, converted):
-        prune.remove(m, name)
+    make_pruning_permanent(dense, converted)
     base_zeros = sum(int((dense.get_submodule(n).weight == 0).sum()) for n in converted)
     base = evaluate(dense, val, device=device, max_samples=final_n)
 
@@ -508,7 +314,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         "threshold": cfg.threshold,
         "converted": converted,
         "not_converted": [n for n, *_ in report.not_converted],
-        "config": _config_dict(cfg),
+        "config": config_dict(cfg),
         "finetune_steps": ft_steps,
         "data": data_info,
         "world_size": world,
@@ -535,7 +341,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         else:
             versus = f"sparsity {sparsity:.2f} vs magnitude pruning {base['loss']:.3f}"
         title = f"{cfg.task}, {cfg.structure}, alpha={cfg.alpha:g}: DCS val {ev['loss']:.3f} at {versus}"
-        _plot(out / "training.png", r_sparse.history, r_dense.history, r_ft.history, cfg.steps, title,
+        plot_run(out / "training.png", r_sparse.history, r_dense.history, r_ft.history, cfg.steps, title,
               svd_hist=r_svd.history if r_svd is not None else None, ranks=metrics["ranks"])
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     return metrics

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from symfast.convert import convert, export, param_groups, penalty, sparsity_report
+from symfast.conversion import convert, param_groups, penalty
+from symfast.exporting import export, sparsity_report
 from symfast.nn import DCSConv1d, DCSConv2d, DCSConv3d, DCSEmbedding, DCSLayer, DCSLinear, permutation_mirror
 
 from conftest import DEVICES  # cuda cases are collected only where a GPU exists: nothing skips on CPU

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import gloo_group, spawn_workers
-from symfast.convert import convert, penalty
+from symfast.conversion import convert, penalty
 from symfast.nn import permutation_mirror
 
 WORLD = 2

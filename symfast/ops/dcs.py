@@ -4,13 +4,13 @@ The ops themselves are declared in ``csrc/ops.cpp`` (``torch.ops.symfast.*``)
 with CPU and CUDA kernels. This module makes them composable:
 
 * ``register_fake`` for every op, so ``torch.compile(fullgraph=True)`` traces
-  them without a graph break (fake kernels share ``symfast._checks`` with the
+  them without a graph break (fake kernels share ``symfast.ops.checks`` with the
   public wrappers, so compiled and eager calls reject the same inputs);
 * thin ``torch.autograd.Function`` wrappers with ``setup_context``, ``backward``,
   ``jvp`` and ``vmap``: the path of the public ``symfast.dcs`` under torch.func
   transforms and forward-mode AD. In ordinary training it takes
   ``torch.ops.symfast._dcs_autograd`` instead, whose graph node is C++
-  (``csrc/autograd.cpp``; see ``_plain_autograd``), and under torch.compile the
+  (``csrc/autograd.cpp``; see ``plain_autograd``), and under torch.compile the
   raw op;
 * ``torch.library.register_autograd`` on the raw ops, reusing the same backward
   formulas, so ``torch.ops.symfast.dcs`` is differentiable too and
@@ -31,13 +31,14 @@ order run through the fused kernels.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
-from . import reference
-from ._checks import check_dcs, check_like, check_mask, check_primal
+from .. import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
+from .. import reference
+from .autograd import add_optional, batch_size, first_order_only, mask_to_front, plain_autograd, to_front, transforms_active
+from .checks import check_dcs, check_like, check_mask, check_primal
 
 Tensor = torch.Tensor
 _lib_ops = torch.ops.symfast
@@ -81,78 +82,12 @@ def _dcs_jvp_fake(w, u, mask, w_dot, u_dot, v_dot):
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
-# ------------------------------------------------------------------ vmap glue
-def _to_front(t: Optional[Tensor], bdim: Optional[int], batch: int) -> Optional[Tensor]:
-    """Puts a vmapped operand into the layout the op expects: batch first.
-
-    Operands that must have w's exact shape are expanded (a stride-0 view, no
-    copy) when they are not batched. Masks only need to broadcast, so an
-    unbatched mask is left alone and a batched one gets singleton dims between
-    the batch dim and its own dims, to line up with w's dims.
-    """
-    if t is None:
-        return None
-    if bdim is None:
-        return t.unsqueeze(0).expand(batch, *t.shape)
-    return t.movedim(bdim, 0)
-
-
-def _mask_to_front(mask: Optional[Tensor], bdim: Optional[int], w: Tensor, w_bdim: Optional[int]) -> Optional[Tensor]:
-    if mask is None or bdim is None:
-        return mask
-    mask = mask.movedim(bdim, 0)
-    w_ndim = w.dim() - (w_bdim is not None)  # w's logical (per-sample) rank
-    missing = w_ndim - (mask.dim() - 1)
-    return mask.reshape(mask.shape[:1] + (1,) * missing + mask.shape[1:])
-
-
-def _batch_size(args: Sequence[Optional[Tensor]], in_dims: Sequence[Optional[int]]) -> int:
-    for t, d in zip(args, in_dims):
-        if t is not None and d is not None:
-            return t.shape[d]
-    raise AssertionError("vmap rule called with no batched input")
-
-
 # ------------------------------------------------------ differentiable calls
 def _shape_carrier(*ts: Optional[Tensor]) -> Tensor:
     for t in ts:
         if t is not None:
             return t
     raise AssertionError("no tensor to carry the shape")
-
-
-def _first_order_only() -> bool:
-    """True when nothing will differentiate through a backward formula.
-
-    That is plain ``.backward()`` without ``create_graph`` (grad mode off), no
-    forward-AD dual level open, and no torch.func transform active. Then the
-    backward kernels are called directly, below autograd, skipping the nested
-    autograd.Function (its Python overhead was about a third of the DCS cost
-    of a small MLP's training step).
-    """
-    return (
-        not torch.is_grad_enabled()
-        and torch.autograd.forward_ad._current_level < 0
-        and not torch._C._are_functorch_transforms_active()
-    )
-
-
-def _transforms_active() -> bool:
-    """A torch.func transform or a forward-mode AD level is active (also while Dynamo traces)."""
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
-
-
-def _plain_autograd() -> bool:
-    """True when no torch.func transform and no forward-mode AD level is active.
-
-    Then ``symfast.dcs`` and ``symfast.dcs_group`` use the ops with a C++
-    autograd node (``torch.ops.symfast._dcs_autograd``, ``csrc/autograd.cpp``):
-    same values and gradients, to any order of reverse mode, with no Python in
-    the forward or the backward of a training step. The autograd.Functions
-    remain the path under torch.func and forward AD, which a C++ node does not
-    support.
-    """
-    return not _transforms_active()
 
 
 def vjp(
@@ -177,7 +112,7 @@ def vjp(
     carrier = _shape_carrier(w, u, grad)
     w = carrier if w is None else w
     u = carrier if u is None else u
-    if _first_order_only():
+    if first_order_only():
         with torch._C._AutoDispatchBelowAutograd():
             gw, gu, gv = _lib_ops.dcs_backward(grad, w, u, mask, w_needed, u_needed, v_needed)
     else:
@@ -210,14 +145,6 @@ def jvp(
     return DCSJvpFunction.apply(
         carrier if w is None else w, carrier if u is None else u, mask, w_dot, u_dot, v_dot
     )
-
-
-def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
 
 
 # ------------------------------------------------------------------ formulas
@@ -297,10 +224,10 @@ class DCSFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, w, u, v, mask):
         wd, ud, vd, md = in_dims
-        b = _batch_size((w, u, v, mask), in_dims)
+        b = batch_size((w, u, v, mask), in_dims)
         out = DCSFunction.apply(
-            _to_front(w, wd, b), _to_front(u, ud, b), _to_front(v, vd, b),
-            _mask_to_front(mask, md, w, wd),
+            to_front(w, wd, b), to_front(u, ud, b), to_front(v, vd, b),
+            mask_to_front(mask, md, w, wd),
         )
         return out, 0
 
@@ -324,7 +251,7 @@ class DCSBackwardFunction(torch.autograd.Function):
         b = vjp(grad, w_dot, u_dot, mask, nw, nu, False)
         outs = []
         for needed, x, y in zip((nw, nu, nv), a, b):
-            t = _add(x, y) if needed else None
+            t = add_optional(x, y) if needed else None
             if needed and t is None:
                 t = torch.zeros_like(w, memory_format=torch.contiguous_format)
             outs.append(t)
@@ -333,10 +260,10 @@ class DCSBackwardFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, grad, w, u, mask, w_needed, u_needed, v_needed):
         gd, wd, ud, md = in_dims[:4]
-        b = _batch_size((grad, w, u, mask), in_dims[:4])
+        b = batch_size((grad, w, u, mask), in_dims[:4])
         outs = DCSBackwardFunction.apply(
-            _to_front(grad, gd, b), _to_front(w, wd, b), _to_front(u, ud, b),
-            _mask_to_front(mask, md, w, wd), w_needed, u_needed, v_needed,
+            to_front(grad, gd, b), to_front(w, wd, b), to_front(u, ud, b),
+            mask_to_front(mask, md, w, wd), w_needed, u_needed, v_needed,
         )
         return outs, tuple(0 if f else None for f in (w_needed, u_needed, v_needed))
 
@@ -358,18 +285,18 @@ class DCSJvpFunction(torch.autograd.Function):
         w, u, mask, w_dot, u_dot, v_dot = ctx.saved_tensors
         first = jvp(w, u, mask, wd_t, ud_t, vd_t if v_dot is not None else None)
         second = jvp(w_dot, u_dot, mask, w_t, u_t, None)
-        out = _add(first, second)
+        out = add_optional(first, second)
         return torch.zeros_like(w, memory_format=torch.contiguous_format) if out is None else out
 
     @staticmethod
     def vmap(info, in_dims, w, u, mask, w_dot, u_dot, v_dot):
         wd, ud, md, wdd, udd, vdd = in_dims
         args = (w, u, mask, w_dot, u_dot, v_dot)
-        b = _batch_size(args, in_dims)
+        b = batch_size(args, in_dims)
         out = DCSJvpFunction.apply(
-            _to_front(w, wd, b), _to_front(u, ud, b), _mask_to_front(mask, md, w, wd),
-            _to_front(w_dot, wdd, b), _to_front(u_dot, udd, b),
-            _to_front(v_dot, vdd, b),
+            to_front(w, wd, b), to_front(u, ud, b), mask_to_front(mask, md, w, wd),
+            to_front(w_dot, wdd, b), to_front(u_dot, udd, b),
+            to_front(v_dot, vdd, b),
         )
         return out, 0
 
@@ -415,13 +342,13 @@ def dcs(
         # Dynamo cannot trace an autograd.Function with a custom jvp, so under
         # torch.compile the op is called directly: its autograd comes from
         # register_autograd (same formulas) and AOTAutograd traces the backward.
-        if _transforms_active():
+        if transforms_active():
             # ... but the raw op has no forward-mode or functorch rule, and under a
             # compiled torch.func.jvp/jacfwd its tangents came out as zeros (grad and
             # vmap failed): there the traced formula is the reference's, which
             # Dynamo and Inductor handle (and fuse) like any PyTorch code.
             return reference.dcs(w, u, v, mask)
         return _lib_ops.dcs(w, u, v, mask)
-    if _plain_autograd():
+    if plain_autograd():
         return _lib_ops._dcs_autograd(w, u, v, mask)
     return DCSFunction.apply(w, u, v, mask)

@@ -3,7 +3,7 @@ r"""Registration glue for the group gate ops: ``theta = w * s`` along one dim.
 The ops are declared in ``csrc/ops.cpp`` (``torch.ops.symfast.dcs_group``,
 ``dcs_group_backward``, ``dcs_group_jvp``) with CPU and CUDA kernels in
 ``csrc/cpu/dcs_group.cpp`` and ``csrc/cuda/dcs_group.cu``. This module mirrors
-``symfast/_ops.py`` (which does the same for ``dcs``), piece by piece:
+``symfast/ops/dcs.py`` (which does the same for ``dcs``), piece by piece:
 
 * ``register_fake`` for every op, sharing :func:`check_dcs_group` with the
   public wrapper, so ``torch.compile(fullgraph=True)`` traces the ops and eager
@@ -47,10 +47,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
-from . import reference
-from ._checks import _require_tensor, check_dtype_device, check_like, check_primal
-from ._ops import _add, _batch_size, _plain_autograd, _to_front, _transforms_active  # shared helpers
+from .. import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
+from .. import reference
+from .checks import require_tensor, check_dtype_device, check_like, check_primal
+from .autograd import add_optional, batch_size, plain_autograd, to_front, transforms_active
 
 Tensor = torch.Tensor
 _lib_ops = torch.ops.symfast
@@ -92,7 +92,7 @@ def check_dcs_group(w: Tensor, s: Tensor, dim: int, op: str = "symfast.dcs_group
     """Validates a dcs_group call; returns dim normalized to [0, w.dim())."""
     check_primal(op, w)
     dim = _normalize_dim(op, dim, w.dim())
-    _require_tensor(op, "s", s)
+    require_tensor(op, "s", s)
     _check_gate(op, "s", s, w, dim)
     return dim
 
@@ -260,7 +260,7 @@ def _group_jvp_backward_rule(ctx, g):
 # ------------------------------------------------------------------ vmap glue
 def _fold_w(t: Optional[Tensor], bdim: Optional[int], batch: int, dim: int) -> Optional[Tensor]:
     """[B, ..., G at dim, ...] -> [B * G, rest]: group b * G + g is sample b's group g."""
-    t = _to_front(t, bdim, batch)
+    t = to_front(t, bdim, batch)
     if t is None:
         return None
     t = t.movedim(dim + 1, 1)
@@ -268,7 +268,7 @@ def _fold_w(t: Optional[Tensor], bdim: Optional[int], batch: int, dim: int) -> O
 
 
 def _fold_s(t: Optional[Tensor], bdim: Optional[int], batch: int) -> Optional[Tensor]:
-    t = _to_front(t, bdim, batch)
+    t = to_front(t, bdim, batch)
     return None if t is None else t.reshape(-1)
 
 
@@ -304,11 +304,11 @@ class DCSGroupFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, w, s, dim):
         wd, sd, _ = in_dims
-        b = _batch_size((w, s), (wd, sd))
+        b = batch_size((w, s), (wd, sd))
         shape = _logical_shape(w, wd)
         d = dim % len(shape)
         if sd is None:  # one gate for the whole batch: a leading dim of w
-            return DCSGroupFunction.apply(_to_front(w, wd, b), s, d + 1), 0
+            return DCSGroupFunction.apply(to_front(w, wd, b), s, d + 1), 0
         out = DCSGroupFunction.apply(_fold_w(w, wd, b, d), _fold_s(s, sd, b), 0)
         return _unfold_w(out, b, shape[d], d), 0
 
@@ -329,7 +329,7 @@ class DCSGroupBackwardFunction(torch.autograd.Function):
         grad, w, s = ctx.saved_tensors
         nw, ns = ctx.flags
         gw_t = jvp(grad, s, ctx.dim, g_t, s_t) if nw else None
-        gs_t = _add(group_sum(g_t, w, s, ctx.dim), group_sum(grad, w_t, s, ctx.dim)) if ns else None
+        gs_t = add_optional(group_sum(g_t, w, s, ctx.dim), group_sum(grad, w_t, s, ctx.dim)) if ns else None
         if nw and gw_t is None:
             gw_t = _zeros_like(w)
         if ns and gs_t is None:
@@ -339,13 +339,13 @@ class DCSGroupBackwardFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, grad, w, s, dim, w_needed, s_needed):
         gd, wd, sd = in_dims[:3]
-        b = _batch_size((grad, w, s), (gd, wd, sd))
+        b = batch_size((grad, w, s), (gd, wd, sd))
         shape = _logical_shape(w, wd)
         d = dim % len(shape)
         out_dims = (0 if w_needed else None, 0 if s_needed else None)
         if sd is None and not s_needed:  # grad_w only, one gate: a leading dim
             outs = DCSGroupBackwardFunction.apply(
-                _to_front(grad, gd, b), _to_front(w, wd, b), s, d + 1, w_needed, False
+                to_front(grad, gd, b), to_front(w, wd, b), s, d + 1, w_needed, False
             )
             return outs, out_dims
         # grad_s is per sample: fold the batch into the groups.
@@ -374,17 +374,17 @@ class DCSGroupJvpFunction(torch.autograd.Function):
         w, s, w_dot, s_dot = ctx.saved_tensors
         first = jvp(w, s, ctx.dim, wd_t, sd_t)
         second = jvp(w_dot, s_dot, ctx.dim, w_t, s_t, w_like=w, s_like=s)
-        out = _add(first, second)
+        out = add_optional(first, second)
         return _zeros_like(w) if out is None else out
 
     @staticmethod
     def vmap(info, in_dims, w, s, dim, w_dot, s_dot):
         wd, sd, _, wdd, sdd = in_dims
-        b = _batch_size((w, s, w_dot, s_dot), (wd, sd, wdd, sdd))
+        b = batch_size((w, s, w_dot, s_dot), (wd, sd, wdd, sdd))
         shape = _logical_shape(w, wd)
         d = dim % len(shape)
         if sd is None and sdd is None:  # unbatched gates: a leading dim of w
-            out = DCSGroupJvpFunction.apply(_to_front(w, wd, b), s, d + 1, _to_front(w_dot, wdd, b), s_dot)
+            out = DCSGroupJvpFunction.apply(to_front(w, wd, b), s, d + 1, to_front(w_dot, wdd, b), s_dot)
             return out, 0
         out = DCSGroupJvpFunction.apply(
             _fold_w(w, wd, b, d), _fold_s(s, sd, b), 0, _fold_w(w_dot, wdd, b, d), _fold_s(s_dot, sdd, b)
@@ -435,9 +435,9 @@ def dcs_group(w: Tensor, s: Tensor, dim: int) -> Tensor:
         # Dynamo cannot trace an autograd.Function with a custom jvp, so under
         # torch.compile the op is called directly: its autograd comes from
         # register_autograd (same formulas) and AOTAutograd traces the backward.
-        if _transforms_active():  # torch.func / forward AD: the reference formula, as in symfast.dcs
+        if transforms_active():  # torch.func / forward AD: the reference formula, as in symfast.dcs
             return reference.dcs_group(w, s, dim)
         return _lib_ops.dcs_group(w, s, dim)
-    if _plain_autograd():
+    if plain_autograd():
         return _lib_ops._dcs_group_autograd(w, s, dim)
     return DCSGroupFunction.apply(w, s, dim)

@@ -1,4 +1,4 @@
-"""Small models for ``symfast train``: a decoder-only byte transformer and a CNN for 8x8 digits.
+"""A decoder-only byte transformer, the language model of ``symfast train --task lm``.
 
 Attention is written with plain ``nn.Linear`` projections (not ``nn.MultiheadAttention``, whose
 packed ``in_proj_weight`` is not a module :func:`symfast.convert` can swap), and each MLP is an
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ByteTransformer", "DigitsCNN"]
+__all__ = ["ByteTransformer"]
 
 
 class _Block(nn.Module):
@@ -59,16 +59,3 @@ class ByteTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.ln(x))
-
-
-class DigitsCNN(nn.Sequential):
-    """Conv(1->c) ReLU Conv(c->2c) ReLU MaxPool Flatten Linear ReLU Linear(10), for ``(B, 1, 8, 8)`` inputs."""
-
-    def __init__(self, *, channels: int = 32, hidden: int = 128) -> None:
-        super().__init__(
-            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(2 * channels * 16, hidden), nn.ReLU(),
-            nn.Linear(hidden, 10),
-        )

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from symfast.convert import penalty
+from symfast.conversion import penalty
 from symfast.nn import (
     DCSConv1d,
     DCSConv2d,

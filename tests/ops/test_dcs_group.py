@@ -14,7 +14,7 @@ import torch.func as tf
 
 import symfast
 from symfast import reference as ref
-from symfast._ops_group import DCSGroupBackwardFunction, DCSGroupJvpFunction, dcs_group
+from symfast.ops.dcs_group import DCSGroupBackwardFunction, DCSGroupJvpFunction, dcs_group
 
 from conftest import ALL_DEVICES, FLOAT_DTYPES
 
@@ -436,7 +436,7 @@ def test_training_path_equals_the_function_path(device, dtype, shape, dim):
     """Outside torch.func and forward AD, dcs_group records a C++ node
     (csrc/autograd.cpp); values and gradients equal the autograd.Function path
     bit for bit, also for a non-contiguous w."""
-    from symfast._ops_group import DCSGroupFunction
+    from symfast.ops.dcs_group import DCSGroupFunction
 
     w, s = _inputs(shape, dim, dtype, device, requires_grad=True)
     wt = _randn(shape[::-1], dtype, device, 5).permute(*range(len(shape) - 1, -1, -1)).requires_grad_()

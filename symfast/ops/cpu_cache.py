@@ -17,7 +17,7 @@ from typing import Dict
 
 import torch
 
-from . import _ops  # noqa: F401  (loads the library)
+from .. import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
 
 
 def cpu_cache_info() -> Dict[str, int]:

@@ -24,7 +24,7 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso, MultiTaskLasso
 
-from symfast.convert import param_groups, penalty
+from symfast.conversion import param_groups, penalty
 from symfast.nn import DCSLinear, permutation_mirror
 
 DT = torch.float64

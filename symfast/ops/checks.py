@@ -15,20 +15,20 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _require_tensor(op: str, name: str, t: object) -> None:
+def require_tensor(op: str, name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def check_primal(op: str, w: torch.Tensor) -> None:
-    _require_tensor(op, "w", w)
+    require_tensor(op, "w", w)
     if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: w must be float32, float64, float16 or bfloat16, got {w.dtype}")
 
 
 def check_dtype_device(op: str, name: str, t: torch.Tensor, w: torch.Tensor) -> None:
     """``t`` must be a tensor with ``w``'s dtype and device."""
-    _require_tensor(op, name, t)
+    require_tensor(op, name, t)
     if t.dtype != w.dtype:
         raise TypeError(f"{op}: {name} must have the dtype of w ({w.dtype}), got {t.dtype}")
     if t.device != w.device:
@@ -64,7 +64,7 @@ def check_mask(op: str, mask: Optional[torch.Tensor], w: torch.Tensor) -> None:
     """
     if mask is None:
         return
-    _require_tensor(op, "mask", mask)
+    require_tensor(op, "mask", mask)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{op}: mask must be a bool or floating 0/1 tensor, got {mask.dtype}")
     if mask.device != w.device:
@@ -88,7 +88,7 @@ def check_dcs(
     op: str = "symfast.dcs",
 ) -> None:
     check_primal(op, w)
-    _require_tensor(op, "u", u)
+    require_tensor(op, "u", u)
     check_like(op, "u", u, w)
     check_like(op, "v", v, w)
     if v is not None and mask is None:

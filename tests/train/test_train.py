@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from conftest import gloo_group, spawn_workers
 from symfast.cli import main
-from symfast.convert import convert
+from symfast.conversion import convert
 import symfast.train.task as task
 from symfast.train import evaluate, fit, lm_data, prune_like, stdlib_files
 from symfast.train.loop import dcs_sparsity

@@ -194,7 +194,7 @@ def test_gradcheck_and_gradgradcheck(device, shape, mask_kind, with_v):
 @pytest.mark.parametrize("device", ALL_DEVICES)
 @pytest.mark.parametrize("mask_kind", ["none", "bool"])
 def test_gradcheck_backward_and_jvp_ops(device, mask_kind):
-    from symfast._ops import DCSBackwardFunction, DCSJvpFunction
+    from symfast.ops.dcs import DCSBackwardFunction, DCSJvpFunction
 
     shape = (2, 5)
     w, u, _, mask = _inputs(shape, torch.float64, device, mask_kind, requires_grad=True)
@@ -412,7 +412,7 @@ def test_first_order_backward_uses_no_nested_autograd_function():
     """The autograd.Function path (torch.func, forward AD) calls the backward kernel
     below autograd when nothing differentiates through it, and nests a Function
     only under create_graph."""
-    from symfast import _ops
+    from symfast.ops import dcs as _ops
 
     w, u = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
     calls = []
@@ -479,7 +479,7 @@ def test_training_path_forward_skips_the_python_autograd_kernel(op_name):
 
 def test_training_path_switches_to_the_function_under_transforms(monkeypatch):
     import torch.autograd.forward_ad as fwAD
-    from symfast import _ops
+    from symfast.ops import dcs as _ops
 
     w, u = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
     with fwAD.dual_level():
@@ -500,7 +500,7 @@ def test_training_path_switches_to_the_function_under_transforms(monkeypatch):
                                               ("float", True)])
 def test_training_path_equals_the_function_path(device, dtype, mask_kind, with_v):
     """Values and all three gradients bit for bit, including non-contiguous factors."""
-    from symfast._ops import DCSFunction
+    from symfast.ops.dcs import DCSFunction
 
     w, u, v, mask = _inputs((5, 8), dtype, device, mask_kind, with_v, requires_grad=True)
     wt = _randn((8, 5), dtype, device, 4).t().requires_grad_()  # non-contiguous

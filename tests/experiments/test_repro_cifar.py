@@ -19,7 +19,7 @@ import torch
 import symfast
 from symfast.cli import main
 from symfast.experiments import cifar, dcs_cnn, fig1_right
-from symfast.train import ResNet18
+from symfast.models import ResNet18
 from repro_checks import check_record
 
 N_TRAIN, N_TEST = 64, 32

@@ -1,0 +1,117 @@
+r"""Per-sample directional derivatives, curvatures and Hessian-vector products.
+
+For a per-sample loss :math:`\ell(\theta, x_i)` and directions :math:`n_k` in
+parameter space, the engine computes, for every sample of a batch at once,
+
+.. math::
+
+    g_{ik} = n_k^\top \nabla_\theta \ell(\theta, x_i), \qquad
+    h_{ik} = n_k^\top H(x_i)\, n_k, \qquad H(x_i) = \nabla^2_\theta \ell(\theta, x_i),
+
+and the per-sample Hessian-vector products :math:`H(x_i) n` or their
+projections :math:`m_k^\top H(x_i) n`. These are the quantities of the paper's
+stability analysis: :math:`h_{ik}` along a symmetry direction is the
+:math:`h(x)` of eqs. (8), (9), (14) and (16), see :mod:`symfast.collapse`.
+
+Modules: :mod:`.api` (the functions below), :mod:`.checks` (argument checks and errors),
+:mod:`.exact` (exact mode: decompositions of ops whose forward-mode rules are wrong) and :mod:`.jets`
+(second-order Taylor mode).
+
+Conventions
+-----------
+``loss_fn(params, batch)`` returns the per-sample losses, a tensor of shape
+``[B]``. ``params`` is a dict of tensors. ``directions`` is a dict with the
+same keys whose tensors have a leading ``K`` dimension (``K`` directions:
+``directions[name][k]`` has the shape of ``params[name]``). A direction is used
+as given: it is not normalized, so ``h`` scales with its squared norm.
+
+What ``loss_fn`` computes under ``torch.no_grad()`` (a bootstrapped target, a
+running estimate) is a constant on every path, as it is to autograd, and the
+same as ``.detach()``: no derivative of any order flows through it, so ``h``
+is the curvature of the loss with those results frozen at their value.
+Forward mode ignores ``no_grad`` by itself; the engine enforces this (the
+whole call runs with grad mode on, so only ``no_grad`` inside ``loss_fn``
+counts).
+
+How it is computed
+------------------
+*Fast path* (``method="fast"``, the default). The direction is shared by all
+samples, so derivatives along it are derivatives of the whole ``[B]`` loss
+vector with respect to one scalar: ``t -> loss_fn(params + t n, batch)``.
+One forward-mode pass (``torch.func.jvp``) gives every :math:`g_{ik}`; a nested
+jvp with two tangents gives :math:`m^\top H(x_i) n` (mixed second derivative
+:math:`\partial_s\partial_t \ell(\theta + s m + t n, x_i)`). The curvatures
+:math:`h_{ik}` come from second-order Taylor mode (:class:`~symfast.curvature.jets.JetMode`): one
+pass of the batch carrying, for every activation, its first and second
+derivatives along t; ops bilinear in two operands (Linear, matmul, bmm,
+conv, mul, and attention, which is run as its own ops) use the closed form
+:math:`y_2 = f(a_2, b) + 2 f(a_1, b_1) + f(a, b_2)`, every other op a nested
+jvp of that op alone. Where the jets cannot follow (in-place ops on
+activations, ``autograd.Function``s, custom ops) the engine falls back, for the
+whole call, to forward over forward mode on the batch (jvp of jvp of
+``t -> loss_fn(params + t n)``), which ``method="forward"`` selects
+explicitly. No tensor of per-sample parameter size is ever formed: the
+tangents are parameter-sized, the activations batch-sized, as in one forward
+pass. Directions are processed one at a time or, in forward mode,
+``chunk_size`` at a time under ``torch.func.vmap`` (memory grows linearly with
+the chunk); the batch may also be split (``batch_chunk_size``) when samples do
+not interact.
+
+Full per-sample HVPs :math:`H(x_i) n` (``per_sample_hvp`` without ``onto``)
+are per-sample parameter-sized by definition; they are computed per sample,
+reverse over forward (``vmap`` over samples of ``grad`` of the jvp), in
+chunks of ``batch_chunk_size`` samples.
+
+*Reference path* (``method="reference"``): ``torch.func.vmap`` over samples of
+``jvp(grad(per-sample loss))``, the textbook torch.func recipe. It costs about
+200 forward+backward passes of the batch on an MLP (see benchmarks) and is
+kept as the oracle the fast path is tested against.
+
+Exactness
+---------
+PyTorch's own forward-mode rules are wrong or missing for some ops. Checked on
+torch 2.13 (CPU, float64, against central finite differences and reverse-mode
+double backward):
+
+* jvp of jvp is **silently wrong** through ``layer_norm`` (with and without
+  affine), training-mode ``batch_norm``, ``instance_norm``, ``linalg.det``,
+  ``slogdet``/``logdet``, ``linalg.solve`` and ``cholesky_inverse``;
+* ``scaled_dot_product_attention`` (so ``nn.MultiheadAttention`` with
+  ``need_weights=False`` and ``nn.TransformerEncoderLayer``) has no forward-mode
+  rule, nor double backward on CPU; ``huber_loss``, ``glu`` and
+  ``hardsigmoid`` have no second-order forward rule;
+* ``vmap(jvp(grad))`` fails on ``F.mse_loss(..., reduction="mean")``.
+
+Both paths therefore run under :class:`~symfast.curvature.exact.ExactMode`, a ``TorchFunctionMode``
+that replaces ``F.layer_norm``, ``F.batch_norm``, ``F.instance_norm``,
+``F.scaled_dot_product_attention``, ``F.mse_loss``, ``F.huber_loss``,
+``F.glu`` and ``F.hardsigmoid`` with decompositions into primitive ops whose
+rules are right, routes ``F.multi_head_attention_forward`` through its explicit
+(bmm/softmax) branch, and refuses, with an error naming the op, the ops above
+that are silently wrong and have no decomposition here, random ops (dropout in
+training mode: the per-sample loss is then not a function of the parameters),
+and PyTorch's fused attention kernels. The mode also disables the fused
+"fast paths" of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
+(they check for torch-function overrides), so those modules take the
+decomposable route. The reference path keeps PyTorch's own ``layer_norm``
+(its forward-over-reverse rule is right), so the two paths stay independent
+where they can.
+
+Samples that interact: training-mode batch norm makes :math:`\ell_i` depend on
+the whole batch. The fast path differentiates the i-th entry of the full-batch
+loss vector, which is the meaningful per-sample quantity then; the reference
+path and ``batch_chunk_size`` would change it (a per-sample vmap normalizes
+each sample by its own statistics), so they refuse. The decomposed batch norm
+does not update running statistics: computing curvatures has no side effects.
+"""
+
+from .api import functional_loss, per_sample_curvatures, per_sample_directional_derivatives, per_sample_hvp
+from .checks import UnsupportedOpError
+
+__all__ = [
+    "per_sample_directional_derivatives",
+    "per_sample_curvatures",
+    "per_sample_hvp",
+    "functional_loss",
+    "UnsupportedOpError",
+]

@@ -1,0 +1,479 @@
+r"""The public per-sample curvature API: directional derivatives, curvatures and Hessian-vector
+products, and ``functional_loss`` for modules. See the package docstring for the math and paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from .checks import (
+    CoupledSamplesError,
+    LossFn,
+    Params,
+    UnsupportedOpError,
+    batch_size_of,
+    check_chunk,
+    check_directions,
+    check_losses,
+    check_method,
+    check_params,
+    describe,
+    slice_batch,
+)
+from .exact import ExactMode, wrap_errors
+from .jets import JetFallback, JetMode
+
+__all__ = [
+    "per_sample_directional_derivatives",
+    "per_sample_curvatures",
+    "per_sample_hvp",
+    "functional_loss",
+]
+
+
+Tensor = torch.Tensor
+
+
+def _direction(directions: Dict[str, Tensor], k: int) -> Dict[str, Tensor]:
+    return {name: d[k] for name, d in directions.items()}
+
+
+def _over_directions(
+    fn: Callable[[Dict[str, Tensor]], Tensor], directions: Dict[str, Tensor], K: int, chunk_size: Optional[int]
+) -> Tensor:
+    """Stacks fn(direction_k) ([B] each) into [B, K]: a loop, or vmap in chunks."""
+    if chunk_size is None or chunk_size == 1 or K == 1:
+        return torch.stack([fn(_direction(directions, k)) for k in range(K)], dim=1)
+    return torch.func.vmap(fn, in_dims=(0,), out_dims=1, chunk_size=chunk_size)(directions)
+
+
+def _over_batch(fn: Callable[[Any], Tensor], batch: Any, batch_chunk_size: Optional[int], B: int) -> Tensor:
+    if batch_chunk_size is None or batch_chunk_size >= B:
+        return fn(batch)
+    return torch.cat([fn(slice_batch(batch, s, min(s + batch_chunk_size, B))) for s in range(0, B, batch_chunk_size)])
+
+
+def _per_sample_loss(op: str, loss_fn: LossFn, batch: Any) -> Tuple[Callable, Any]:
+    """(single(params, sample) -> scalar, in_dims) for vmap over the batch's dim 0."""
+    in_dims = pytree.tree_map(lambda x: 0 if isinstance(x, Tensor) else None, batch)
+
+    def single(p: Dict[str, Tensor], sample: Any) -> Tensor:
+        one = pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, sample)
+        return check_losses(op, _call_loss(loss_fn, p, one), 1)[0]
+
+    return single, in_dims
+
+
+class _NoGradAsConstant(TorchFunctionMode):
+    """Inside loss_fn, a result computed under ``torch.no_grad()`` is a constant, like ``.detach()``.
+
+    Reverse mode already sees it so, but forward mode (``torch.func.jvp``) ignores no_grad and
+    would differentiate through it; detaching the results makes every path agree.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled():
+            return out
+        inputs = {id(x) for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Tensor)}
+        # an in-place op returns its input: keep it as it is
+        return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) and id(t) not in inputs else t, out)
+
+
+def _call_loss(loss_fn: LossFn, p: Dict[str, Tensor], batch: Any) -> Tensor:
+    # grad mode on at entry (the caller may be under no_grad): only no_grad inside loss_fn makes constants
+    with torch.enable_grad(), _NoGradAsConstant():
+        return loss_fn(p, batch)
+
+
+def _n_out(op: str, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any) -> int:
+    with torch.no_grad():
+        return check_losses(op, loss_fn(params, batch)).shape[0]
+
+
+def _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size):
+    if not callable(loss_fn):
+        raise TypeError(f"{op}: loss_fn must be callable as loss_fn(params, batch), got {describe(loss_fn)}")
+    check_method(op, method)
+    chunk_size = check_chunk(op, "chunk_size", chunk_size)
+    batch_chunk_size = check_chunk(op, "batch_chunk_size", batch_chunk_size)
+    return check_params(op, params), chunk_size, batch_chunk_size
+
+
+def _fast_mode(op: str, batch_chunked: bool) -> ExactMode:
+    return ExactMode(op, decompose_norms=True, per_sample="batch_chunk_size" if batch_chunked else "")
+
+
+# ==================================================================== API
+def per_sample_directional_derivatives(
+    loss_fn: LossFn,
+    params: Params,
+    directions: Params,
+    batch: Any,
+    *,
+    method: str = "fast",
+    chunk_size: Optional[int] = None,
+    batch_chunk_size: Optional[int] = None,
+) -> Tensor:
+    r"""Per-sample directional derivatives :math:`g_{ik} = n_k^\top \nabla_\theta \ell(\theta, x_i)`.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> [B]`` per-sample losses.
+        params: dict of floating tensors, the point :math:`\theta`.
+        directions: dict with params' keys; each tensor ``[K, *params[name].shape]``.
+        batch: anything ``loss_fn`` accepts (tensor, tuple, dict, ...). Only
+            ``method="reference"`` and ``batch_chunk_size`` split it, along
+            dim 0 of every tensor it holds.
+        method: ``"fast"`` or ``"forward"`` (both: one forward-mode pass of the batch
+            per direction) or ``"reference"`` (``vmap`` over samples of ``grad``, then dot with n).
+            On every method, results computed under ``torch.no_grad()`` inside ``loss_fn`` are
+            constants (as with ``.detach()``), see the module doc.
+        chunk_size: directions evaluated together under ``vmap`` (None: one at a time).
+        batch_chunk_size: samples per evaluation (None: the whole batch). Only for
+            models whose samples do not interact.
+
+    Returns:
+        ``[B, K]`` tensor, dtype of the losses.
+    """
+    op = "symfast.per_sample_directional_derivatives"
+    params, chunk_size, batch_chunk_size = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
+    directions, K = check_directions(op, "directions", directions, params, leading=True)
+
+    if method == "reference":
+        B = batch_size_of(op, batch)
+        single, in_dims = _per_sample_loss(op, loss_fn, batch)
+        with ExactMode(op, decompose_norms=False, per_sample="method='reference' (vmap over samples)"):
+            grads = torch.func.vmap(torch.func.grad(single), in_dims=(None, in_dims))(params, batch)
+        # explicit sizes: -1 cannot be inferred from an empty tensor (B = 0 or K = 0)
+        out = sum(torch.einsum("bp,kp->bk", grads[k].reshape(B, params[k].numel()),
+                               directions[k].reshape(K, params[k].numel())) for k in params)
+        return out  # type: ignore[return-value]
+
+    B = batch_size_of(op, batch) if batch_chunk_size is not None else None
+
+    def on(part: Any) -> Tensor:
+        along = _along_fn(op, loss_fn, part)
+        return _over_directions(lambda n: along(params, n), directions, K, chunk_size)
+
+    try:
+        with _fast_mode(op, batch_chunk_size is not None):
+            if K == 0:
+                return _empty_result(op, loss_fn, params, batch)
+            return _over_batch(on, batch, batch_chunk_size, B or 0)
+    except NotImplementedError as exc:
+        raise wrap_errors(op, exc) from exc
+
+
+def _empty_result(op, loss_fn, params, batch) -> Tensor:
+    losses = check_losses(op, loss_fn(params, batch))
+    return losses.new_zeros(losses.shape[0], 0)
+
+
+def _along_fn(op: str, loss_fn: LossFn, part: Any):
+    """(p, n) -> the per-sample losses' derivative at p along n: one jvp."""
+    def along(p: Dict[str, Tensor], n: Dict[str, Tensor]) -> Tensor:
+        return torch.func.jvp(lambda q: check_losses(op, _call_loss(loss_fn, q, part)), (p,), (n,))[1]
+
+    return along
+
+
+def _second_fn(op: str, loss_fn: LossFn, params: Dict[str, Tensor], part: Any):
+    along = _along_fn(op, loss_fn, part)
+
+    def second(n: Dict[str, Tensor], m: Dict[str, Tensor]) -> Tensor:
+        return torch.func.jvp(lambda p: along(p, n), (params,), (m,))[1]
+
+    return second
+
+
+def per_sample_curvatures(
+    loss_fn: LossFn,
+    params: Params,
+    directions: Params,
+    batch: Any,
+    *,
+    method: str = "fast",
+    chunk_size: Optional[int] = None,
+    batch_chunk_size: Optional[int] = None,
+) -> Tensor:
+    r"""Per-sample curvatures :math:`h_{ik} = n_k^\top H(x_i)\, n_k = \partial_t^2 \ell(\theta + t n_k, x_i)|_{t=0}`.
+
+    ``method="fast"``: second-order Taylor mode on the whole batch, one pass per
+    direction (about 2 forward+backward passes of an MLP), falling back to
+    ``"forward"`` where the jets cannot follow the model (see the module doc);
+    ``chunk_size > 1`` uses ``"forward"``. ``method="forward"``: jvp of jvp of
+    the batch loss along each direction. ``method="reference"``: ``vmap`` over
+    samples of ``jvp(grad(loss))``. No path but the reference forms a
+    per-sample parameter-sized tensor. Arguments as in
+    :func:`per_sample_directional_derivatives`; results computed under
+    ``torch.no_grad()`` inside ``loss_fn`` are constants on every method.
+
+    Returns:
+        ``[B, K]`` tensor.
+    """
+    op = "symfast.per_sample_curvatures"
+    params, chunk_size, batch_chunk_size = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
+    directions, K = check_directions(op, "directions", directions, params, leading=True)
+
+    if method == "reference":
+        hv = _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size)
+        B = next(iter(hv.values())).shape[1]
+        out = sum((hv[k] * directions[k].unsqueeze(1)).reshape(K, B, params[k].numel()).sum(-1) for k in params)
+        return out.T  # type: ignore[union-attr]
+
+    B = batch_size_of(op, batch) if batch_chunk_size is not None else 0
+    if K == 0:
+        with _fast_mode(op, False):
+            return _empty_result(op, loss_fn, params, batch)
+    try:
+        if method == "fast" and (chunk_size is None or chunk_size == 1 or K == 1):
+            try:
+                exact = _fast_mode(op, batch_chunk_size is not None)
+                return _over_batch(
+                    lambda part: torch.stack(
+                        [_jet_curvature(op, loss_fn, params, _direction(directions, k), part, exact)
+                         for k in range(K)], dim=1),
+                    batch, batch_chunk_size, B)
+            except JetFallback:
+                pass  # something the jets do not handle: nested forward mode below
+        with _fast_mode(op, batch_chunk_size is not None):
+            def on(part):
+                second = _second_fn(op, loss_fn, params, part)
+                return _over_directions(lambda n: second(n, n), directions, K, chunk_size)
+
+            return _over_batch(on, batch, batch_chunk_size, B)
+    except NotImplementedError as exc:
+        raise wrap_errors(op, exc) from exc
+
+
+def _jet_curvature(op: str, loss_fn: LossFn, params: Dict[str, Tensor], n: Dict[str, Tensor], part: Any,
+                   exact: ExactMode) -> Tensor:
+    """n^T H(x_i) n for every sample by second-order Taylor mode (see JetMode)."""
+    # Fresh leaves sharing storage (no copy): tied parameters get their own jet, and
+    # requires_grad marks everything computed from them (see JetMode.__torch_function__).
+    # The autograd graph is recorded but keeps no tensors and is never run.
+    aliases = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    mode = JetMode(exact)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _drop):
+        with mode:
+            for k, p in aliases.items():
+                mode.put(p, n[k], None)
+            losses = check_losses(op, loss_fn(aliases, part))
+            jet = mode.get(losses)
+    if losses.grad_fn is not None and jet is None:
+        raise JetFallback("the losses were computed outside the jet mode")
+    losses = losses.detach()
+    if jet is None or jet[1] is None:
+        return torch.zeros_like(losses)  # the losses do not depend on the parameters along n
+    return jet[1].detach()
+
+
+def _drop(_x: Any) -> None:
+    return None
+
+
+def _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size) -> Dict[str, Tensor]:
+    """{name: [K, B, *shape]} = H(x_i) n_k by vmap over samples of jvp(grad)."""
+    single, in_dims = _per_sample_loss(op, loss_fn, batch)
+
+    def hvp_one(n, sample):
+        return torch.func.jvp(lambda p: torch.func.grad(single)(p, sample), (params,), (n,))[1]
+
+    per_sample = torch.func.vmap(hvp_one, in_dims=(None, in_dims))
+    with ExactMode(op, decompose_norms=False, per_sample="method='reference' (vmap over samples)"):
+        if K == 0:  # no direction: nothing to stack
+            B = batch_size_of(op, batch)
+            return {name: p.new_zeros((0, B) + tuple(p.shape)) for name, p in params.items()}
+        if chunk_size is None or chunk_size == 1 or K == 1:
+            outs = [per_sample(_direction(directions, k), batch) for k in range(K)]
+            return {name: torch.stack([o[name] for o in outs]) for name in params}
+        return torch.func.vmap(per_sample, in_dims=(0, None), chunk_size=chunk_size)(directions, batch)
+
+
+def per_sample_hvp(
+    loss_fn: LossFn,
+    params: Params,
+    direction: Params,
+    batch: Any,
+    onto: Optional[Params] = None,
+    *,
+    method: str = "fast",
+    chunk_size: Optional[int] = None,
+    batch_chunk_size: Optional[int] = None,
+) -> Union[Dict[str, Tensor], Tensor]:
+    r"""Per-sample Hessian-vector products :math:`H(x_i)\, n`, or :math:`m_k^\top H(x_i)\, n`.
+
+    Args:
+        direction: dict with params' keys, each tensor of its parameter's shape
+            (one direction, no K dimension).
+        onto: optional dict like ``directions`` (``[K, *shape]`` tensors).
+
+    Results computed under ``torch.no_grad()`` inside ``loss_fn`` are constants
+    on every method (as with ``.detach()``), see the module doc.
+
+    Returns:
+        Without ``onto``: dict ``{name: [B, *params[name].shape]}`` with
+        :math:`H(x_i) n` (per-sample parameter-sized: B times the parameters).
+        The fast path is reverse over forward per sample (``vmap`` over samples
+        of ``grad`` of the jvp along n), ``batch_chunk_size`` samples at a time;
+        for models whose samples interact (training-mode batch norm) it falls
+        back to one reverse pass of the whole batch per sample.
+
+        With ``onto``: ``[B, K]`` tensor of :math:`m_k^\top H(x_i) n =
+        \partial_s \partial_t \ell(\theta + s m_k + t n, x_i)`, by nested
+        forward mode on the whole batch (no per-sample parameter-sized tensor).
+    """
+    op = "symfast.per_sample_hvp"
+    params, chunk_size, batch_chunk_size = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
+    direction, _ = check_directions(op, "direction", direction, params, leading=False)
+    if onto is not None:
+        onto, K = check_directions(op, "onto", onto, params, leading=True)
+
+    if method == "reference":
+        hv = _reference_hvps(op, loss_fn, params, batch, {k: v.unsqueeze(0) for k, v in direction.items()}, 1, None)
+        hv = {k: v[0] for k, v in hv.items()}
+        if onto is None:
+            return hv
+        B = next(iter(hv.values())).shape[0]
+        return sum(  # type: ignore[return-value]
+            torch.einsum("bp,kp->bk", hv[k].reshape(B, params[k].numel()), onto[k].reshape(K, params[k].numel()))
+            for k in params)
+
+    if onto is not None:
+        B = batch_size_of(op, batch) if batch_chunk_size is not None else 0
+        try:
+            with _fast_mode(op, batch_chunk_size is not None):
+                if K == 0:
+                    return _empty_result(op, loss_fn, params, batch)
+
+                def on(part):
+                    second = _second_fn(op, loss_fn, params, part)
+                    return _over_directions(lambda m: second(direction, m), onto, K, chunk_size)
+
+                return _over_batch(on, batch, batch_chunk_size, B)
+        except NotImplementedError as exc:
+            raise wrap_errors(op, exc) from exc
+
+    B = batch_size_of(op, batch)
+    try:
+        return _per_sample_hvp_full(op, loss_fn, params, direction, batch, B, batch_chunk_size)
+    except CoupledSamplesError:
+        pass
+    except NotImplementedError as exc:
+        raise wrap_errors(op, exc) from exc
+    if batch_chunk_size is not None:
+        raise UnsupportedOpError(
+            f"{op}: the model couples the samples of a batch (training-mode batch norm), so the batch "
+            "cannot be split: call it without batch_chunk_size"
+        )
+    return _coupled_hvp_full(op, loss_fn, params, direction, batch)
+
+
+def _per_sample_hvp_full(op, loss_fn, params, direction, batch, B, batch_chunk_size):
+    single, in_dims = _per_sample_loss(op, loss_fn, batch)
+
+    def tangent(p, sample):  # n^T grad l(p, x_i), forward mode
+        return torch.func.jvp(lambda q: single(q, sample), (p,), (direction,))[1]
+
+    per_sample = torch.func.vmap(torch.func.grad(tangent), in_dims=(None, in_dims))
+    with ExactMode(op, decompose_norms=True, per_sample="the per-sample Hessian-vector product (vmap over samples)"):
+        if batch_chunk_size is None or batch_chunk_size >= B:
+            return per_sample(params, batch)
+        parts = [per_sample(params, slice_batch(batch, s, min(s + batch_chunk_size, B)))
+                 for s in range(0, B, batch_chunk_size)]
+        return {k: torch.cat([p[k] for p in parts]) for k in params}
+
+
+def _coupled_hvp_full(op, loss_fn, params, direction, batch):
+    """Row i of the Jacobian of the [B] vector n^T grad l_i(theta) of the full batch: O(B) reverse passes."""
+    with ExactMode(op, decompose_norms=True):
+        def tangent(p):
+            return torch.func.jvp(lambda q: check_losses(op, _call_loss(loss_fn, q, batch)), (p,), (direction,))[1]
+
+        out, vjp_fn = torch.func.vjp(tangent, params)
+        eye = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
+        return torch.func.vmap(vjp_fn)(eye)[0]
+
+
+# ====================================================== module convenience
+def functional_loss(
+    module: torch.nn.Module,
+    loss: Callable[[Tensor, Any], Tensor],
+    *,
+    parameters: Optional[Sequence[str]] = None,
+    weight_decay: float = 0.0,
+) -> Tuple[LossFn, Dict[str, Tensor]]:
+    r"""``(loss_fn, params)`` for a module and a loss, ready for the engine.
+
+    ``loss_fn(params, (inputs, targets))`` runs
+    ``loss(torch.func.functional_call(module, params, inputs), targets)``
+    (``inputs`` may be a tuple of positional inputs) and returns per-sample
+    losses ``[B]``: the loss must be built with ``reduction="none"``; extra
+    dimensions (e.g. per-element MSE ``[B, D]``) are averaged per sample, so
+    the mean of the per-sample losses is the ``reduction="mean"`` loss.
+    ``weight_decay`` adds :math:`\gamma \|\theta\|^2` (the paper's eq. 1,
+    over the selected parameters) to every per-sample loss, which adds
+    :math:`2\gamma \|n\|^2` to every curvature.
+
+    Args:
+        module: the model. Its buffers (batch-norm running statistics) are read, never
+            updated: every call works on copies.
+        loss: ``loss(outputs, targets) -> [B] or [B, ...]``.
+        parameters: names of the parameters to differentiate (default: every
+            parameter that requires grad); the others stay fixed.
+
+    Returns:
+        ``loss_fn`` and ``params``, detached copies (no autograd history) of the
+        selected parameters.
+    """
+    op = "symfast.functional_loss"
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{op}: module must be a torch.nn.Module, got {describe(module)}")
+    if not callable(loss):
+        raise TypeError(f"{op}: loss must be callable as loss(outputs, targets), got {describe(loss)}")
+    reduction = getattr(loss, "reduction", "none")
+    if reduction != "none":
+        raise ValueError(
+            f"{op}: loss must return per-sample losses; got a {type(loss).__name__} with "
+            f"reduction={reduction!r}, build it with reduction='none'"
+        )
+    named = dict(module.named_parameters())
+    if parameters is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+    else:
+        names = list(parameters)
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise ValueError(f"{op}: parameters {unknown} are not parameters of the module (it has {list(named)})")
+    params = {n: named[n].detach() for n in names}
+    gamma = float(weight_decay)
+
+    def loss_fn(p: Dict[str, Tensor], batch: Any) -> Tensor:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"{op}: batch must be a pair (inputs, targets), got {describe(batch)}")
+        inputs, targets = batch
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        # Buffers are copied inside the (transformed) call: training-mode batch
+        # norm increments num_batches_tracked in place, which torch.func refuses
+        # on captured tensors, and a diagnostic must not change the model.
+        state = {k: b.clone() for k, b in module.named_buffers()}
+        # parameters not differentiated are constants (detached: no autograd history)
+        state.update({k: v.detach() for k, v in module.named_parameters() if k not in p})
+        state.update(p)
+        out = loss(torch.func.functional_call(module, state, args), targets)
+        if not isinstance(out, Tensor) or out.dim() == 0:
+            raise ValueError(
+                f"{op}: loss returned {describe(out)}; it must return per-sample losses "
+                "(build it with reduction='none')"
+            )
+        if out.dim() > 1:
+            out = out.reshape(out.shape[0], -1).mean(1)
+        if gamma:
+            out = out + gamma * sum((v * v).sum() for v in p.values())
+        return out
+
+    return loss_fn, params

@@ -1,0 +1,223 @@
+r"""``stationary_report``: the numbers of Theorem 4 at a given point, computed exactly with ``torch.func``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import torch
+import torch.func as tf
+from torch import Tensor
+
+from .layout import Params
+from .mirror import Mirror, check_mirror_fits
+from .per_sample import (
+    batch_leaves,
+    check_per_sample,
+    flat_values,
+    hvp,
+    per_sample_map,
+    single_sample_fn,
+    tree_dot,
+    tree_norm,
+    tree_randn_like,
+    tree_scale,
+)
+from .verification import Verification, condition_rtol, verify
+
+__all__ = ["stationary_report", "StationaryReport"]
+
+
+@dataclass
+class StationaryReport:
+    r"""The numbers of Theorem 4 at ``theta`` for one mirror (see :func:`stationary_report`).
+
+    Attributes:
+        condition_norm: ``|O^T theta|``; ``theta_norm``: ``|theta|``.
+        on_condition: ``|O^T theta| <= 1e-6 |theta|`` (float32) / ``1e-12 |theta|`` (float64).
+        grad_condition: ``[B]``, per-sample ``|O^T grad l(theta, x_i)|`` (part 1: zero on the
+            condition); ``grad_norm``: ``[B]``, ``|grad l(theta, x_i)|`` for scale.
+        mean_grad_condition: ``|O^T grad L(theta)|`` for the batch mean ``L``.
+        hessian_block: ``[n_pairs]``, ``|m^T H n|`` for random unit ``m`` in ``ker O^T`` and ``n``
+            in ``im O`` (H: Hessian of the batch-mean loss; part 2: zero on the condition);
+            ``hessian_scale``: ``|H n|``, an upper bound of ``|m^T H n|``.
+        per_sample_hessian_block: ``[B, n_pairs]`` (when ``per_sample_hessian=True``).
+        eigenvalues, eigenvectors, eigen_residual: the eigen-decomposition of ``O^T H O`` (``[k]``;
+            eigenvectors as flat ``[D, k]`` in the params' flattening order), and
+            ``|H v - lambda v|`` per direction: zero when ``im O`` is an invariant subspace of H
+            (part 2), i.e. these are eigenvectors of the full Hessian. None when skipped
+            (``eigen_note`` says why).
+        verification: :func:`verify` on this batch.
+        methods: how each quantity was computed (vmap or loop; jvp or vjp of grad).
+    """
+
+    condition_norm: float
+    theta_norm: float
+    on_condition: bool
+    grad_condition: Tensor
+    grad_norm: Tensor
+    mean_grad_condition: float
+    hessian_block: Tensor
+    hessian_scale: Tensor
+    per_sample_hessian_block: Optional[Tensor]
+    eigenvalues: Optional[Tensor]
+    eigenvectors: Optional[Tensor]
+    eigen_residual: Optional[Tensor]
+    eigen_note: str
+    verification: Verification
+    methods: Dict[str, str]
+
+    def __str__(self) -> str:
+        gc = self.grad_condition
+        rel = (gc / self.grad_norm.clamp_min(1e-30)).max().item() if gc.numel() else 0.0
+        hb = (self.hessian_block / self.hessian_scale.clamp_min(1e-30)).max().item() if self.hessian_block.numel() else 0.0
+        lines = [
+            f"|O^T theta| = {self.condition_norm:.3g} (|theta| = {self.theta_norm:.3g}; on the stationary condition: {self.on_condition})",
+            f"per-sample |O^T grad l_i|: max {gc.max().item() if gc.numel() else 0:.3g} (max relative to |grad l_i|: {rel:.3g}); batch mean: {self.mean_grad_condition:.3g}",
+            f"Hessian block |m^T H n| (m in ker O^T, n in im O): max {self.hessian_block.max().item():.3g} (relative to |H n|: {hb:.3g})",
+            f"symmetry check on this batch: {self.verification}",
+        ]
+        if self.eigenvalues is not None:
+            ev = ", ".join(f"{v:.3g}" for v in self.eigenvalues[:8].tolist())
+            lines.append(f"eigenvalues of O^T H O: [{ev}{', ...' if self.eigenvalues.numel() > 8 else ''}]; max |H v - lambda v| = {self.eigen_residual.max().item():.3g}")
+        else:
+            lines.append(f"eigen-directions: {self.eigen_note}")
+        return "\n".join(lines)
+
+
+def stationary_report(
+    loss_fn: Callable[[Params, Any], Tensor],
+    params: Params,
+    mirror: Mirror,
+    batch: Any,
+    *,
+    n_pairs: int = 4,
+    eigen: Union[bool, str] = "auto",
+    max_eigen_rank: int = 64,
+    per_sample_hessian: bool = False,
+    chunk_size: Optional[int] = 64,
+    seed: int = 0,
+) -> StationaryReport:
+    r"""Theorem 4 at ``theta = params`` for one mirror, computed exactly with ``torch.func``.
+
+    * ``|O^T theta|``: is theta on the stationary condition?
+    * per-sample ``|O^T grad l(theta, x_i)|`` via ``vmap(grad)`` (part 1: zero on the condition,
+      for every sample: SGD cannot leave it);
+    * ``|m^T H n|`` for ``m in ker O^T``, ``n in im O`` (part 2), via Hessian-vector products
+      (``jvp`` of ``grad``);
+    * the eigen-decomposition of the Hessian restricted to ``im O`` (``O^T H O``, from k HVPs)
+      and how far those directions are from eigenvectors of the full Hessian. For a DCS two-layer
+      linear net at the origin this is eq. 6: per pair ``(w_i, u_i)`` the directions
+      ``(1, 1)/sqrt(2)`` and ``(1, -1)/sqrt(2)`` with eigenvalues ``g_i`` and ``-g_i``, where
+      ``g = dL/dtheta`` (``-xy`` for ``l = (x w u - y)^2 / 2``).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> [B]`` per-sample losses (include the weight decay in
+            it for :math:`\ell_\gamma`).
+        params: dict of tensors (or a flat tensor) in the mirror's layout.
+        n_pairs: random (m, n) pairs for the Hessian block check.
+        eigen: True, False or ``"auto"`` (when ``k <= max_eigen_rank``).
+        per_sample_hessian: also check the block per sample (``[B, n_pairs]``; B more HVPs each).
+        chunk_size: samples per vmap chunk (bounds the ``[chunk, D]`` per-sample gradients).
+    """
+    op = "stationary_report"
+    check_mirror_fits(op, mirror, params)
+    if n_pairs < 1:
+        raise ValueError(f"{op}: n_pairs must be >= 1, got {n_pairs}")
+    if eigen not in (True, False, "auto"):
+        raise ValueError(f"{op}: eigen must be True, False or 'auto', got {eigen!r}")
+    losses, dims = check_per_sample(op, loss_fn, params, batch)
+    B = losses.shape[0]
+    params = {k: v.detach() for k, v in params.items()} if isinstance(params, Mapping) else params.detach()
+    leaves, spec = batch_leaves(batch)
+    methods: Dict[str, str] = {}
+    dtype = losses.dtype
+
+    # ---- part 1
+    one = single_sample_fn(loss_fn, spec, dims)
+    grads, methods["per_sample_grad"] = per_sample_map(tf.grad(one), params, batch, dims, B, chunk_size)
+    gcond = mirror.condition(grads, batch_dims=1) if isinstance(grads, Mapping) else mirror.condition(grads)
+    gflat = torch.cat([v.reshape(B, -1) for v in grads.values()], 1) if isinstance(grads, Mapping) else grads.reshape(B, -1)
+    cond = mirror.condition(params).double().norm().item()
+    tnorm = flat_values(params).double().norm().item()
+
+    def mean_loss(p):
+        return loss_fn(p, batch).mean()
+
+    mean_grad = tf.grad(mean_loss)(params)
+    mgc = mirror.condition(mean_grad).double().norm().item()
+
+    # ---- part 2: block check
+    g = torch.Generator().manual_seed(seed)
+    blocks, scales, per_blocks = [], [], []
+    hvp_method = ""
+    for _ in range(n_pairs):
+        z = torch.randn(mirror.rank, generator=g, dtype=torch.float64)
+        n = mirror.expand(z.to(dtype), like=params)
+        n = tree_scale(n, 1.0 / tree_norm(n))
+        m = mirror.symmetric_solution(tree_randn_like(params, g))
+        mn = tree_norm(m)
+        if mn.item() == 0:  # im O is everything: ker O^T = {0}
+            blocks.append(torch.zeros((), dtype=torch.float64))
+            scales.append(torch.zeros((), dtype=torch.float64))
+            continue
+        m = tree_scale(m, 1.0 / mn)
+        Hn, hvp_method = hvp(mean_loss, params, n)
+        blocks.append(tree_dot(m, Hn).abs().double())
+        scales.append(tree_norm(Hn).double())
+        if per_sample_hessian:
+            def blk(p, *lv, n=n, m=m):
+                return tree_dot(m, hvp(lambda q: one(q, *lv), p, n)[0])
+            vals, methods["per_sample_hessian"] = per_sample_map(blk, params, batch, dims, B, chunk_size)
+            per_blocks.append(vals.abs().double())
+    methods["hvp"] = hvp_method or "none needed for the block check (ker O^T = {0})"
+
+    # ---- eigen-directions of O^T H O
+    k = mirror.rank
+    do_eigen = eigen is True or (eigen == "auto" and k <= max_eigen_rank)
+    evals = evecs = resid = None
+    note = ""
+    if do_eigen:
+        HO = []
+        for j in range(k):
+            e = torch.zeros(k, dtype=dtype)
+            e[j] = 1
+            col, methods["eigen_hvp"] = hvp(mean_loss, params, mirror.expand(e, like=params))
+            HO.append(flat_values(col).double())
+        HO = torch.stack(HO, 1)  # [D, k]
+        Ob = mirror.basis.double() if isinstance(params, Tensor) else _basis_like(mirror, params)
+        A = Ob.T @ HO
+        evals, V = torch.linalg.eigh((A + A.T) / 2)
+        evecs = Ob @ V
+        resid = (HO @ V - evecs * evals).norm(dim=0)
+        note = f"computed from {k} Hessian-vector products"
+    else:
+        note = f"skipped: k = {k} > max_eigen_rank = {max_eigen_rank}" if eigen == "auto" else "skipped: eigen=False"
+
+    eps_rel = condition_rtol(dtype)
+    ver = verify(loss_fn, params, mirror, [batch])
+    return StationaryReport(
+        condition_norm=cond,
+        theta_norm=tnorm,
+        on_condition=cond <= eps_rel * max(tnorm, 1e-30) or cond == 0.0,
+        grad_condition=gcond.double().norm(dim=-1),
+        grad_norm=gflat.double().norm(dim=-1),
+        mean_grad_condition=mgc,
+        hessian_block=torch.stack(blocks),
+        hessian_scale=torch.stack(scales),
+        per_sample_hessian_block=torch.stack(per_blocks, 1) if per_blocks else None,
+        eigenvalues=evals,
+        eigenvectors=evecs,
+        eigen_residual=resid,
+        eigen_note=note,
+        verification=ver,
+        methods=methods,
+    )
+
+
+def _basis_like(mirror: Mirror, params: Mapping[str, Tensor]) -> Tensor:
+    """O as dense [D, k] in the flattening order of ``params`` (which may differ from the mirror's layout)."""
+    k = mirror.rank
+    cols = [flat_values(mirror.expand(torch.eye(k, dtype=torch.float64)[j], like={n: v.double() for n, v in params.items()}))
+            for j in range(k)]
+    return torch.stack(cols, 1)
