@@ -29,8 +29,11 @@ def test_registry_lists_the_plan():
     names = experiments.names()
     assert len(names) == len(set(names))
     for name in ("fig1-left", "fig1-mid", "fig1-right", "fig3", "fig4", "eq6", "theorem4", "lyapunov", "lasso",
-                 "dcs-cnn"):
+                 "dcs-cnn", "mf-weight-decay", "theorems123"):
         assert name in names
+    # make repro-full (every experiment, --full, one after another) is planned to fit in 45 minutes on 2 cores
+    assert all(0 < e.minutes[0] <= e.minutes[1] for e in experiments.EXPERIMENTS)
+    assert sum(e.minutes[1] for e in experiments.EXPERIMENTS) <= 45
     assert {"fig1-left", "fig1-mid", "fig3", "eq6", "lasso"} <= set(experiments.MAIN_JOB)
     for e in experiments.EXPERIMENTS:
         if e.main_job:
@@ -307,6 +310,7 @@ def test_cli_list(capsys):
     text = capsys.readouterr().out
     for e in experiments.EXPERIMENTS:
         assert e.name in text
+    assert "expected times on 2 idle cores" in text and "full)" in text
     assert "ready" in text
     if any(not e.available for e in experiments.EXPERIMENTS):
         assert "not yet available" in text  # the plan says what is still missing
