@@ -83,7 +83,8 @@ def readme_markdown(records: Sequence[dict]) -> str:
             mv = r["memory_verdict"]["verdict"]
             verdict += "; memory: " + (mv if mv == "reproduced" else f"**{mv}**")
         keys = JUDGED_AT.get(r["experiment"], ())
-        judged = ", ".join(f"{k} {_setting(cfg[k])}" for k in keys if k in cfg) or "closed forms (see report)"
+        judged = (", ".join(f"{k} {_setting(cfg[k])}" for k in keys if k in cfg)
+                  or "the record's config (not audited against the paper here)")
         devs = "; ".join(f"{d['what']}: {fmt_value(d['paper'])} → {fmt_value(d['here'])}"
                          for d in r.get("deviations", [])) or "none recorded"
         lines.append(f"| `{r['experiment']}` | {_mode(r)}, {r.get('seconds', 0):.0f} s | {verdict} | "
