@@ -33,7 +33,7 @@ On a shared machine, wall-clock medians move with other people's load (and
 CPU time is no cure: idle OpenMP threads spin and bill CPU time), so prefer
 the interleaved ratios and quote the load (``uptime``) with the numbers. With
 another process busy on the 2-core box, two OpenMP threads stall at every
-barrier (one forward+backward of the MLP went from 3 ms to 190-280 ms);
+barrier (one forward+backward of the MLP becomes tens of times slower);
 ``OMP_NUM_THREADS=1`` then gives steady ratios.
 
     pytest benchmarks/test_bench_curvature.py -s --benchmark-columns=median,iqr,rounds

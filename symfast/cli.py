@@ -4,8 +4,8 @@ Commands:
   demo   the main job: the curated quick set of paper reproductions (Figure
          1-left's sparsity table first), a summary table of claims and
          verdicts, and the combined report results/report.md.
-  repro  one experiment, several, or --all; --list shows the plan
-         (symfast.experiments.EXPERIMENTS), with what is not ready yet.
+  repro  one experiment, several, or --all; --list lists them
+         (symfast.experiments.EXPERIMENTS).
   train  sparse training of a real model (lm | digits) against a same-budget
          magnitude-pruning baseline (symfast.train); DDP under torchrun.
 
@@ -205,18 +205,14 @@ def _minutes(m: float) -> str:
 def _print_list() -> None:
     from . import experiments
 
-    print(f"{'name':<16} {'main job':<9} {'status':<8} {'quick':>6} {'full':>7}  what")
+    print(f"{'name':<16} {'main job':<9} {'quick':>6} {'full':>7}  what")
     for e in experiments.EXPERIMENTS:
-        why = e.unavailable_reason()
-        print(f"{e.name:<16} {'yes' if e.main_job else '':<9} {'ready' if why is None else 'planned':<8} "
-              f"{_minutes(e.minutes[0]):>6} {_minutes(e.minutes[1]):>7}  {e.title}")
-        if why is not None:
-            print(f"{'':<50}{why}")
-    ready = experiments.available()
-    print(f"(expected times on 2 idle cores; --all: ~{_minutes(sum(e.minutes[0] for e in ready))} quick, "
-          f"~{_minutes(sum(e.minutes[1] for e in ready))} full)")
+        print(f"{e.name:<16} {'yes' if e.main_job else '':<9} {_minutes(e.minutes[0]):>6} {_minutes(e.minutes[1]):>7}  "
+              f"{e.title}")
+    print(f"(expected times on 2 idle cores; --all: ~{_minutes(sum(e.minutes[0] for e in experiments.EXPERIMENTS))} "
+          f"quick, ~{_minutes(sum(e.minutes[1] for e in experiments.EXPERIMENTS))} full)")
     print()
-    print("symfast repro NAME [NAME ...] [--quick | --full] [--out DIR] [--seed N]; --all runs every ready one; "
+    print("symfast repro NAME [NAME ...] [--quick | --full] [--out DIR] [--seed N]; --all runs every one; "
           "symfast demo runs the main job.")
     print("fig1-right and dcs-cnn also take --model resnet18 --data PATH: the paper's ResNet18 on CIFAR-10.")
 
@@ -241,19 +237,7 @@ def _cmd_repro(args: argparse.Namespace) -> int:
     if unknown:
         print(f"symfast repro: unknown experiment(s) {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
         return 2
-    if args.all:
-        names = [e.name for e in experiments.available()]
-        skipped = [e for e in experiments.EXPERIMENTS if not e.available]
-        for e in skipped:
-            print(f"skipping {e.name}: {e.unavailable_reason()}")
-    else:
-        names = list(dict.fromkeys(args.names))
-        blocked = [(n, experiments.get(n).unavailable_reason()) for n in names]
-        blocked = [(n, why) for n, why in blocked if why is not None]
-        if blocked:
-            for n, why in blocked:
-                print(f"symfast repro: {n} is {why}", file=sys.stderr)
-            return 2
+    names = known if args.all else list(dict.fromkeys(args.names))
     args.configs = _model_data_configs(names, args)
     records = _run_set(names, args, show_fig1_left_table=False)
     cmd = "symfast repro " + ("--all" if args.all else " ".join(names)) + (" --full" if args.full else "")
@@ -282,7 +266,7 @@ def _model_data_configs(names: Sequence[str], args: argparse.Namespace) -> dict:
     mods = {n: experiments.get(n).load() for n in names}
     refused = [n for n, m in mods.items() if not hasattr(m, "MODEL_CHOICES")]
     if refused:
-        takers = [e.name for e in experiments.EXPERIMENTS if e.available and hasattr(e.load(), "MODEL_CHOICES")]
+        takers = [e.name for e in experiments.EXPERIMENTS if hasattr(e.load(), "MODEL_CHOICES")]
         verb = "apply" if " and " in flags else "applies"
         parser.error(f"argument {arg}: {flags} {verb} only to {', '.join(takers)}, not to {', '.join(refused)}")
     configs = {}
@@ -311,7 +295,7 @@ def _add_repro(sub) -> None:
         "record in OUT.",
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="experiment(s) to run (see --list)")
-    p.add_argument("--list", action="store_true", help="list the experiments and whether each is ready")
+    p.add_argument("--list", action="store_true", help="list the experiments")
     p.add_argument("--all", action="store_true", help="run every ready experiment (quick unless --full)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="about a minute each on 2 CPU cores (default)")

@@ -305,6 +305,7 @@ def weight_decay_threshold(
             ``"none"`` (per sample, ``[B]``: Theorem 1 holds for every x).
     """
     from .curvature.checks import check_directions, check_losses, check_params
+    from .orthonormal import orthonormality_error
 
     op = "symfast.weight_decay_threshold"
     if reduction not in ("mean", "none"):
@@ -314,9 +315,8 @@ def weight_decay_threshold(
     if K == 0:
         raise ValueError(f"{op}: directions is empty (K = 0); give at least one column of O")
     O = torch.cat([dirs[k].reshape(K, -1) for k in params], dim=1).to(torch.float64)  # [K, P]
-    gram = O @ O.T
-    off = (gram - torch.eye(K, dtype=torch.float64, device=gram.device)).abs().max().item()
-    if off > atol:
+    off = orthonormality_error(O.T)
+    if not off <= atol:  # also catches nan
         raise ValueError(f"{op}: directions must be orthonormal (O^T O = I); max |O^T O - I| = {off:.3e} > atol={atol}")
     theta = torch.cat([params[k].reshape(-1) for k in params]).to(torch.float64)
     coeff = O @ theta  # O^T theta

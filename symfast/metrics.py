@@ -28,7 +28,7 @@ import torch
 import torch.func as tf
 from torch import Tensor, nn
 
-from .symmetry.per_sample import batch_leaves, check_per_sample, single_sample_fn
+from .curvature.per_sample import map_samples, per_sample_losses, single_sample_loss
 
 __all__ = [
     "sparsity",
@@ -425,33 +425,24 @@ def gradient_magnitude(
     per_sample: bool = True,
     chunk_size: int = 64,
 ) -> Dict[str, Tensor]:
-    """``max_i |d l(theta, x_i) / d theta|`` per entry (per-sample gradients via ``torch.func.vmap``,
-    ``chunk_size`` samples at a time), or with ``per_sample=False`` ``|d mean_i l_i / d theta|``.
+    """``max_i |d l(theta, x_i) / d theta|`` per entry (per-sample gradients from the per-sample engine,
+    :mod:`symfast.curvature.per_sample`, ``chunk_size`` samples at a time), or with ``per_sample=False``
+    ``|d mean_i l_i / d theta|``.
 
-    ``loss_fn(params, batch)`` returns per-sample losses ``[B]``.
+    ``loss_fn(params, batch)`` returns per-sample losses ``[B]`` (the engine's batch convention).
     """
     op = "gradient_magnitude"
-    losses, dims = check_per_sample(op, loss_fn, params, batch)
+    losses, samples = per_sample_losses(op, loss_fn, params, batch)
     params = {k: v.detach() for k, v in params.items()}
     if not per_sample:
         g = tf.grad(lambda p: loss_fn(p, batch).mean())(params)
         return {k: v.abs() for k, v in g.items()}
-    B = losses.shape[0]
-    leaves, spec = batch_leaves(batch)
-    one = tf.grad(single_sample_fn(loss_fn, spec, dims))
+    one = tf.grad(single_sample_loss(loss_fn, samples))
     out = {k: torch.zeros_like(v) for k, v in params.items()}
-    for s in range(0, B, chunk_size):
-        chunk = [l[s:s + chunk_size] if d == 0 else l for l, d in zip(leaves, dims)]
-        try:
-            g = tf.vmap(one, in_dims=(None, *dims))(params, *chunk)
-            for k in out:
-                out[k] = torch.maximum(out[k], g[k].abs().amax(0))
-        except (RuntimeError, NotImplementedError):
-            n = next(l.shape[0] for l, d in zip(chunk, dims) if d == 0)
-            for i in range(n):
-                g = one(params, *[l[i] if d == 0 else l for l, d in zip(chunk, dims)])
-                for k in out:
-                    out[k] = torch.maximum(out[k], g[k].abs())
+    for part in samples.chunks(chunk_size) if samples.size else []:
+        g, _ = map_samples(op, one, params, part)
+        for k in out:
+            out[k] = torch.maximum(out[k], g[k].abs().amax(0))
     return out
 
 

@@ -1,16 +1,7 @@
-"""Shared test matrix: one list of devices and dtypes for every op test."""
+"""pytest hooks and fixtures shared by every test (the test matrix is in matrix.py)."""
 
 import pytest
 import torch
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# CUDA cases are always collected, so a machine without a GPU shows them as
-# skipped rather than silently testing less.
-ALL_DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
-]
-FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def pytest_configure(config):
@@ -26,42 +17,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ------------------------------------------------------------- multi-process
-import contextlib
-import os
-import time
-
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-
-@contextlib.contextmanager
-def gloo_group(rank, init_file, world_size):
-    """A gloo process group for a test worker, left without teardown on success.
-
-    Tearing down DDP/gloo state can deadlock in torch itself (seen on torch
-    2.13 CPU: the Reducer's destructor, holding the GIL, joins a gloo worker
-    thread that waits for the GIL). So a worker that finished its checks
-    leaves through a barrier and os._exit(0), before any destructor runs; a
-    worker that failed raises, and spawn_workers reports it.
-    """
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    yield
-    dist.barrier()
-    os._exit(0)
-
-
-def spawn_workers(fn, args, nprocs=2, timeout=180):
-    """Runs fn(rank, *args) in nprocs processes; fails, never hangs, past timeout."""
-    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=2):  # raises if a worker raised or died
-            if time.monotonic() > deadline:
-                pytest.fail(f"{nprocs} workers did not finish within {timeout} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()

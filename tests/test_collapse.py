@@ -298,7 +298,7 @@ def test_bad_inputs_raise_clear_errors():
                                {k: v[:1] for k, v in _mirror_directions().items()}, (X, Y))
 
 
-# ------------------------------------------------------------------ review regressions
+# ------------------------------------------------------------------ argument errors and edge values
 def test_critical_weight_decay_errors_name_curvature_and_zero_is_positive():
     with pytest.raises(ValueError, match=r"curvature blocks \[B, K, K\] need K >= 1.*got shape \(3, 0, 0\)"):
         critical_weight_decay(torch.zeros(3, 0, 0))

@@ -11,9 +11,9 @@ from torch import nn
 
 from symfast.conversion import convert, param_groups, penalty
 from symfast.exporting import export, sparsity_report
-from symfast.nn import DCSConv1d, DCSConv2d, DCSConv3d, DCSEmbedding, DCSLayer, DCSLinear, permutation_mirror
+from symfast.nn import DCSConv1d, DCSConv2d, DCSConv3d, DCSEmbedding, DCSLayer, DCSLinear, permutation_basis
 
-from conftest import DEVICES  # cuda cases are collected only where a GPU exists: nothing skips on CPU
+from matrix import DEVICES
 
 DT = torch.float64
 
@@ -50,7 +50,7 @@ def _mirror_for(name, module):
     """Permutation mirror of output units 0 and 1 of every layer (embedding: features 0 and 1)."""
     n = module.embedding_dim if isinstance(module, nn.Embedding) else module.weight.shape[0]
     dim = 1 if isinstance(module, nn.Embedding) else 0
-    return permutation_mirror(n, [(0, 1)], dtype=module.weight.dtype), dim
+    return permutation_basis(n, [(0, 1)], dtype=module.weight.dtype), dim
 
 
 def _convert(model, structure, **kw):
@@ -403,7 +403,7 @@ def test_compile_fullgraph_of_a_converted_model():
     model = convert(model, structure="group", alpha=1e-3, include=["2"], warn=False)
     model = convert(model, structure="lowrank", alpha=1e-3, include=["4"], warn=False)
     model = convert(model, structure="mirror", alpha=1e-3, include=["6"], warn=False,
-                       mirror=permutation_mirror(2, [(0, 1)]), mirror_dim=0)
+                       mirror=permutation_basis(2, [(0, 1)]), mirror_dim=0)
     x = torch.randn(4, 6)
     compiled = torch.compile(model, fullgraph=True)
 

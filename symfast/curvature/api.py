@@ -15,17 +15,16 @@ from .checks import (
     LossFn,
     Params,
     UnsupportedOpError,
-    batch_size_of,
     check_chunk,
     check_directions,
     check_losses,
     check_method,
     check_params,
     describe,
-    slice_batch,
 )
 from .exact import ExactMode, wrap_errors
 from .jets import JetFallback, JetMode
+from .per_sample import Samples, single_sample_loss, split_batch
 
 __all__ = [
     "per_sample_directional_derivatives",
@@ -51,21 +50,19 @@ def _over_directions(
     return torch.func.vmap(fn, in_dims=(0,), out_dims=1, chunk_size=chunk_size)(directions)
 
 
-def _over_batch(fn: Callable[[Any], Tensor], batch: Any, batch_chunk_size: Optional[int], B: int) -> Tensor:
-    if batch_chunk_size is None or batch_chunk_size >= B:
+def _over_batch(op: str, fn: Callable[[Any], Tensor], batch: Any, batch_chunk_size: Optional[int]) -> Tensor:
+    """fn on the whole batch, or on chunks of ``batch_chunk_size`` samples (split by the engine's
+    batch convention), concatenated."""
+    if batch_chunk_size is None:
         return fn(batch)
-    return torch.cat([fn(slice_batch(batch, s, min(s + batch_chunk_size, B))) for s in range(0, B, batch_chunk_size)])
+    samples = split_batch(op, batch)
+    return torch.cat([fn(samples.batch(part.leaves)) for part in samples.chunks(batch_chunk_size)])
 
 
-def _per_sample_loss(op: str, loss_fn: LossFn, batch: Any) -> Tuple[Callable, Any]:
-    """(single(params, sample) -> scalar, in_dims) for vmap over the batch's dim 0."""
-    in_dims = pytree.tree_map(lambda x: 0 if isinstance(x, Tensor) else None, batch)
-
-    def single(p: Dict[str, Tensor], sample: Any) -> Tensor:
-        one = pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, sample)
-        return check_losses(op, _call_loss(loss_fn, p, one), 1)[0]
-
-    return single, in_dims
+def _per_sample_loss(op: str, loss_fn: LossFn, batch: Any) -> Tuple[Callable, Samples]:
+    """(single(params, *sample_leaves) -> scalar, the batch split per sample) for vmap over samples."""
+    samples = split_batch(op, batch)
+    return single_sample_loss(lambda p, b: check_losses(op, _call_loss(loss_fn, p, b), 1), samples), samples
 
 
 class _NoGradAsConstant(TorchFunctionMode):
@@ -88,11 +85,6 @@ def _call_loss(loss_fn: LossFn, p: Dict[str, Tensor], batch: Any) -> Tensor:
     # grad mode on at entry (the caller may be under no_grad): only no_grad inside loss_fn makes constants
     with torch.enable_grad(), _NoGradAsConstant():
         return loss_fn(p, batch)
-
-
-def _n_out(op: str, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any) -> int:
-    with torch.no_grad():
-        return check_losses(op, loss_fn(params, batch)).shape[0]
 
 
 def _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size):
@@ -144,16 +136,14 @@ def per_sample_directional_derivatives(
     directions, K = check_directions(op, "directions", directions, params, leading=True)
 
     if method == "reference":
-        B = batch_size_of(op, batch)
-        single, in_dims = _per_sample_loss(op, loss_fn, batch)
+        single, samples = _per_sample_loss(op, loss_fn, batch)
+        B = samples.size
         with ExactMode(op, decompose_norms=False, per_sample="method='reference' (vmap over samples)"):
-            grads = torch.func.vmap(torch.func.grad(single), in_dims=(None, in_dims))(params, batch)
+            grads = torch.func.vmap(torch.func.grad(single), in_dims=(None, *samples.dims))(params, *samples.leaves)
         # explicit sizes: -1 cannot be inferred from an empty tensor (B = 0 or K = 0)
         out = sum(torch.einsum("bp,kp->bk", grads[k].reshape(B, params[k].numel()),
                                directions[k].reshape(K, params[k].numel())) for k in params)
         return out  # type: ignore[return-value]
-
-    B = batch_size_of(op, batch) if batch_chunk_size is not None else None
 
     def on(part: Any) -> Tensor:
         along = _along_fn(op, loss_fn, part)
@@ -163,7 +153,7 @@ def per_sample_directional_derivatives(
         with _fast_mode(op, batch_chunk_size is not None):
             if K == 0:
                 return _empty_result(op, loss_fn, params, batch)
-            return _over_batch(on, batch, batch_chunk_size, B or 0)
+            return _over_batch(op, on, batch, batch_chunk_size)
     except NotImplementedError as exc:
         raise wrap_errors(op, exc) from exc
 
@@ -225,7 +215,6 @@ def per_sample_curvatures(
         out = sum((hv[k] * directions[k].unsqueeze(1)).reshape(K, B, params[k].numel()).sum(-1) for k in params)
         return out.T  # type: ignore[union-attr]
 
-    B = batch_size_of(op, batch) if batch_chunk_size is not None else 0
     if K == 0:
         with _fast_mode(op, False):
             return _empty_result(op, loss_fn, params, batch)
@@ -234,10 +223,10 @@ def per_sample_curvatures(
             try:
                 exact = _fast_mode(op, batch_chunk_size is not None)
                 return _over_batch(
-                    lambda part: torch.stack(
+                    op, lambda part: torch.stack(
                         [_jet_curvature(op, loss_fn, params, _direction(directions, k), part, exact)
                          for k in range(K)], dim=1),
-                    batch, batch_chunk_size, B)
+                    batch, batch_chunk_size)
             except JetFallback:
                 pass  # something the jets do not handle: nested forward mode below
         with _fast_mode(op, batch_chunk_size is not None):
@@ -245,7 +234,7 @@ def per_sample_curvatures(
                 second = _second_fn(op, loss_fn, params, part)
                 return _over_directions(lambda n: second(n, n), directions, K, chunk_size)
 
-            return _over_batch(on, batch, batch_chunk_size, B)
+            return _over_batch(op, on, batch, batch_chunk_size)
     except NotImplementedError as exc:
         raise wrap_errors(op, exc) from exc
 
@@ -278,20 +267,20 @@ def _drop(_x: Any) -> None:
 
 def _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size) -> Dict[str, Tensor]:
     """{name: [K, B, *shape]} = H(x_i) n_k by vmap over samples of jvp(grad)."""
-    single, in_dims = _per_sample_loss(op, loss_fn, batch)
+    single, samples = _per_sample_loss(op, loss_fn, batch)
 
-    def hvp_one(n, sample):
-        return torch.func.jvp(lambda p: torch.func.grad(single)(p, sample), (params,), (n,))[1]
+    def hvp_one(n, *sample):
+        return torch.func.jvp(lambda p: torch.func.grad(single)(p, *sample), (params,), (n,))[1]
 
-    per_sample = torch.func.vmap(hvp_one, in_dims=(None, in_dims))
+    per_sample = torch.func.vmap(hvp_one, in_dims=(None, *samples.dims))
     with ExactMode(op, decompose_norms=False, per_sample="method='reference' (vmap over samples)"):
         if K == 0:  # no direction: nothing to stack
-            B = batch_size_of(op, batch)
-            return {name: p.new_zeros((0, B) + tuple(p.shape)) for name, p in params.items()}
+            return {name: p.new_zeros((0, samples.size) + tuple(p.shape)) for name, p in params.items()}
         if chunk_size is None or chunk_size == 1 or K == 1:
-            outs = [per_sample(_direction(directions, k), batch) for k in range(K)]
+            outs = [per_sample(_direction(directions, k), *samples.leaves) for k in range(K)]
             return {name: torch.stack([o[name] for o in outs]) for name in params}
-        return torch.func.vmap(per_sample, in_dims=(0, None), chunk_size=chunk_size)(directions, batch)
+        shared = (None,) * len(samples.leaves)
+        return torch.func.vmap(per_sample, in_dims=(0, *shared), chunk_size=chunk_size)(directions, *samples.leaves)
 
 
 def per_sample_hvp(
@@ -344,7 +333,6 @@ def per_sample_hvp(
             for k in params)
 
     if onto is not None:
-        B = batch_size_of(op, batch) if batch_chunk_size is not None else 0
         try:
             with _fast_mode(op, batch_chunk_size is not None):
                 if K == 0:
@@ -354,13 +342,12 @@ def per_sample_hvp(
                     second = _second_fn(op, loss_fn, params, part)
                     return _over_directions(lambda m: second(direction, m), onto, K, chunk_size)
 
-                return _over_batch(on, batch, batch_chunk_size, B)
+                return _over_batch(op, on, batch, batch_chunk_size)
         except NotImplementedError as exc:
             raise wrap_errors(op, exc) from exc
 
-    B = batch_size_of(op, batch)
     try:
-        return _per_sample_hvp_full(op, loss_fn, params, direction, batch, B, batch_chunk_size)
+        return _per_sample_hvp_full(op, loss_fn, params, direction, batch, batch_chunk_size)
     except CoupledSamplesError:
         pass
     except NotImplementedError as exc:
@@ -373,18 +360,17 @@ def per_sample_hvp(
     return _coupled_hvp_full(op, loss_fn, params, direction, batch)
 
 
-def _per_sample_hvp_full(op, loss_fn, params, direction, batch, B, batch_chunk_size):
-    single, in_dims = _per_sample_loss(op, loss_fn, batch)
+def _per_sample_hvp_full(op, loss_fn, params, direction, batch, batch_chunk_size):
+    single, samples = _per_sample_loss(op, loss_fn, batch)
 
-    def tangent(p, sample):  # n^T grad l(p, x_i), forward mode
-        return torch.func.jvp(lambda q: single(q, sample), (p,), (direction,))[1]
+    def tangent(p, *sample):  # n^T grad l(p, x_i), forward mode
+        return torch.func.jvp(lambda q: single(q, *sample), (p,), (direction,))[1]
 
-    per_sample = torch.func.vmap(torch.func.grad(tangent), in_dims=(None, in_dims))
+    per_sample = torch.func.vmap(torch.func.grad(tangent), in_dims=(None, *samples.dims))
     with ExactMode(op, decompose_norms=True, per_sample="the per-sample Hessian-vector product (vmap over samples)"):
-        if batch_chunk_size is None or batch_chunk_size >= B:
-            return per_sample(params, batch)
-        parts = [per_sample(params, slice_batch(batch, s, min(s + batch_chunk_size, B)))
-                 for s in range(0, B, batch_chunk_size)]
+        parts = [per_sample(params, *part.leaves) for part in samples.chunks(batch_chunk_size)]
+        if len(parts) == 1:
+            return parts[0]
         return {k: torch.cat([p[k] for p in parts]) for k in params}
 
 

@@ -9,7 +9,6 @@ import operator
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
-from torch.utils import _pytree as pytree
 
 __all__ = ["UnsupportedOpError"]
 
@@ -141,22 +140,3 @@ def check_chunk(op: str, name: str, value: Optional[int]) -> Optional[int]:
     if index is None or index < 1:
         raise ValueError(f"{op}: {name} must be None or a positive int, got {value!r}")
     return index
-
-
-def batch_size_of(op: str, batch: Any) -> int:
-    """Leading size shared by every tensor leaf of the batch."""
-    leaves = [x for x in pytree.tree_leaves(batch) if isinstance(x, Tensor)]
-    if not leaves:
-        raise ValueError(f"{op}: batch must contain at least one tensor with a leading batch dimension")
-    sizes = {x.shape[0] if x.dim() > 0 else None for x in leaves}
-    if None in sizes or len(sizes) != 1:
-        shapes = [tuple(x.shape) for x in leaves]
-        raise ValueError(
-            f"{op}: every tensor of batch must have the same leading batch dimension to be split per sample, "
-            f"got shapes {shapes}"
-        )
-    return sizes.pop()  # type: ignore[return-value]
-
-
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    return pytree.tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) else x, batch)

@@ -139,7 +139,8 @@ def criterion_text(criteria: Sequence[Criterion]) -> str:
 # ------------------------------------------------------------------- threads
 #: The small-tensor loops of these experiments run fastest on one thread, and one thread makes every
 #: reduction's rounding independent of the machine's core count (bitwise determinism per seed).
-#: On a loaded 2-core machine, 2 threads made a 200 x 200 batched update 300x slower (OpenMP waits).
+#: On a loaded 2-core machine, 2 threads make a 200 x 200 batched update orders of magnitude slower
+#: (OpenMP threads wait at every barrier).
 EXPERIMENT_THREADS = 1
 
 

@@ -111,12 +111,11 @@ def combined_markdown(records: Sequence[dict], *, command: Optional[str] = None)
         lines += ["", f"Produced by `{command}`."]
     lines += ["", "## Summary", "", summary_markdown(records), ""]
     ran = {r["experiment"] for r in records}
-    pending = [(e, e.unavailable_reason()) for e in EXPERIMENTS if e.name not in ran]
-    if pending:
+    not_run = [e for e in EXPERIMENTS if e.name not in ran]
+    if not_run:
         lines += ["Not in this report:", ""]
-        for e, why in pending:
-            lines.append(f"- `{e.name}` ({e.title}): " + (why if why else "available, not run here "
-                                                             f"(`symfast repro {e.name}`)"))
+        for e in not_run:
+            lines.append(f"- `{e.name}` ({e.title}): not run here (`symfast repro {e.name}`)")
         lines.append("")
     for r in records:
         lines += [experiment_markdown(r, heading="##", fig_prefix=f"{r['experiment']}/"), ""]

@@ -180,7 +180,7 @@ def part12(prob, cfg, g) -> tuple[dict, dict]:
     D, gam = cfg["D"], cfg["gamma_eval"]
     O = prob["O"]
     P_perp = torch.eye(D, dtype=O.dtype) - O @ O.T
-    rel_g, rel_b, res, ver_dev, ctrl_g, ctrl_b, vacuous = [], [], [], [], [], [], []
+    rel_g, rel_b, res, ver_dev, ctrl_g, ctrl_b, verified = [], [], [], [], [], [], []
     for _ in range(int(cfg["points"])):
         raw = torch.randn(D, generator=g, dtype=O.dtype)
         sym = P_perp @ raw
@@ -189,7 +189,7 @@ def part12(prob, cfg, g) -> tuple[dict, dict]:
         # verify: l(theta) = l(R theta) at a point off the mirror (non-vacuous)
         v = verify(loss_fn_of(prob), {"theta": raw}, Mirror(prob["O"], params={"theta": raw}), [prob["batch"]])
         ver_dev.append(v.relative_deviation)
-        vacuous.append(bool(v))
+        verified.append(bool(v))  # passed and not vacuous
         # controls: off the mirror (same loss) and on the mirror with the mirror broken
         ctrl_g.append(_control_rel_grad(prob, raw, gam, 0.0))
         _, b2, _, _ = _stationary(prob, sym, gam, cfg["break_eps"], cfg)
@@ -205,7 +205,7 @@ def part12(prob, cfg, g) -> tuple[dict, dict]:
     Hb = basis.T @ torch.func.hessian(one_b)(sym) @ basis
     p1 = {"max_rel_grad_condition": max(rel_g), "control_min_rel_grad_condition": min(ctrl_g),
           "points": len(rel_g), "samples": cfg["n_samples"], "gamma": gam,
-          "mirror_verified_every_point": all(vacuous), "max_verify_rel_deviation": max(ver_dev)}
+          "mirror_verified_every_point": all(verified), "max_verify_rel_deviation": max(ver_dev)}
     p2 = {"max_rel_block": max(rel_b), "max_eigen_residual": max(res), "control_min_rel_block": min(ctrl_b)}
     return {"part1": p1, "part2": p2}, {"H": H, "Hb": Hb, "k": cfg["k"]}
 

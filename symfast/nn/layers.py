@@ -23,7 +23,7 @@ Structure keywords (keyword-only, after torch's own arguments):
   broadcastable to the weight); the rest is free (``v``).
 * ``mirror``, ``mirror_dim``: for ``"mirror"``, the (n, k) matrix O with
   orthonormal columns and the dimension it acts along (None: the flattened
-  weight). See :func:`~symfast.nn.permutation_mirror`.
+  weight). See :func:`~symfast.nn.permutation_basis`.
 * ``constrain_bias``: False (default) leaves the bias an ordinary parameter.
   True puts it under DCS too: with ``structure="group"`` and output groups
   (``group_dim=0``) the bias joins its unit's group (a dead unit is then
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from .structures import STRUCTURES, Elementwise, Group, LowRank, Mirror, Structure, check_alpha
+from .structures import STRUCTURES, Elementwise, Group, LowRank, MirrorStructure, Structure, check_alpha
 
 __all__ = ["DCSLinear", "DCSConv1d", "DCSConv2d", "DCSConv3d", "DCSEmbedding", "DCSLayer"]
 
@@ -133,7 +133,7 @@ class DCSLayer:
         elif structure == "lowrank":
             p = LowRank(weight_shape, alpha=alpha, rank=rank, **factory)
         else:
-            p = Mirror(weight_shape, alpha=alpha, O=mirror, dim=mirror_dim, **factory)
+            p = MirrorStructure(weight_shape, alpha=alpha, O=mirror, dim=mirror_dim, **factory)
         self.parametrization = p
 
         out = weight_shape[0] if not isinstance(self, nn.Embedding) else None

@@ -49,12 +49,14 @@ large as the balanced ones.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..ops.checks import broadcasts_to
+from ..orthonormal import orthonormality_error
 from ..ops.dcs import dcs
 from ..ops.dcs_group import dcs_group
 
@@ -63,8 +65,8 @@ __all__ = [
     "Elementwise",
     "Group",
     "LowRank",
-    "Mirror",
-    "permutation_mirror",
+    "MirrorStructure",
+    "permutation_basis",
     "STRUCTURES",
 ]
 
@@ -467,7 +469,7 @@ def rank_tolerance(sv: Tensor, rows: int, cols: int, dtype: torch.dtype, thresho
 
 
 # ----------------------------------------------------------------- mirror
-class Mirror(Structure):
+class MirrorStructure(Structure):
     r"""theta = (I - O O^T) v + O[(O^T w) * (O^T u)]; min penalty 2 alpha |O^T theta|_1.
 
     The paper's eq. 10 for a general mirror: ``O`` has k orthonormal columns and
@@ -481,7 +483,7 @@ class Mirror(Structure):
             dimension d (n = shape[d]), on every slice of the other dimensions:
             the full mirror is O kron I, e.g. O's column (e_a - e_b)/sqrt(2) along
             the output units of a Linear layer is the permutation mirror of
-            neurons a and b (paper eq. 5; see :func:`permutation_mirror`).
+            neurons a and b (paper eq. 5; see :func:`permutation_basis`).
 
     A non-orthonormal ``O`` is a ValueError that names it and the measured error.
     An ``O`` within the tolerance of its dtype (``max |O^T O - I| <= sqrt(eps)``)
@@ -496,7 +498,7 @@ class Mirror(Structure):
         if dim is not None:
             if not isinstance(dim, int) or not -len(self.shape) <= dim < len(self.shape):
                 raise ValueError(
-                    f"Mirror: dim must be None or an int in [{-len(self.shape)}, {len(self.shape) - 1}], got {dim!r}"
+                    f"MirrorStructure: dim must be None or an int in [{-len(self.shape)}, {len(self.shape) - 1}], got {dim!r}"
                 )
             dim = dim % len(self.shape)
         self.dim = dim
@@ -508,8 +510,8 @@ class Mirror(Structure):
         # Stored as the nearest matrix with exactly orthonormal columns (the polar
         # factor U V^T of O's SVD), in float64 and then in the weights' dtype:
         # set_theta assumes O^T O = I, and an O accepted at its own dtype's tolerance
-        # (a float32 O in a float64 model, or one off by 1e-4) made conversion exact
-        # only to that tolerance instead of to the weights' rounding.
+        # (a float32 O in a float64 model, or one off by 1e-4) would make conversion
+        # exact only to that tolerance instead of to the weights' rounding.
         U, _, Vh = torch.linalg.svd(O.detach().double(), full_matrices=False)
         self._register_constant("O", (U @ Vh).to(dtype=self.w.dtype))
 
@@ -520,12 +522,18 @@ class Mirror(Structure):
         d = self.dim
         return [self.shape[d]] + [s for i, s in enumerate(self.shape) if i != d]
 
-    def project(self, x: Tensor) -> Tensor:
-        """O^T x, shape (k, rest) (rest = 1 when dim is None)."""
+    def coordinates(self, x: Tensor) -> Tensor:
+        """O^T x, shape (k, rest) (rest = 1 when dim is None): the coordinates of x along O's columns."""
         O = self.O.to(x.dtype)
         if self.dim is None:
             return O.t() @ x.reshape(-1, 1)
         return O.t() @ x.movedim(self.dim, 0).reshape(self.O.shape[0], -1)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Deprecated name of :meth:`coordinates` (``O^T x``; ``symfast.Mirror.project`` is ``O O^T theta``)."""
+        warnings.warn("symfast.nn.MirrorStructure.project is deprecated; use .coordinates (O^T x)",
+                      DeprecationWarning, stacklevel=2)
+        return self.coordinates(x)
 
     def lift(self, c: Tensor) -> Tensor:
         """O c back to theta's shape."""
@@ -536,7 +544,7 @@ class Mirror(Structure):
 
     def forward(self) -> Tensor:
         v = self.v
-        return v + self.lift(self.project(self.w) * self.project(self.u) - self.project(v))
+        return v + self.lift(self.coordinates(self.w) * self.coordinates(self.u) - self.coordinates(v))
 
     def penalized_parameters(self) -> List[nn.Parameter]:
         return [self.w, self.u]
@@ -548,7 +556,7 @@ class Mirror(Structure):
     def set_theta(self, theta: Tensor) -> None:
         theta = self._check_theta(theta).to(self.w.device)
         t64 = theta.double()
-        z = self.project(t64)  # float64 coordinates O^T theta
+        z = self.coordinates(t64)  # float64 coordinates O^T theta
         tau = _gap(z, _fallback_scale(self.shape))
         a = ((tau + torch.sqrt(tau * tau + 4 * z * z)) / 2).sqrt()  # a^2 - b^2 = tau > 0: off a = +-b
         b = z / a
@@ -559,12 +567,12 @@ class Mirror(Structure):
     @torch.no_grad()
     def convex_penalty(self, theta: Optional[Tensor] = None) -> Tensor:
         theta = self().detach() if theta is None else theta.detach()
-        return 2 * self.alpha * self.project(theta.double()).abs().sum()
+        return 2 * self.alpha * self.coordinates(theta.double()).abs().sum()
 
     @torch.no_grad()
     def thresholded(self, threshold: float) -> Tensor:
         theta = self().detach()
-        z = self.project(theta.double())
+        z = self.coordinates(theta.double())
         small = torch.where(z.abs() <= threshold, z, torch.zeros_like(z))
         return (theta.double() - self.lift(small)).to(theta.dtype)
 
@@ -574,25 +582,24 @@ class Mirror(Structure):
 
 def _check_mirror(O: Tensor, n: int, what: str) -> Tensor:
     if not isinstance(O, Tensor):
-        raise TypeError(f"Mirror: O must be a Tensor of shape (n, k) with orthonormal columns, got {type(O).__name__}")
+        raise TypeError(f"MirrorStructure: O must be a Tensor of shape (n, k) with orthonormal columns, got {type(O).__name__}")
     if O.dim() != 2 or O.shape[0] != n or not 1 <= O.shape[1] <= n:
         raise ValueError(
-            f"Mirror: O must have shape (n, k) with n = {what} = {n} and 1 <= k <= n, got {tuple(O.shape)}"
+            f"MirrorStructure: O must have shape (n, k) with n = {what} = {n} and 1 <= k <= n, got {tuple(O.shape)}"
         )
     if not O.is_floating_point():
-        raise TypeError(f"Mirror: O must be a floating tensor, got {O.dtype}")
-    gram = O.double().t() @ O.double()
-    err = float((gram - torch.eye(O.shape[1], dtype=torch.float64, device=O.device)).abs().max())
+        raise TypeError(f"MirrorStructure: O must be a floating tensor, got {O.dtype}")
+    err = orthonormality_error(O)
     tol = math.sqrt(torch.finfo(O.dtype).eps)
     if not err <= tol:  # also catches nan
         raise ValueError(
-            f"Mirror: O must have orthonormal columns (O^T O = I_{O.shape[1]}), but max |O^T O - I| = {err:.3g} "
+            f"MirrorStructure: O must have orthonormal columns (O^T O = I_{O.shape[1]}), but max |O^T O - I| = {err:.3g} "
             f"exceeds the tolerance {tol:.2g} for {O.dtype}; orthonormalize it first, e.g. O = torch.linalg.qr(O).Q"
         )
     return O
 
 
-def permutation_mirror(
+def permutation_basis(
     n: int,
     pairs: Iterable[Tuple[int, int]],
     *,
@@ -606,7 +613,7 @@ def permutation_mirror(
     sum |theta_a - theta_b|_1``: it merges units a and b. Use it along the unit
     dimension, e.g. the output units (rows) of a Linear layer::
 
-        O = permutation_mirror(out_features, [(0, 1), (2, 3)])
+        O = permutation_basis(out_features, [(0, 1), (2, 3)])
         layer = DCSLinear(in_features, out_features, structure="mirror", mirror=O, mirror_dim=0, alpha=1e-3)
 
     Args:
@@ -615,14 +622,14 @@ def permutation_mirror(
     """
     pairs = [tuple(p) for p in pairs]
     if not pairs:
-        raise ValueError("permutation_mirror: pairs must hold at least one pair (a, b)")
+        raise ValueError("permutation_basis: pairs must hold at least one pair (a, b)")
     seen = set()
     for p in pairs:
         if len(p) != 2 or not all(isinstance(i, int) and 0 <= i < n for i in p) or p[0] == p[1]:
-            raise ValueError(f"permutation_mirror: each pair must be two distinct ints in [0, {n}), got {p!r}")
+            raise ValueError(f"permutation_basis: each pair must be two distinct ints in [0, {n}), got {p!r}")
         if seen & set(p):
             raise ValueError(
-                f"permutation_mirror: pairs must be disjoint (overlapping pairs give non-orthogonal columns), "
+                f"permutation_basis: pairs must be disjoint (overlapping pairs give non-orthogonal columns), "
                 f"got {pairs!r}"
             )
         seen |= set(p)

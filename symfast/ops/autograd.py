@@ -7,6 +7,7 @@ training, an ``autograd.Function`` under torch.func transforms and forward AD).
 
 from __future__ import annotations
 
+import enum
 from typing import Optional, Sequence
 
 import torch
@@ -46,44 +47,88 @@ def batch_size(args: Sequence[Optional[Tensor]], in_dims: Sequence[Optional[int]
     raise AssertionError("vmap rule called with no batched input")
 
 
-# ------------------------------------------------------------- path choice
-def first_order_only() -> bool:
-    """True when nothing will differentiate through a backward formula.
-
-    That is plain ``.backward()`` without ``create_graph`` (grad mode off), no
-    forward-AD dual level open, and no torch.func transform active. Then the
-    backward kernels are called directly, below autograd, skipping the nested
-    autograd.Function (its Python overhead was about a third of the DCS cost
-    of a small MLP's training step).
-    """
-    return (
-        not torch.is_grad_enabled()
-        and torch.autograd.forward_ad._current_level < 0
-        and not torch._C._are_functorch_transforms_active()
-    )
-
-
-def transforms_active() -> bool:
-    """A torch.func transform or a forward-mode AD level is active (also while Dynamo traces)."""
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
-
-
-def plain_autograd() -> bool:
-    """True when no torch.func transform and no forward-mode AD level is active.
-
-    Then ``symfast.dcs`` and ``symfast.dcs_group`` use the ops with a C++
-    autograd node (``torch.ops.symfast._dcs_autograd``, ``csrc/autograd.cpp``):
-    same values and gradients, to any order of reverse mode, with no Python in
-    the forward or the backward of a training step. The autograd.Functions
-    remain the path under torch.func and forward AD, which a C++ node does not
-    support.
-    """
-    return not transforms_active()
-
-
 def add_optional(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """a + b, where None stands for a zero tangent or gradient."""
     if a is None:
         return b
     if b is None:
         return a
     return a + b
+
+
+# ------------------------------------------------------------- path choice
+# Private torch APIs read here (present from torch 2.4 through 2.13). Each is looked up once and
+# guarded: where one is missing, the answer that needs it falls back to the path that is correct
+# in every context (the autograd.Function, or a nested Function in a backward formula).
+_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_BelowAutograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def _forward_ad_level() -> Optional[int]:
+    """The innermost open forward-AD level (-1: none), or None when this torch does not expose it."""
+    level = getattr(torch.autograd.forward_ad, "_current_level", None)
+    return level if isinstance(level, int) else None
+
+
+def transforms_active() -> bool:
+    """A torch.func transform or a forward-mode AD level is active (also while Dynamo traces).
+
+    True as well when this torch lacks the private queries: then no context can be ruled out.
+    """
+    level = _forward_ad_level()
+    if _functorch_transforms_active is None or level is None:
+        return True
+    return _functorch_transforms_active() or level >= 0
+
+
+class AutogradPath(enum.Enum):
+    CPP_NODE = "C++ autograd node"
+    FUNCTION = "autograd.Function"
+    RAW_OP = "raw op"
+    REFERENCE = "reference formula"
+
+
+def autograd_path() -> AutogradPath:
+    """The path a call of ``symfast.dcs`` or ``symfast.dcs_group`` takes, from the calling context.
+
+    ==========================  ===============================  =============================================
+    context                     path                             why
+    ==========================  ===============================  =============================================
+    eager, no torch.func        ``CPP_NODE``: the op with a C++  no Python in the forward or backward of a
+    transform, no forward AD    autograd node (``_dcs_autograd``, training step; any order of reverse mode
+                                ``csrc/autograd.cpp``)
+    eager, under a torch.func   ``FUNCTION``: the                a C++ node has no jvp or vmap rule; the
+    transform or forward AD     ``torch.autograd.Function``      Function's ``jvp`` and ``vmap`` cover them
+    torch.compile, no           ``RAW_OP``: ``torch.ops.symfast``  Dynamo cannot trace an autograd.Function
+    transform                   op, autograd from                with a custom jvp; AOTAutograd traces the
+                                ``register_autograd``            registered (same) formulas
+    torch.compile under a       ``REFERENCE``: the formula of    the raw op has no forward-mode or functorch
+    torch.func transform or     :mod:`symfast.reference`         rule; Dynamo and Inductor trace (and fuse)
+    forward AD                                                   plain PyTorch
+    ==========================  ===============================  =============================================
+
+    Every path gives the same values and gradients (tested bitwise). Where this torch lacks a
+    private query (see :func:`transforms_active`), eager calls take ``FUNCTION`` and compiled ones
+    ``REFERENCE``, the paths that are correct in every context.
+    """
+    active = transforms_active()
+    if torch.compiler.is_compiling():
+        return AutogradPath.REFERENCE if active else AutogradPath.RAW_OP
+    return AutogradPath.FUNCTION if active else AutogradPath.CPP_NODE
+
+
+def first_order_only() -> bool:
+    """True when nothing will differentiate through a backward formula, so that the formula may
+    call the backward kernel directly, below autograd (inside :func:`below_autograd`).
+
+    That is plain ``.backward()`` without ``create_graph`` (grad mode off), no forward-AD dual
+    level open, and no torch.func transform active. Skipping the nested autograd.Function matters:
+    its Python overhead is a large part of the DCS cost of a small model's training step. False
+    where this torch lacks a private API it needs (then the nested Function runs: same result).
+    """
+    return not torch.is_grad_enabled() and _BelowAutograd is not None and not transforms_active()
+
+
+def below_autograd():
+    """Context in which ops dispatch below autograd (only where :func:`first_order_only` holds)."""
+    return _BelowAutograd()

@@ -1,8 +1,8 @@
 """Control of the cache of CPU output blocks used by symfast's kernels.
 
 Fresh large CPU tensors are expensive on Linux: every 4 KiB page is faulted in
-and zeroed on first write (about 31 ms for 64 MiB on the 2-core CI machine,
-more than a dcs kernel's own work). symfast's CPU kernels therefore take
+and zeroed on first write, which costs more than a dcs kernel's own work
+(README, "CPU output cache", has the measurement). symfast's CPU kernels therefore take
 outputs of 1 MiB or more from a cache of blocks that earlier outputs released,
 and back new blocks with transparent huge pages. See csrc/cpu/output_cache.h.
 

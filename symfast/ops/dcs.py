@@ -10,7 +10,7 @@ with CPU and CUDA kernels. This module makes them composable:
   ``jvp`` and ``vmap``: the path of the public ``symfast.dcs`` under torch.func
   transforms and forward-mode AD. In ordinary training it takes
   ``torch.ops.symfast._dcs_autograd`` instead, whose graph node is C++
-  (``csrc/autograd.cpp``; see ``plain_autograd``), and under torch.compile the
+  (``csrc/autograd.cpp``; see :func:`symfast.ops.autograd.autograd_path`), and under torch.compile the
   raw op;
 * ``torch.library.register_autograd`` on the raw ops, reusing the same backward
   formulas, so ``torch.ops.symfast.dcs`` is differentiable too and
@@ -37,7 +37,16 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
 from .. import reference
-from .autograd import add_optional, batch_size, first_order_only, mask_to_front, plain_autograd, to_front, transforms_active
+from .autograd import (
+    AutogradPath,
+    add_optional,
+    autograd_path,
+    batch_size,
+    below_autograd,
+    first_order_only,
+    mask_to_front,
+    to_front,
+)
 from .checks import check_dcs, check_like, check_mask, check_primal
 
 Tensor = torch.Tensor
@@ -113,7 +122,7 @@ def vjp(
     w = carrier if w is None else w
     u = carrier if u is None else u
     if first_order_only():
-        with torch._C._AutoDispatchBelowAutograd():
+        with below_autograd():
             gw, gu, gv = _lib_ops.dcs_backward(grad, w, u, mask, w_needed, u_needed, v_needed)
     else:
         gw, gu, gv = DCSBackwardFunction.apply(grad, w, u, mask, w_needed, u_needed, v_needed)
@@ -338,17 +347,11 @@ def dcs(
     ``alpha*(|w|^2 + |u|^2)`` equals ``2*alpha*|m*theta|_1`` at its minimum.
     """
     check_dcs(w, u, v, mask)
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace an autograd.Function with a custom jvp, so under
-        # torch.compile the op is called directly: its autograd comes from
-        # register_autograd (same formulas) and AOTAutograd traces the backward.
-        if transforms_active():
-            # ... but the raw op has no forward-mode or functorch rule, and under a
-            # compiled torch.func.jvp/jacfwd its tangents came out as zeros (grad and
-            # vmap failed): there the traced formula is the reference's, which
-            # Dynamo and Inductor handle (and fuse) like any PyTorch code.
-            return reference.dcs(w, u, v, mask)
-        return _lib_ops.dcs(w, u, v, mask)
-    if plain_autograd():
+    path = autograd_path()  # the table is in symfast.ops.autograd.autograd_path
+    if path is AutogradPath.CPP_NODE:
         return _lib_ops._dcs_autograd(w, u, v, mask)
-    return DCSFunction.apply(w, u, v, mask)
+    if path is AutogradPath.FUNCTION:
+        return DCSFunction.apply(w, u, v, mask)
+    if path is AutogradPath.RAW_OP:
+        return _lib_ops.dcs(w, u, v, mask)
+    return reference.dcs(w, u, v, mask)

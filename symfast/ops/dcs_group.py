@@ -50,7 +50,7 @@ import torch
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.symfast.*)
 from .. import reference
 from .checks import require_tensor, check_dtype_device, check_like, check_primal
-from .autograd import add_optional, batch_size, plain_autograd, to_front, transforms_active
+from .autograd import AutogradPath, add_optional, autograd_path, batch_size, to_front
 
 Tensor = torch.Tensor
 _lib_ops = torch.ops.symfast
@@ -431,13 +431,11 @@ def dcs_group(w: Tensor, s: Tensor, dim: int) -> Tensor:
     hessian). The result is a new contiguous tensor.
     """
     check_dcs_group(w, s, dim)
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace an autograd.Function with a custom jvp, so under
-        # torch.compile the op is called directly: its autograd comes from
-        # register_autograd (same formulas) and AOTAutograd traces the backward.
-        if transforms_active():  # torch.func / forward AD: the reference formula, as in symfast.dcs
-            return reference.dcs_group(w, s, dim)
-        return _lib_ops.dcs_group(w, s, dim)
-    if plain_autograd():
+    path = autograd_path()  # the table is in symfast.ops.autograd.autograd_path
+    if path is AutogradPath.CPP_NODE:
         return _lib_ops._dcs_group_autograd(w, s, dim)
-    return DCSGroupFunction.apply(w, s, dim)
+    if path is AutogradPath.FUNCTION:
+        return DCSGroupFunction.apply(w, s, dim)
+    if path is AutogradPath.RAW_OP:
+        return _lib_ops.dcs_group(w, s, dim)
+    return reference.dcs_group(w, s, dim)

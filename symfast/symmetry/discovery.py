@@ -13,11 +13,10 @@ import torch.func as tf
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .layout import ParamLayout
+from .layout import ParamLayout, flat_values
 from .mirror import Mirror
 from .constructors import permutation_mirror, rotation_mirror, unit_permutation_mirror, unit_sign_mirror
 from .dcs_probe import computed_weight, dcs_candidates
-from .per_sample import flat_values
 from .verification import condition_rtol, default_rtol
 
 __all__ = ["find_symmetries", "SymmetryReport", "SymmetryFinding", "SymmetryCheck"]

@@ -91,3 +91,30 @@ def unflatten(vector: Tensor, like: Union[Mapping[str, Tensor], nn.Module, Param
 
 def default_atol(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-6
+
+
+# Arithmetic on parameters given as a dict of tensors or one flat tensor.
+def tree_dot(a: Params, b: Params) -> Tensor:
+    if isinstance(a, Tensor):
+        return (a * b).sum()
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def tree_norm(a: Params) -> Tensor:
+    return tree_dot(a, a).sqrt()
+
+
+def tree_scale(a: Params, s) -> Params:
+    if isinstance(a, Tensor):
+        return a * s
+    return {k: v * s for k, v in a.items()}
+
+
+def tree_randn_like(params: Params, g: torch.Generator) -> Params:
+    if isinstance(params, Tensor):
+        return torch.randn(params.shape, generator=g, dtype=torch.float64).to(params)
+    return {k: torch.randn(v.shape, generator=g, dtype=torch.float64).to(v) for k, v in params.items()}
+
+
+def flat_values(params: Params) -> Tensor:
+    return params.reshape(-1) if isinstance(params, Tensor) else torch.cat([v.reshape(-1) for v in params.values()])

@@ -12,6 +12,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..orthonormal import orthonormality_error
 from .layout import ParamLayout, Params, default_atol
 
 __all__ = ["Mirror"]
@@ -62,8 +63,7 @@ class Mirror:
         if k == 0 or k > D:
             raise ValueError(f"Mirror: O must have 1 <= k <= D orthonormal columns, got shape {tuple(O.shape)}")
         tol = default_atol(O.dtype) if atol is None else float(atol)
-        O64 = O.detach().to(torch.float64)
-        err = (O64.T @ O64 - torch.eye(k, dtype=torch.float64, device=O.device)).abs().max().item()
+        err = orthonormality_error(O)
         if not err <= tol:
             raise ValueError(
                 f"Mirror: O must have orthonormal columns (O^T O = I); got max |O^T O - I| = {err:.3g} "
@@ -131,7 +131,7 @@ class Mirror:
         self._setup(layout, dense=None, index=index, coef=coef.to(torch.float64), description=description, kind=kind)
         g = torch.Generator().manual_seed(0)
         z = torch.randn(2, self.rank, generator=g, dtype=torch.float64)
-        back = self._ct(self._o(z))
+        back = self._apply_transpose(self._apply(z))
         err = ((back - z).norm(dim=-1) / z.norm(dim=-1)).max().item()
         if not err <= atol:
             raise ValueError(
@@ -196,7 +196,7 @@ class Mirror:
     def basis(self) -> Tensor:
         """O as a dense ``[D, k]`` tensor (flat layout order). Materializes D*k numbers."""
         eye = torch.eye(self.rank, dtype=self._dtype(), device=self._device())
-        return self._scatter_full(self._o(eye)).T.contiguous()
+        return self._scatter_full(self._apply(eye)).T.contiguous()
 
     @property
     def projection(self) -> Tensor:
@@ -231,24 +231,24 @@ class Mirror:
 
     # Sparse columns are stored unnormalized, O[:, j] = v_j / |v_j| (v_j = (1, -1) for a swap), so
     # O O^T x = sum_j v_j (v_j . x) / |v_j|^2 involves no rounded 1/sqrt(2): swaps are exact.
-    def _ct(self, x: Tensor) -> Tensor:
+    def _apply_transpose(self, x: Tensor) -> Tensor:
         """O^T x for compact x of shape [..., n]."""
         if self._dense is not None:
             return x @ self._dense.to(device=x.device, dtype=x.dtype)
         index, coef, sq = self._operands(x)
         return (x[..., index] * coef).sum(-1) / sq.sqrt()
 
-    def _o(self, c: Tensor) -> Tensor:
+    def _apply(self, c: Tensor) -> Tensor:
         """O c for c of shape [..., k], in compact coordinates."""
         if self._dense is not None:
             return c @ self._dense.to(device=c.device, dtype=c.dtype).T
         index, coef, sq = self._operands(c)
         return self._scatter_cols(c / sq.sqrt(), index, coef)
 
-    def _p(self, x: Tensor) -> Tensor:
+    def _apply_projection(self, x: Tensor) -> Tensor:
         """O O^T x for compact x."""
         if self._dense is not None:
-            return self._o(self._ct(x))
+            return self._apply(self._apply_transpose(x))
         index, coef, sq = self._operands(x)
         return self._scatter_cols((x[..., index] * coef).sum(-1) / sq, index, coef)
 
@@ -325,7 +325,7 @@ class Mirror:
     # The maps run in float64 for lower-precision inputs and round once at the end, so that, e.g.,
     # a permutation mirror swaps float32 entries exactly (the coefficients are +-1/sqrt(2)).
     @staticmethod
-    def _work(x: Tensor) -> Tensor:
+    def _in_working_precision(x: Tensor) -> Tensor:
         if x.is_floating_point() and x.dtype != torch.float64 and x.device.type != "mps":
             return x.to(torch.float64)
         return x
@@ -336,12 +336,12 @@ class Mirror:
         ``batch_dims`` is the number of leading batch dims of each tensor when theta is a dict
         (for a flat tensor every dim but the last is a batch dim)."""
         compact, _ = self._split_input(theta, "condition", batch_dims)
-        return self._ct(self._work(compact)).to(compact.dtype)
+        return self._apply_transpose(self._in_working_precision(compact)).to(compact.dtype)
 
     def project(self, theta: Params) -> Params:
         """O O^T theta (the component that the reflection flips; zero on untouched parameters)."""
         compact, _ = self._split_input(theta, "project")
-        p = self._p(self._work(compact))
+        p = self._apply_projection(self._in_working_precision(compact))
         if isinstance(theta, Mapping):
             _, rebuild = self._split_input({k: torch.zeros_like(v) for k, v in theta.items()}, "project")
             return rebuild(p)
@@ -350,14 +350,14 @@ class Mirror:
     def symmetric_solution(self, theta: Params) -> Params:
         """(I - O O^T) theta: the fixed point of the reflection closest to theta."""
         compact, rebuild = self._split_input(theta, "symmetric_solution")
-        x = self._work(compact)
-        return rebuild(x - self._p(x))
+        x = self._in_working_precision(compact)
+        return rebuild(x - self._apply_projection(x))
 
     def reflect(self, theta: Params) -> Params:
         """R theta = (I - 2 O O^T) theta."""
         compact, rebuild = self._split_input(theta, "reflect")
-        x = self._work(compact)
-        return rebuild(x - 2 * self._p(x))
+        x = self._in_working_precision(compact)
+        return rebuild(x - 2 * self._apply_projection(x))
 
     def expand(self, c: Tensor, *, like: Optional[Params] = None) -> Params:
         """O c for coefficients ``c`` of shape ``[..., k]``: a flat ``[..., D]`` tensor, or a dict
@@ -368,7 +368,7 @@ class Mirror:
             c = c.to(like.device)
         elif isinstance(like, Mapping) and like:
             c = c.to(next(iter(like.values())).device)
-        full = self._o(c)
+        full = self._apply(c)
         if like is None or isinstance(like, Tensor):
             return self._scatter_full(full)
         zero = {k: torch.zeros_like(v) for k, v in like.items()}

@@ -9,20 +9,9 @@ import torch
 import torch.func as tf
 from torch import Tensor
 
-from .layout import Params
+from ..curvature.per_sample import hvp, map_samples, per_sample_losses, single_sample_loss
+from .layout import Params, flat_values, tree_dot, tree_norm, tree_randn_like, tree_scale
 from .mirror import Mirror, check_mirror_fits
-from .per_sample import (
-    batch_leaves,
-    check_per_sample,
-    flat_values,
-    hvp,
-    per_sample_map,
-    single_sample_fn,
-    tree_dot,
-    tree_norm,
-    tree_randn_like,
-    tree_scale,
-)
 from .verification import Verification, condition_rtol, verify
 
 __all__ = ["stationary_report", "StationaryReport"]
@@ -126,16 +115,15 @@ def stationary_report(
         raise ValueError(f"{op}: n_pairs must be >= 1, got {n_pairs}")
     if eigen not in (True, False, "auto"):
         raise ValueError(f"{op}: eigen must be True, False or 'auto', got {eigen!r}")
-    losses, dims = check_per_sample(op, loss_fn, params, batch)
-    B = losses.shape[0]
+    losses, samples = per_sample_losses(op, loss_fn, params, batch)
+    B = samples.size
     params = {k: v.detach() for k, v in params.items()} if isinstance(params, Mapping) else params.detach()
-    leaves, spec = batch_leaves(batch)
     methods: Dict[str, str] = {}
     dtype = losses.dtype
 
     # ---- part 1
-    one = single_sample_fn(loss_fn, spec, dims)
-    grads, methods["per_sample_grad"] = per_sample_map(tf.grad(one), params, batch, dims, B, chunk_size)
+    one = single_sample_loss(loss_fn, samples)
+    grads, methods["per_sample_grad"] = map_samples(op, tf.grad(one), params, samples, chunk_size)
     gcond = mirror.condition(grads, batch_dims=1) if isinstance(grads, Mapping) else mirror.condition(grads)
     gflat = torch.cat([v.reshape(B, -1) for v in grads.values()], 1) if isinstance(grads, Mapping) else grads.reshape(B, -1)
     cond = mirror.condition(params).double().norm().item()
@@ -145,7 +133,7 @@ def stationary_report(
         return loss_fn(p, batch).mean()
 
     mean_grad = tf.grad(mean_loss)(params)
-    mgc = mirror.condition(mean_grad).double().norm().item()
+    mean_grad_condition = mirror.condition(mean_grad).double().norm().item()
 
     # ---- part 2: block check
     g = torch.Generator().manual_seed(seed)
@@ -162,13 +150,13 @@ def stationary_report(
             scales.append(torch.zeros((), dtype=torch.float64))
             continue
         m = tree_scale(m, 1.0 / mn)
-        Hn, hvp_method = hvp(mean_loss, params, n)
+        Hn, hvp_method = hvp(mean_loss, params, n, op)
         blocks.append(tree_dot(m, Hn).abs().double())
         scales.append(tree_norm(Hn).double())
         if per_sample_hessian:
-            def blk(p, *lv, n=n, m=m):
-                return tree_dot(m, hvp(lambda q: one(q, *lv), p, n)[0])
-            vals, methods["per_sample_hessian"] = per_sample_map(blk, params, batch, dims, B, chunk_size)
+            def per_sample_block(p, *sample, n=n, m=m):  # m^T H(x_i) n
+                return tree_dot(m, hvp(lambda q: one(q, *sample), p, n, op)[0])
+            vals, methods["per_sample_hessian"] = map_samples(op, per_sample_block, params, samples, chunk_size)
             per_blocks.append(vals.abs().double())
     methods["hvp"] = hvp_method or "none needed for the block check (ker O^T = {0})"
 
@@ -182,7 +170,7 @@ def stationary_report(
         for j in range(k):
             e = torch.zeros(k, dtype=dtype)
             e[j] = 1
-            col, methods["eigen_hvp"] = hvp(mean_loss, params, mirror.expand(e, like=params))
+            col, methods["eigen_hvp"] = hvp(mean_loss, params, mirror.expand(e, like=params), op)
             HO.append(flat_values(col).double())
         HO = torch.stack(HO, 1)  # [D, k]
         Ob = mirror.basis.double() if isinstance(params, Tensor) else _basis_like(mirror, params)
@@ -202,7 +190,7 @@ def stationary_report(
         on_condition=cond <= eps_rel * max(tnorm, 1e-30) or cond == 0.0,
         grad_condition=gcond.double().norm(dim=-1),
         grad_norm=gflat.double().norm(dim=-1),
-        mean_grad_condition=mgc,
+        mean_grad_condition=mean_grad_condition,
         hessian_block=torch.stack(blocks),
         hessian_scale=torch.stack(scales),
         per_sample_hessian_block=torch.stack(per_blocks, 1) if per_blocks else None,

@@ -9,9 +9,9 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from .layout import Params
+from ..curvature.per_sample import per_sample_losses
+from .layout import Params, flat_values
 from .mirror import Mirror, check_mirror_fits
-from .per_sample import check_per_sample, flat_values
 
 __all__ = ["verify", "Verification"]
 
@@ -87,7 +87,7 @@ def verify(
     max_dev, scale, n, nb, dtype = 0.0, 0.0, 0, 0, None
     with torch.no_grad():
         for batch in batches:
-            a, _ = check_per_sample("verify", loss_fn, params, batch)
+            a, _ = per_sample_losses("verify", loss_fn, params, batch)
             b = loss_fn(reflected, batch)
             max_dev = max(max_dev, (b.double() - a.double()).abs().max().item() if a.numel() else 0.0)
             scale = max(scale, a.double().abs().max().item() if a.numel() else 0.0)

@@ -135,6 +135,7 @@ def _mse():
 
 
 B = 6
+METHODS = ["fast", "forward", "reference"]
 
 
 def _cls_batch(shape, classes=3, seed=2):
@@ -539,9 +540,10 @@ def test_bad_single_direction_and_options_are_rejected():
         per_sample_curvatures(loss_fn, {}, {}, x)
 
 
-# ------------------------------------------------- review regressions
+# ------------------------------------------------- constants inside loss_fn: integers, bools, no_grad
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("const", ["int-offset", "bool-mask", "cat-int"])
-def test_integer_and_bool_constants_have_zero_derivative(const):
+def test_integer_and_bool_constants_have_zero_derivative(const, method):
     # l_i = ||W x_i + c||^2 with c a non-floating constant: h_ik = 2 ||N_k x_i||^2 whatever c is.
     W, x = _randn(3, 4, seed=3), _randn(B, 4, seed=4)
     dirs = {"W": _randn(2, 3, 4, seed=5)}
@@ -552,8 +554,7 @@ def test_integer_and_bool_constants_have_zero_derivative(const):
     else:
         lf = lambda q, b: (torch.cat([b @ q["W"].T, torch.full((b.shape[0], 2), 3)], 1) ** 2).sum(1)  # noqa: E731
     expected = 2 * torch.einsum("kij,bj->bki", dirs["W"], x).pow(2).sum(-1)
-    for method in ("fast", "forward", "reference"):
-        torch.testing.assert_close(per_sample_curvatures(lf, {"W": W}, dirs, x, method=method), expected)
+    torch.testing.assert_close(per_sample_curvatures(lf, {"W": W}, dirs, x, method=method), expected)
 
 
 def _no_grad_td_loss(stop):
@@ -571,7 +572,9 @@ def _no_grad_td_loss(stop):
     return lf
 
 
-def test_no_grad_results_inside_loss_fn_are_constants_on_every_method():
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("stop", ["no_grad", "detach"])
+def test_no_grad_results_inside_loss_fn_are_constants_on_every_method(stop, method):
     w, n, m = _randn(4, seed=6), _randn(4, seed=7), _randn(2, 4, seed=8)
     s, s2, r = _randn(B, 4, seed=9), _randn(B, 4, seed=10), _randn(B, seed=11)
     batch, params = (s, s2, r), {"w": w}
@@ -589,27 +592,21 @@ def test_no_grad_results_inside_loss_fn_are_constants_on_every_method():
     losses = _no_grad_td_loss("no_grad")({"w": wr}, batch)
     g_autograd = torch.stack([torch.autograd.grad(losses[i], wr, retain_graph=True)[0] @ n for i in range(B)])
     torch.testing.assert_close(g_autograd, g)
-    for stop in ("no_grad", "detach"):
-        lf = _no_grad_td_loss(stop)
-        for method in ("fast", "forward", "reference"):
-            what = f"{stop}, method={method}"
-            torch.testing.assert_close(
-                per_sample_directional_derivatives(lf, params, {"w": n[None]}, batch, method=method)[:, 0], g,
-                msg=what)
-            torch.testing.assert_close(
-                per_sample_curvatures(lf, params, {"w": n[None]}, batch, method=method)[:, 0], h, msg=what)
-            torch.testing.assert_close(
-                per_sample_hvp(lf, params, {"w": n}, batch, onto={"w": m}, method=method), mhn, msg=what)
-            torch.testing.assert_close(per_sample_hvp(lf, params, {"w": n}, batch, method=method)["w"], hvp,
-                                       msg=what)
+    lf = _no_grad_td_loss(stop)
+    torch.testing.assert_close(
+        per_sample_directional_derivatives(lf, params, {"w": n[None]}, batch, method=method)[:, 0], g)
+    torch.testing.assert_close(per_sample_curvatures(lf, params, {"w": n[None]}, batch, method=method)[:, 0], h)
+    torch.testing.assert_close(per_sample_hvp(lf, params, {"w": n}, batch, onto={"w": m}, method=method), mhn)
+    torch.testing.assert_close(per_sample_hvp(lf, params, {"w": n}, batch, method=method)["w"], hvp)
     # called under an outer no_grad, the derivatives are still computed
     with torch.no_grad():
         torch.testing.assert_close(
             per_sample_curvatures(_no_grad_td_loss("no_grad"), params, {"w": n[None]}, batch)[:, 0], h)
 
 
+@pytest.mark.parametrize("method", ["fast", "forward"])
 @pytest.mark.parametrize("layer", ["linear", "conv2d"])
-def test_bias_differentiated_with_frozen_weight(layer):
+def test_bias_differentiated_with_frozen_weight(layer, method):
     # BitFit: only the bias is a parameter of the loss; the bias derivative broadcasts to the output.
     torch.manual_seed(0)
     if layer == "linear":
@@ -623,8 +620,7 @@ def test_bias_differentiated_with_frozen_weight(layer):
     ref = per_sample_curvatures(loss_fn, params, dirs, batch, method="reference")
     for k in range(2):
         _assert_fd_close(ref[:, k], fd_second(loss_fn, params, {n: d[k] for n, d in dirs.items()}, batch), "ref")
-    for method in ("fast", "forward"):
-        torch.testing.assert_close(per_sample_curvatures(loss_fn, params, dirs, batch, method=method), ref)
+    torch.testing.assert_close(per_sample_curvatures(loss_fn, params, dirs, batch, method=method), ref)
     for name, p in module.named_parameters():  # frozen weights: the default parameters are the biases
         p.requires_grad_(name.endswith("bias"))
     loss_fn, params = functional_loss(module, _ce())
@@ -633,27 +629,33 @@ def test_bias_differentiated_with_frozen_weight(layer):
                                per_sample_curvatures(loss_fn, params, dirs, batch, method="reference"))
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("B_, K", [(0, 2), (B, 0), (0, 0)])
-def test_reference_method_returns_empty_shapes_like_the_fast_path(B_, K):
+def test_reference_method_returns_empty_shapes_like_the_fast_path(B_, K, method):
     W, x = _randn(3, 4, seed=3), _randn(B_, 4, seed=4)
     params, dirs = {"W": W}, {"W": torch.zeros(K, 3, 4, dtype=DT)}
     lf = lambda q, b: ((b @ q["W"].T) ** 2).sum(1)  # noqa: E731
-    for method in ("fast", "forward", "reference"):
-        for out in (per_sample_curvatures(lf, params, dirs, x, method=method),
-                    per_sample_directional_derivatives(lf, params, dirs, x, method=method),
-                    per_sample_hvp(lf, params, {"W": W}, x, onto=dirs, method=method)):
-            assert out.shape == (B_, K), (method, out.shape)
+    for out in (per_sample_curvatures(lf, params, dirs, x, method=method),
+                per_sample_directional_derivatives(lf, params, dirs, x, method=method),
+                per_sample_hvp(lf, params, {"W": W}, x, onto=dirs, method=method)):
+        assert out.shape == (B_, K), out.shape
 
 
-def test_numpy_integer_chunk_sizes_are_accepted():
+@pytest.mark.parametrize("method", METHODS)
+def test_numpy_integer_chunk_sizes_are_accepted(method):
     np = pytest.importorskip("numpy")
     loss_fn, params, batch, _ = _build("mlp-tanh-mse")
     dirs = _directions(params, K=3)
     fd = torch.stack([fd_second(loss_fn, params, {k: v[i] for k, v in dirs.items()}, batch) for i in range(3)], 1)
-    for method in ("fast", "forward", "reference"):
-        h = per_sample_curvatures(loss_fn, params, dirs, batch, method=method, chunk_size=np.int64(2),
-                                  batch_chunk_size=None if method == "reference" else np.int32(4))
-        _assert_fd_close(h, fd, method)
+    h = per_sample_curvatures(loss_fn, params, dirs, batch, method=method, chunk_size=np.int64(2),
+                              batch_chunk_size=None if method == "reference" else np.int32(4))
+    _assert_fd_close(h, fd, method)
+
+
+def test_non_integer_chunk_sizes_are_refused():
+    np = pytest.importorskip("numpy")
+    loss_fn, params, batch, _ = _build("mlp-tanh-mse")
+    dirs = _directions(params, K=3)
     for bad in (np.float64(2.0), True, 2.5, "2"):
         with pytest.raises(ValueError, match=r"chunk_size must be None or a positive int, got " + re.escape(repr(bad))):
             per_sample_curvatures(loss_fn, params, dirs, batch, chunk_size=bad)

@@ -36,20 +36,9 @@ def test_registry_lists_the_plan():
     assert sum(e.minutes[1] for e in experiments.EXPERIMENTS) <= 45
     assert {"fig1-left", "fig1-mid", "fig3", "eq6", "lasso"} <= set(experiments.MAIN_JOB)
     for e in experiments.EXPERIMENTS:
-        if e.main_job:
-            assert e.available, e.unavailable_reason()
-            assert callable(e.load().run)
-        why = e.unavailable_reason()
-        assert why is None or why.startswith("not yet available")
+        assert callable(e.load().run)
     with pytest.raises(KeyError, match="unknown experiment"):
         experiments.get("fig9")
-
-
-def test_unavailable_experiment_refuses_with_reason():
-    ghost = experiments.Experiment("ghost", "ghost", "not real", needs=("symfast.no_such_module",), provider="issue 0")
-    assert ghost.unavailable_reason() == "not yet available: needs symfast.no_such_module (issue 0)"
-    with pytest.raises(ModuleNotFoundError, match="not yet available"):
-        ghost.load()
 
 
 # -------------------------------------------------------------- the record
@@ -309,11 +298,8 @@ def test_cli_list(capsys):
     assert cli.main(["repro", "--list"]) == 0
     text = capsys.readouterr().out
     for e in experiments.EXPERIMENTS:
-        assert e.name in text
+        assert e.name in text and e.title in text
     assert "expected times on 2 idle cores" in text and "full)" in text
-    assert "ready" in text
-    if any(not e.available for e in experiments.EXPERIMENTS):
-        assert "not yet available" in text  # the plan says what is still missing
 
 
 def test_cli_repro_one_experiment(tmp_path, capsys):
@@ -331,10 +317,6 @@ def test_cli_repro_one_experiment(tmp_path, capsys):
 def test_cli_repro_errors(tmp_path, capsys):
     assert cli.main(["repro", "fig9", "--out", str(tmp_path)]) == 2
     assert "unknown experiment" in capsys.readouterr().err
-    planned = [e.name for e in experiments.EXPERIMENTS if not e.available]
-    if planned:
-        assert cli.main(["repro", planned[0], "--out", str(tmp_path)]) == 2
-        assert "not yet available" in capsys.readouterr().err
     assert cli.main(["repro", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         cli.main(["repro", "eq6", "--quick", "--full"])
@@ -359,7 +341,7 @@ def test_cli_repro_usage_errors_exit_2(tmp_path, monkeypatch, capsys, args, expe
     assert expected in err and "Traceback" not in err
 
 
-def test_cli_repro_all_runs_every_ready_one(tmp_path, monkeypatch, capsys):
+def test_cli_repro_all_runs_every_experiment(tmp_path, monkeypatch, capsys):
     ran = []
 
     def fake_run(name, out_root, **kw):
@@ -369,11 +351,9 @@ def test_cli_repro_all_runs_every_ready_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "run", fake_run)
     assert cli.main(["repro", "--all", "--out", str(tmp_path), "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert [n for n, _ in ran] == [e.name for e in experiments.available()]
+    assert [n for n, _ in ran] == experiments.names()
     assert all(q for _, q in ran)  # --all is the quick set
-    for e in experiments.EXPERIMENTS:
-        if not e.available:
-            assert f"skipping {e.name}" in text
+    assert all(n in text for n in experiments.names())
 
 
 def test_combined_report(tmp_path):

@@ -24,12 +24,12 @@ from symfast.nn import (
     Elementwise,
     Group,
     LowRank,
-    Mirror,
-    permutation_mirror,
+    MirrorStructure,
+    permutation_basis,
 )
 from symfast import reference
 
-from conftest import DEVICES  # cuda cases are collected only where a GPU exists: nothing skips on CPU
+from matrix import DEVICES
 
 DT = torch.float64
 
@@ -48,7 +48,7 @@ LAYERS = {
 
 def _mirror_options(kind):
     out = LAYERS[kind][2][1] if kind != "embedding" else LAYERS[kind][2][0]
-    return {"mirror": permutation_mirror(out, [(0, 1)]), "mirror_dim": 0}
+    return {"mirror": permutation_basis(out, [(0, 1)]), "mirror_dim": 0}
 
 
 STRUCTURE_OPTIONS = {
@@ -128,8 +128,8 @@ def test_mirror_validates_O():
     with pytest.raises(ValueError, match=r"O must have shape \(n, k\) with n = theta.numel\(\) = 20"):
         DCSLinear(4, 5, structure="mirror", mirror=torch.eye(5)[:, :2])
     with pytest.raises(ValueError, match="disjoint"):
-        permutation_mirror(4, [(0, 1), (1, 2)])
-    O = permutation_mirror(4, [(0, 1), (2, 3)], dtype=DT)
+        permutation_basis(4, [(0, 1), (1, 2)])
+    O = permutation_basis(4, [(0, 1), (2, 3)], dtype=DT)
     torch.testing.assert_close(O.t() @ O, torch.eye(2, dtype=DT))
     theta = torch.randn(4, 3, dtype=DT)
     torch.testing.assert_close(O.t() @ theta, (theta[[0, 2]] - theta[[1, 3]]) / math.sqrt(2))
@@ -194,12 +194,12 @@ def test_lowrank_and_mirror_factorizations_are_exact_and_off_the_mirrors():
     with pytest.raises(ValueError, match="rank 4 .* but rank=3"):
         LowRank(theta.shape, rank=3, dtype=DT).set_theta(theta)
 
-    for O, dim in [(permutation_mirror(6, [(0, 1), (2, 4)], dtype=DT), 0),
+    for O, dim in [(permutation_basis(6, [(0, 1), (2, 4)], dtype=DT), 0),
                    (torch.linalg.qr(torch.randn(54, 7, dtype=DT)).Q, None)]:
-        m = Mirror(theta.shape, alpha=0.1, O=O, dim=dim, dtype=DT)
+        m = MirrorStructure(theta.shape, alpha=0.1, O=O, dim=dim, dtype=DT)
         m.set_theta(theta)
         torch.testing.assert_close(m(), theta, rtol=0, atol=1e-14)
-        a, b = m.project(m.w.detach()), m.project(m.u.detach())
+        a, b = m.coordinates(m.w.detach()), m.coordinates(m.u.detach())
         assert bool((a.abs() > b.abs()).all())
 
 
@@ -208,7 +208,7 @@ def test_penalty_minimum_is_the_convex_penalty():
     theta = torch.randn(5, 4, dtype=DT)
     for p in [Elementwise((5, 4), alpha=0.3, dtype=DT), Group((5, 4), alpha=0.3, dim=1, dtype=DT),
               LowRank((5, 4), alpha=0.3, dtype=DT),
-              Mirror((5, 4), alpha=0.3, O=permutation_mirror(5, [(0, 3)], dtype=DT), dim=0, dtype=DT)]:
+              MirrorStructure((5, 4), alpha=0.3, O=permutation_basis(5, [(0, 3)], dtype=DT), dim=0, dtype=DT)]:
         p.set_theta(theta)
         convex = float(p.convex_penalty())
         assert float(p.penalty()) >= convex - 1e-12
@@ -224,7 +224,7 @@ def test_penalty_minimum_is_the_convex_penalty():
                 U, S, Vh = torch.linalg.svd(theta, full_matrices=False)
                 p.a.copy_(U * S.sqrt()), p.b.copy_(Vh.t() * S.sqrt())
             else:
-                a, b = p.project(p.w), p.project(p.u)
+                a, b = p.coordinates(p.w), p.coordinates(p.u)
                 r = (b.abs() / a.abs()).sqrt()
                 p.w.copy_(p.lift(a * r)), p.u.copy_(p.lift(b / r))
         torch.testing.assert_close(p(), theta)
@@ -337,7 +337,7 @@ def test_dead_groups_revive(group_dim):
 @pytest.mark.parametrize("structure", list(STRUCTURE_OPTIONS))
 def test_layer_gradcheck(structure):
     """float64 gradcheck of the layer's output with respect to all its parameters."""
-    options = {"mirror": permutation_mirror(3, [(0, 2)], dtype=DT), "mirror_dim": 0} if structure == "mirror" else {}
+    options = {"mirror": permutation_basis(3, [(0, 2)], dtype=DT), "mirror_dim": 0} if structure == "mirror" else {}
     torch.manual_seed(0)
     layer = DCSLinear(4, 3, dtype=DT, structure=structure, alpha=0.1, **options)
     x = torch.randn(2, 4, dtype=DT)
@@ -367,7 +367,7 @@ def _saved_bytes(fn):
 def test_saved_for_backward_is_no_larger_than_the_factors(structure):
     """Computing theta saves no more bytes than the factors; elementwise, group and lowrank save only the
     factors themselves (no new memory at all)."""
-    options = {"mirror": permutation_mirror(128, [(0, 1), (2, 3)]), "mirror_dim": 0} if structure == "mirror" else {}
+    options = {"mirror": permutation_basis(128, [(0, 1), (2, 3)]), "mirror_dim": 0} if structure == "mirror" else {}
     layer = DCSLinear(256, 128, structure=structure, alpha=1e-3, **options)
     factors = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
                for p in layer.parametrization.parameters()}
@@ -379,11 +379,11 @@ def test_saved_for_backward_is_no_larger_than_the_factors(structure):
 
 # ------------------------------------------------------------- edge cases of set-up
 def test_mirror_conversion_is_exact_to_the_weights_rounding():
-    """O is stored as its nearest exactly orthonormal matrix in the weights' dtype: a float32
-    O in a float64 model, or an O off by 1e-4, used to leave errors of that size."""
+    """O is stored as its nearest exactly orthonormal matrix in the weights' dtype, so that a
+    float32 O in a float64 model, or an O off by 1e-4, leaves no error of that size."""
     torch.manual_seed(0)
     dense = nn.Linear(6, 8, dtype=torch.float64)
-    O32 = permutation_mirror(8, [(0, 1), (2, 3)], dtype=torch.float32)  # 1/sqrt(2) in float32
+    O32 = permutation_basis(8, [(0, 1), (2, 3)], dtype=torch.float32)  # 1/sqrt(2) in float32
     layer = DCSLinear.from_dense(dense, structure="mirror", mirror=O32, mirror_dim=0, alpha=1e-3)
     assert layer.parametrization.O.dtype == torch.float64
     torch.testing.assert_close(layer.weight, dense.weight, atol=1e-14, rtol=0)
@@ -418,7 +418,7 @@ def test_layers_on_meta_then_to_empty(structure):
     """Built on meta, then to_empty + reset_parameters: the same layer as one built directly
     (same random numbers), including its constant buffers (mask, O), which to_empty leaves
     uninitialized."""
-    kw = dict(mirror=permutation_mirror(3, [(0, 1)]), mirror_dim=0) if structure == "mirror" else {}
+    kw = dict(mirror=permutation_basis(3, [(0, 1)]), mirror_dim=0) if structure == "mirror" else {}
     if structure == "elementwise-mask":
         structure, kw = "elementwise", dict(mask=torch.tensor([True, False, True, True, False]))
     layer = DCSLinear(5, 3, device="meta", structure=structure, **kw)

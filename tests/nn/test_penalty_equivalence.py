@@ -25,7 +25,7 @@ import torch
 from sklearn.linear_model import Lasso, MultiTaskLasso
 
 from symfast.conversion import param_groups, penalty
-from symfast.nn import DCSLinear, permutation_mirror
+from symfast.nn import DCSLinear, permutation_basis
 
 DT = torch.float64
 
@@ -176,7 +176,7 @@ def test_mirror_is_l1_of_projection(kind):
     B[1, : d // 2] = B[0, : d // 2] + 0.02 * torch.randn(d // 2, generator=g, dtype=DT)
     Y = X @ B.t() + 0.3 * torch.randn(n, 2, generator=g, dtype=DT)
     if kind == "permutation":
-        O, dim = permutation_mirror(2, [(0, 1)], dtype=DT), 0  # O^T theta = (theta_0 - theta_1) / sqrt(2)
+        O, dim = permutation_basis(2, [(0, 1)], dtype=DT), 0  # O^T theta = (theta_0 - theta_1) / sqrt(2)
         project = lambda t: O.t() @ t  # noqa: E731
         lift = lambda c: O @ c  # noqa: E731
     else:

@@ -16,7 +16,7 @@ import symfast
 from symfast import reference as ref
 from symfast.ops.dcs_group import DCSGroupBackwardFunction, DCSGroupJvpFunction, dcs_group
 
-from conftest import ALL_DEVICES, FLOAT_DTYPES
+from matrix import DEVICES, FLOAT_DTYPES
 
 ops = torch.ops.symfast
 EXACT = dict(atol=0, rtol=0)
@@ -77,7 +77,7 @@ def _assert_gate_grad(got, grad, w, s, dim):
 
 
 # ------------------------------------------------------------------ values
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape,dim", SHAPES)
 def test_forward_and_backward_match_reference(device, dtype, shape, dim):
@@ -92,7 +92,7 @@ def test_forward_and_backward_match_reference(device, dtype, shape, dim):
     _assert_gate_grad(gs, g, w, s, dim)
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape,dim", SMALL + [((257, 301), 1), ((3, 70000), 0)])
 def test_backward_op_matches_reference(device, dtype, shape, dim):
@@ -114,7 +114,7 @@ def test_backward_op_matches_reference(device, dtype, shape, dim):
     torch.testing.assert_close(both, only, **EXACT)
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape,dim", SMALL + [((5000, 3), 1), ((3, 70000), 0)])
 def test_jvp_op_matches_reference(device, dtype, shape, dim):
@@ -170,7 +170,7 @@ def test_gate_grad_independent_of_thread_count(shape, dim):
 
 
 # --------------------------------------------------------- memory layouts
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [0, 1, -1])
 def test_non_contiguous_inputs(device, dtype, dim):
@@ -206,7 +206,7 @@ def test_non_finite_values_propagate():
 GRAD_CASES = [((3, 4), 0), ((3, 4), -1), ((5,), 0), ((2, 3, 2, 2), 1), ((0, 3), 1)]
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,dim", GRAD_CASES)
 def test_gradcheck_and_gradgradcheck(device, shape, dim):
     w, s = _inputs(shape, dim, torch.float64, device, requires_grad=True)
@@ -219,7 +219,7 @@ def test_gradcheck_and_gradgradcheck(device, shape, dim):
     assert torch.autograd.gradgradcheck(lambda w, s: ops.dcs_group(w, s, dim), (w, s))
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,dim", [((3, 4), 1), ((2, 3, 2), 1)])
 def test_gradcheck_backward_and_jvp_ops(device, shape, dim):
     w, s = _inputs(shape, dim, torch.float64, device, requires_grad=True)
@@ -239,7 +239,7 @@ def test_gradcheck_backward_and_jvp_ops(device, shape, dim):
 
 
 # ---------------------------------------------------------------- opcheck
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,dim", [((3, 4), 0), ((3, 4), -1), ((2, 3, 5), 1), ((7,), 0), ((0, 3), 1)])
 def test_opcheck(device, shape, dim):
     w, s = _inputs(shape, dim, torch.float32, device, requires_grad=True)
@@ -254,7 +254,7 @@ def test_opcheck(device, shape, dim):
 
 
 # ---------------------------------------------------------- torch.compile
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,dim", [((5, 9), 0), ((4, 6, 3, 3), -3)])
 def test_compile_fullgraph(device, shape, dim):
     torch._dynamo.reset()
@@ -274,7 +274,7 @@ def test_compile_fullgraph(device, shape, dim):
 
 
 # -------------------------------------------------------------- torch.func
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,dim", [((3, 4), 0), ((3, 4), -1), ((2, 3, 2), 1)])
 def test_func_jvp_grad_hessian(device, shape, dim):
     w, s = _inputs(shape, dim, torch.float64, device)
@@ -310,7 +310,7 @@ def test_func_jvp_grad_hessian(device, shape, dim):
 VMAP_DIMS = [(0, None), (None, 0), (0, 0), (2, 1), (1, None)]
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("in_dims", VMAP_DIMS)
 @pytest.mark.parametrize("dim", [0, -1])
 def test_func_vmap(device, in_dims, dim):
@@ -343,7 +343,7 @@ def test_func_vmap(device, in_dims, dim):
     torch.testing.assert_close(jv(w, s), jv_r(w, s))
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 def test_func_vmap_of_backward_and_jvp_ops(device):
     """The vmap rules of the backward and jvp ops on their own, every operand batched in turn."""
     shape, dim = (3, 4), 1
@@ -429,7 +429,7 @@ def test_cpu_and_cuda_agree(dtype, shape, dim):
 
 
 # ------------------------------------------- the C++ autograd training path
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape,dim", [((5, 7), 0), ((5, 7), -1), ((4, 6, 3, 3), 1), ((0, 4), 1)])
 def test_training_path_equals_the_function_path(device, dtype, shape, dim):
@@ -467,7 +467,7 @@ def test_training_path_runs_no_python_in_backward():
     assert w.grad is not None and s.grad is not None
 
 
-@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,dim", [((3, 4), 0), ((2, 3, 2), -2), ((0, 3), 1)])
 def test_training_path_gradcheck_gradgradcheck_opcheck(device, shape, dim):
     w, s = _inputs(shape, dim, torch.float64, device, requires_grad=True)

@@ -633,7 +633,7 @@ def test_find_symmetries_on_symfast_nn_layers_if_present():
     assert {("dcs-sign", ("2",)), ("dcs-rotation", ("2",)), ("permutation", ("0", "2"))} <= found
 
 
-# ============================================================================== review regressions
+# ============================================================================== verify tolerances and find_symmetries edge cases
 def test_verify_vacuous_tolerance_follows_dtype():
     # rotating layer 0's input space is no symmetry of a ReLU net; at the symmetric solution
     # R theta = theta up to float32 rounding, so the check must read vacuous, not verified

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conftest import gloo_group, spawn_workers
+from distributed_workers import gloo_group, spawn_workers
 from symfast.conversion import convert, penalty
-from symfast.nn import permutation_mirror
+from symfast.nn import permutation_basis
 
 WORLD = 2
 DT = torch.float64
@@ -34,7 +34,7 @@ def _model():
     convert(model, structure="group", alpha=0.01, include=["0"], warn=False)
     convert(model, structure="elementwise", alpha=0.01, include=["3"], warn=False)
     convert(model, structure="lowrank", alpha=0.01, include=["5"], warn=False)
-    convert(model, structure="mirror", alpha=0.01, include=["7"], mirror=permutation_mirror(3, [(0, 2)], dtype=DT),
+    convert(model, structure="mirror", alpha=0.01, include=["7"], mirror=permutation_basis(3, [(0, 2)], dtype=DT),
                mirror_dim=0, warn=False)
     return model
 

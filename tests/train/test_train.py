@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from conftest import gloo_group, spawn_workers
+from distributed_workers import gloo_group, spawn_workers
 from symfast.cli import main
 from symfast.conversion import convert
 import symfast.train.task as task
@@ -282,8 +282,8 @@ def test_group_export_is_physically_smaller_and_timed(tmp_path):
     assert m["inference"]["speedup"] == pytest.approx(m["inference"]["dense_ms"] / m["inference"]["exported_ms"])
 
 
-# ------------------------------------------------------------- symfast train --quick (the issue's acceptance run)
-ISSUE_KEYS = ("task", "structure", "alpha", "steps", "sparsity", "val_loss", "val_accuracy", "params_before",
+# ------------------------------------------------------------- symfast train --quick (the documented run)
+METRICS_KEYS = ("task", "structure", "alpha", "steps", "sparsity", "val_loss", "val_accuracy", "params_before",
               "params_after", "magnitude_pruning_val_loss")
 
 
@@ -293,7 +293,7 @@ def test_cli_quick_default_run_reaches_half_sparsity(tmp_path):
     assert main(["train", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     seconds = time.monotonic() - t
     m = json.loads((tmp_path / "metrics.json").read_text())
-    for k in ISSUE_KEYS:
+    for k in METRICS_KEYS:
         assert k in m, k
     assert (m["task"], m["structure"], m["steps"]) == ("lm", "elementwise", 200)  # the defaults, quick settings
     assert m["sparsity"] >= 0.5
@@ -332,7 +332,7 @@ def test_resume_with_other_settings_is_refused_before_training(tmp_path, monkeyp
     assert _run_cli(a) == 0
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     assert mb["resumed_from"] == 7 and calls
-    for k in ISSUE_KEYS + ("magnitude_pruning_val_accuracy", "dense_val_loss"):
+    for k in METRICS_KEYS + ("magnitude_pruning_val_accuracy", "dense_val_loss"):
         assert ma[k] == mb[k], k
 
 
@@ -362,7 +362,7 @@ def test_run_without_resume_starts_clean_and_resume_reuses_only_this_runs_checkp
     assert _run_cli(tmp_path / "fresh") == 0  # B uninterrupted
     mb, mf = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "fresh"))
     assert mb["resumed_from"] == 7 and mb["trained_now"] == {"dcs": 13, "dense": 20, "finetune": 2}
-    for k in ISSUE_KEYS + ("magnitude_pruning_val_accuracy", "magnitude_pruning_sparsity", "dense_val_loss"):
+    for k in METRICS_KEYS + ("magnitude_pruning_val_accuracy", "magnitude_pruning_sparsity", "dense_val_loss"):
         assert mb[k] == mf[k], k  # B's baseline, not A's
     assert mb["history"] == mf["history"]
     assert mb["magnitude_pruning_sparsity"] == mb["sparsity"]  # "same sparsity" is the DCS model's sparsity
@@ -425,7 +425,7 @@ def test_cli_train_out_must_be_a_directory(tmp_path, capsys):
 
 
 def test_non_finite_results_fail_and_write_no_json(tmp_path, monkeypatch, capsys):
-    # The library: context 0 gave val loss nan (a mean over no positions); now an error, and no metrics.json.
+    # The library: context 0 gives val loss nan (a mean over no positions): an error, and no metrics.json.
     with pytest.raises(task.NonFiniteMetrics, match="val_loss nan"):
         task.run(task.TrainConfig(task="lm", quick=True, context=0, steps=2, eval_samples=8), tmp_path / "lib",
                  progress=False)
@@ -629,7 +629,7 @@ def _cli_fsdp_worker(rank, ports, tmp):
         assert _lowrank_cli(tmp / out, "--parallel", "fsdp", *extra) == 0  # inits and ends the process group
     if rank == 0:
         (tmp / "seen.json").write_text(json.dumps(seen))
-    os._exit(0)  # no interpreter teardown (see conftest.gloo_group)
+    os._exit(0)  # no interpreter teardown (see distributed_workers.gloo_group)
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")

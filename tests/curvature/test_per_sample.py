@@ -1,0 +1,131 @@
+"""symfast.curvature.per_sample: the batch convention, and the engine's paths (each announced).
+
+Oracles: per-sample gradients from a plain loop over torch.autograd.grad, and closed forms.
+"""
+
+import pytest
+import torch
+import torch.func as tf
+
+import symfast
+from symfast.curvature.per_sample import (
+    PerSamplePathWarning,
+    hvp,
+    map_samples,
+    per_sample_losses,
+    single_sample_loss,
+    split_batch,
+)
+
+DT = torch.float64
+
+
+def _loop_grads(loss_fn, w, batch_of, B):
+    grads = []
+    for i in range(B):
+        p = w.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(loss_fn(p, batch_of(i)).sum(), p)[0])
+    return torch.stack(grads)
+
+
+def test_leaves_with_leading_B_are_split_and_the_rest_shared():
+    torch.manual_seed(0)
+    x, table, scale = torch.randn(5, 3, dtype=DT), torch.randn(4, 3, dtype=DT), torch.tensor(2.0, dtype=DT)
+    batch = {"x": x, "table": table, "scale": scale, "name": "shared"}
+    samples = split_batch("op", batch)
+    assert samples.size == 5
+    assert [d for d in samples.dims] == [0 if leaf is x else None for leaf in samples.leaves]
+
+    def loss_fn(p, b):
+        assert b["name"] == "shared" and b["table"].shape == (4, 3)
+        return b["scale"] * torch.tanh(b["x"] @ p) * (b["table"] @ p).sum()
+
+    w = torch.randn(3, dtype=DT)
+    losses, samples = per_sample_losses("op", loss_fn, w, batch)
+    g, path = map_samples("op", tf.grad(single_sample_loss(loss_fn, samples)), w, samples)
+    assert path == "vmap"
+    expected = _loop_grads(loss_fn, w, lambda i: {**batch, "x": x[i:i + 1]}, 5)
+    torch.testing.assert_close(g, expected)
+    # the metric on the same engine: max over samples of |grad l_i|
+    gm = symfast.metrics.gradient_magnitude(lambda p, b: loss_fn(p["w"], b), {"w": w}, batch, chunk_size=2)
+    torch.testing.assert_close(gm["w"], expected.abs().amax(0))
+
+
+def test_chunks_cover_the_batch():
+    samples = split_batch("op", (torch.arange(7.0), torch.zeros(3)))
+    parts = samples.chunks(3)
+    assert [p.size for p in parts] == [3, 3, 1]
+    assert torch.equal(torch.cat([p.leaves[0] for p in parts]), torch.arange(7.0))
+    assert all(p.leaves[1].shape == (3,) for p in parts)  # shared: never sliced
+
+
+def test_a_model_vmap_cannot_batch_loops_over_samples_and_says_so():
+    torch.manual_seed(1)
+    x, w = torch.randn(6, 4, dtype=DT), torch.randn(4, dtype=DT)
+
+    def loss_fn(p, xb):  # data-dependent control flow: vmap refuses it
+        return (xb @ p) ** 2 if (xb.sum() > 0).item() else (xb @ p) ** 3
+
+    _, samples = per_sample_losses("op", loss_fn, w, x)
+    with pytest.warns(PerSamplePathWarning, match="vmap cannot batch this model"):
+        g, path = map_samples("op", tf.grad(single_sample_loss(loss_fn, samples)), w, samples)
+    assert path.startswith("loop (vmap failed: vmap:")
+    torch.testing.assert_close(g, _loop_grads(loss_fn, w, lambda i: x[i:i + 1], 6))
+
+
+def test_other_errors_are_not_retried():
+    x, w = torch.randn(3, 2, dtype=DT), torch.randn(2, dtype=DT)
+
+    def loss_fn(p, xb):
+        if xb.dim() == 2 and xb.shape[0] == 1:
+            raise RuntimeError("a bug in the user's loss")
+        return xb @ p
+
+    _, samples = per_sample_losses("op", loss_fn, w, x)
+    with pytest.raises(RuntimeError, match="a bug in the user's loss"):
+        map_samples("op", tf.grad(single_sample_loss(loss_fn, samples)), w, samples)
+
+
+class _Cube(torch.autograd.Function):
+    """x^3 with a backward rule and no forward-mode (jvp) rule."""
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+
+def test_hvp_without_a_forward_rule_runs_reverse_over_reverse_and_says_so():
+    torch.manual_seed(2)
+    w, v = torch.randn(5, dtype=DT), torch.randn(5, dtype=DT)
+    Hv, path = hvp(lambda p: (p ** 3).sum(), w, v)
+    assert path == "jvp(grad)"
+    torch.testing.assert_close(Hv, 6 * w * v)
+    with pytest.warns(PerSamplePathWarning, match="no forward-mode rule"):
+        Hv, path = hvp(lambda p: _Cube.apply(p).sum(), w, v)
+    assert path == "vjp(grad)"
+    torch.testing.assert_close(Hv, 6 * w * v)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda p, b: (b @ p).sum(), ValueError, r"shape \[B\] = \[4\], got shape \(\) \(a scalar"),
+    (lambda p, b: (b @ p)[:3], ValueError, r"one loss per sample, shape \[B\] = \[4\]"),
+    (lambda p, b: (b @ p).long(), TypeError, "must return floating losses"),
+    ("not callable", TypeError, "loss_fn must be callable"),
+])
+def test_bad_loss_fn_is_named(bad, error, match):
+    with pytest.raises(error, match=match):
+        per_sample_losses("op", bad, torch.randn(2, dtype=DT), torch.randn(4, 2, dtype=DT))
+
+
+def test_a_batch_without_tensors_is_refused():
+    with pytest.raises(ValueError, match="batch must contain at least one tensor with a leading batch dimension"):
+        split_batch("op", ("a", 3))
