@@ -142,7 +142,8 @@ def _run_set(names: Sequence[str], args: argparse.Namespace, *, show_fig1_left_t
     records = []
     for i, name in enumerate(names, 1):
         exp = experiments.get(name)
-        print(f"[{i}/{len(names)}] {name}: {exp.title} ({'quick' if quick else 'full'}, seed {args.seed})", flush=True)
+        print(f"[{i}/{len(names)}] {name}: {exp.title} ({'quick' if quick else 'full'}, seed {args.seed}; expected "
+              f"~{_minutes(exp.minutes[0 if quick else 1])} on 2 idle cores)", flush=True)
         config = getattr(args, "configs", {}).get(name)  # repro --model/--data
         rec = experiments.run(name, out, quick=quick, seed=args.seed, progress=not args.progress_off, config=config)
         if name == "fig1-left" and show_fig1_left_table:
@@ -197,12 +198,19 @@ def _main_job_names() -> list[str]:
     return list(experiments.MAIN_JOB)
 
 
+def _minutes(m: float) -> str:
+    return f"{m * 60:.0f} s" if m < 1 else f"{m:.0f} min"
+
+
 def _print_list() -> None:
     from . import experiments
 
-    print(f"{'name':<11} {'main job':<9} what")
+    print(f"{'name':<16} {'main job':<9} {'quick':>6} {'full':>7}  what")
     for e in experiments.EXPERIMENTS:
-        print(f"{e.name:<11} {'yes' if e.main_job else '':<9} {e.title}")
+        print(f"{e.name:<16} {'yes' if e.main_job else '':<9} {_minutes(e.minutes[0]):>6} {_minutes(e.minutes[1]):>7}  "
+              f"{e.title}")
+    print(f"(expected times on 2 idle cores; --all: ~{_minutes(sum(e.minutes[0] for e in experiments.EXPERIMENTS))} "
+          f"quick, ~{_minutes(sum(e.minutes[1] for e in experiments.EXPERIMENTS))} full)")
     print()
     print("symfast repro NAME [NAME ...] [--quick | --full] [--out DIR] [--seed N]; --all runs every one; "
           "symfast demo runs the main job.")

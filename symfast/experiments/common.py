@@ -7,8 +7,9 @@ Every experiment produces one record (also written as ``DIR/NAME/result.json``):
     claim        the paper's claim, in its words (briefly)
     claim_short  the claim in one line, for summary tables
     criterion    the stated criterion, as text, generated from the list of :class:`Criterion`
-    verdict      "reproduced" iff every criterion holds, else "not reproduced"
-    checks       one entry per criterion: the measured value, the threshold, passed or not
+    verdict      "reproduced" iff every criterion that is not a control holds, else "not reproduced"
+    checks       one entry per criterion: the measured value, the threshold, passed or not, control or not
+    deviations   one entry per setting where this run differs from the paper's: what, paper, here, reason
     headline     one line of the numbers that decide the verdict (for summary tables)
     metrics      everything measured (the checks read their values from here)
     config       every setting of the run, seed included
@@ -19,6 +20,10 @@ Every experiment produces one record (also written as ``DIR/NAME/result.json``):
 The verdict is never written by hand: :func:`make_record` evaluates each :class:`Criterion` on a
 value looked up in ``metrics`` by its dotted path, so the verdict can be recomputed from
 ``result.json`` alone (``tests/test_repro.py`` does so).
+
+A *control* criterion checks the measurement itself (a model without the symmetry, a case the method
+cannot get wrong): it is reported, but it never counts toward "reproduced", because a check that
+cannot fail on the claim is no evidence for it.
 """
 
 from __future__ import annotations
@@ -54,20 +59,31 @@ class Criterion:
     """One condition of an experiment's criterion: ``metrics[key] <op> threshold``.
 
     ``key`` is a dotted path into the metrics dict (``"summary.vanilla_max_dead_frac"``);
-    ``text`` says in words what the condition means for the claim.
+    ``text`` says in words what the condition means for the claim. ``control``: the check is about the
+    measurement, not the claim; it is reported but does not decide the verdict.
     """
 
     key: str
     op: str
     threshold: Any
     text: str
+    control: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in _OPS:
             raise ValueError(f"Criterion.op must be one of {sorted(_OPS)}, got {self.op!r}")
 
     def describe(self) -> str:
-        return f"{self.text} [{self.key} {self.op} {_fmt_value(self.threshold)}]"
+        tag = "control, not counted: " if self.control else ""
+        return f"{tag}{self.text} [{self.key} {self.op} {fmt_value(self.threshold)}]"
+
+
+def deviation(what: str, paper: Any, here: Any, reason: str) -> dict:
+    """One entry of a record's ``deviations``: a setting where this run differs from the paper's."""
+    for name, v in (("what", what), ("reason", reason)):
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"deviation: {name} must be a non-empty string, got {v!r}")
+    return {"what": what, "paper": paper, "here": here, "reason": reason}
 
 
 def apply_overrides(cfg: dict, overrides: dict) -> dict:
@@ -101,15 +117,17 @@ def evaluate(metrics: dict, criterion: Criterion) -> dict:
         "measured": value,
         "passed": passed,
         "text": criterion.text,
+        "control": criterion.control,
     }
 
 
 def judge(metrics: dict, criteria: Sequence[Criterion]) -> tuple[str, list[dict]]:
-    """(verdict, checks): "reproduced" iff every criterion holds on ``metrics``."""
-    if not criteria:
-        raise ValueError("an experiment needs at least one criterion")
+    """(verdict, checks): "reproduced" iff every criterion that is not a control holds on ``metrics``."""
+    if not any(not c.control for c in criteria):
+        raise ValueError("an experiment needs at least one criterion that is not a control")
     checks = [evaluate(metrics, c) for c in criteria]
-    return (REPRODUCED if all(c["passed"] for c in checks) else NOT_REPRODUCED), checks
+    counted = [c for c in checks if not c["control"]]
+    return (REPRODUCED if all(c["passed"] for c in counted) else NOT_REPRODUCED), checks
 
 
 def criterion_text(criteria: Sequence[Criterion]) -> str:
@@ -149,10 +167,15 @@ def make_record(
     config: dict,
     headline: str,
     notes: Iterable[str] = (),
+    deviations: Iterable[dict] = (),
 ) -> dict:
     """The result record (see the module docstring); ``seconds`` and ``figures`` are filled by
-    :func:`write_record`."""
+    :func:`write_record`. ``deviations``: entries made by :func:`deviation`."""
     verdict, checks = judge(metrics, criteria)
+    deviations = list(deviations)
+    for d in deviations:
+        if set(d) != {"what", "paper", "here", "reason"}:
+            raise ValueError(f"make_record: each deviation must have keys what, paper, here, reason; got {sorted(d)}")
     return {
         "experiment": experiment,
         "title": title,
@@ -167,6 +190,7 @@ def make_record(
         "seconds": None,
         "figures": [],
         "notes": list(notes),
+        "deviations": deviations,
     }
 
 
@@ -237,7 +261,7 @@ def verdict_color(verdict: str) -> str:
 
 
 # ------------------------------------------------------------------- markdown
-def _fmt_value(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, bool):
@@ -250,7 +274,7 @@ def _fmt_value(v: Any) -> str:
         a = abs(v)
         return f"{v:.3g}" if 1e-3 <= a < 1e5 else f"{v:.2e}"
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+        return "[" + ", ".join(fmt_value(x) for x in v) + "]"
     return str(v)
 
 
@@ -274,11 +298,21 @@ def experiment_markdown(record: dict, *, heading: str = "#", fig_prefix: str = "
         "|---|---|---|---|",
     ]
     for c in r.get("checks", []):
+        tag = "control (not counted): " if c.get("control") else ""
         lines.append(
-            f"| {md_cell(c['text'])} (`{c['key']}`) | {md_cell(_fmt_value(c['measured']))} | "
-            f"{c['op']} {md_cell(_fmt_value(c['threshold']))} | {'yes' if c['passed'] else '**no**'} |"
+            f"| {tag}{md_cell(c['text'])} (`{c['key']}`) | {md_cell(fmt_value(c['measured']))} | "
+            f"{c['op']} {md_cell(fmt_value(c['threshold']))} | {'yes' if c['passed'] else '**no**'} |"
         )
     lines.append("")
+    cfg = r.get("config", {})
+    if cfg.get("quick"):
+        lines += [f"**Quick run.** Shorter than the paper's settings; the verdict at the paper's settings is "
+                  f"`symfast repro {r['experiment']} --full`.", ""]
+    if r.get("deviations"):
+        lines += ["**Deviations from the paper.**", "", "| what | paper | here | reason |", "|---|---|---|---|"]
+        lines += [f"| {md_cell(d['what'])} | {md_cell(fmt_value(d['paper']))} | {md_cell(fmt_value(d['here']))} | "
+                  f"{md_cell(d['reason'])} |" for d in r["deviations"]]
+        lines.append("")
     for f in r.get("figures", []):
         lines += [f"![{r['experiment']}: {f}]({fig_prefix}{f})", ""]
     if r.get("notes"):
@@ -286,7 +320,6 @@ def experiment_markdown(record: dict, *, heading: str = "#", fig_prefix: str = "
         lines.append("")
         lines += [f"- {n}" for n in r["notes"]]
         lines.append("")
-    cfg = r.get("config", {})
     mode = "quick" if cfg.get("quick") else "full"
     seconds = r.get("seconds")
     threads = cfg.get("torch_threads")
@@ -315,6 +348,7 @@ def run_experiment(
     headline: Callable[[dict, dict], str],
     notes: Sequence[str] | Callable[[dict, dict], Sequence[str]] = (),
     criteria: Optional[Callable[[dict, dict], Sequence[Criterion]]] = None,
+    deviations: Sequence[dict] | Callable[[dict], Sequence[dict]] = (),
 ) -> dict:
     """The common ``run()`` of an experiment module.
 
@@ -322,7 +356,8 @@ def run_experiment(
     ``make_config(quick, seed, **overrides)``, ``compute(cfg, progress) -> (metrics, plot_data)``
     and ``_plot(record, plot_data, out_dir) -> figure path``, and CRITERIA unless
     ``criteria(metrics, cfg)`` gives them. ``headline(metrics, cfg)`` and, when
-    callable, ``notes(metrics, cfg)`` describe the run. Runs ``compute`` under
+    callable, ``notes(metrics, cfg)`` describe the run; ``deviations`` (or ``deviations(cfg)``) lists where
+    the run differs from the paper's settings. Runs ``compute`` under
     :func:`torch_threads`, judges the metrics, draws the figure and writes
     ``result.json`` and ``report.md`` into ``out_dir``; returns the record.
     """
@@ -337,6 +372,7 @@ def run_experiment(
             claim_short=module.CLAIM_SHORT,
             criteria=module.CRITERIA if criteria is None else criteria(metrics, cfg), metrics=metrics, config=cfg,
             headline=headline(metrics, cfg), notes=notes(metrics, cfg) if callable(notes) else notes,
+            deviations=deviations(cfg) if callable(deviations) else deviations,
         )
         fig = module._plot(rec, plot_data, out_dir)
         return write_record(rec, out_dir, t0=t0, figures=[fig])

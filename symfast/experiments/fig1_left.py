@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 import symfast
 
-from .common import apply_overrides, Criterion, make_record, write_record
+from .common import apply_overrides, Criterion, deviation, make_record, write_record
 
 EXPERIMENT = "fig1-left"
 CLAIM = (
@@ -70,15 +70,16 @@ DCS_MIN_ZERO_FRAC = 0.5
 
 CRITERION = (
     "reproduced iff all of: "
-    f"(i) vanilla trains stably at >= 1 learning rate and its exact-zero fraction is < {VANILLA_MAX_ZERO_FRAC} "
-    "at every learning rate where it trains stably (diverged runs, nan/inf or max|theta| > diverge_threshold, "
-    "are reported and never counted as sparse); "
+    f"(i) vanilla trains stably at >= 1 learning rate and its fraction of entries with |theta| < zero_tol (1e-6, "
+    f"the paper's sparsity threshold) is < {VANILLA_MAX_ZERO_FRAC} at every learning rate where it trains stably "
+    "(diverged runs, nan/inf or max|theta| > diverge_threshold, are reported and never counted as sparse); "
     "(ii) at the largest learning rate where BOTH vanilla and DCS train stably ('top stable lr'), "
     f"DCS has an exact-zero fraction > {DCS_MIN_ZERO_FRAC}; "
     f"(iii) at the smallest learning rate DCS is stable with an exact-zero fraction < {DCS_MIN_ZERO_FRAC} "
     "(the sparsity comes with the large learning rate, not from the start). "
     "Fractions are means over replicates; an lr counts as stable for a model when no replicate diverged. "
-    "Judged on the primary label-noise level."
+    "Judged on the primary label-noise level. Control, not counted: vanilla's exact-zero fraction < "
+    f"{VANILLA_MAX_ZERO_FRAC} (float32 SGD under continuous noise does not hit exact zeros, so it cannot fail)."
 )
 
 
@@ -256,7 +257,7 @@ def _summary(per_lr: list[dict], cfg: dict) -> dict:
 
 def judge(summary: dict) -> tuple[str, dict]:
     """Apply :data:`CRITERION` to a noise level's summary; returns (verdict, checks)."""
-    vmax = summary["vanilla_max_zero_frac"]
+    vmax = summary["vanilla_max_small_frac"]
     top = summary["dcs_zero_frac_at_top_stable_lr"]
     low = summary["dcs_zero_frac_at_smallest_lr"]
     checks = {
@@ -381,8 +382,11 @@ def _plot(result: dict, path: Path) -> None:
 #: The same conditions as :data:`CRITERION` and :func:`judge`, as lookups into the metrics, so the
 #: record's check table (common format) shows each measured value against its threshold.
 CRITERIA = [
+    Criterion("summary.vanilla_max_small_frac", "<", VANILLA_MAX_ZERO_FRAC,
+              "(i) vanilla: fraction with |theta| < 1e-6 at every lr where it trains stably"),
     Criterion("summary.vanilla_max_zero_frac", "<", VANILLA_MAX_ZERO_FRAC,
-              "(i) vanilla: exact-zero fraction at every lr where it trains stably"),
+              "vanilla: exact-zero fraction at every lr where it trains stably (cannot fail in float32)",
+              control=True),
     Criterion("summary.dcs_zero_frac_at_top_stable_lr", ">", DCS_MIN_ZERO_FRAC,
               "(ii) DCS: exact-zero fraction at the largest lr where both train stably"),
     Criterion("summary.dcs_zero_frac_at_smallest_lr", "<", DCS_MIN_ZERO_FRAC,
@@ -420,8 +424,8 @@ def run(
         return "n/a" if x is None else f"{x:.1%}"
 
     headline = (
-        f"label noise std {metrics['noise_std']:g}: vanilla exact zeros <= {pct(s['vanilla_max_zero_frac'])} at every "
-        f"stable lr; DCS exact zeros {pct(s['dcs_zero_frac_at_top_stable_lr'])} at lr "
+        f"label noise std {metrics['noise_std']:g}: vanilla |theta| < 1e-6 <= {pct(s['vanilla_max_small_frac'])} "
+        f"(exact zeros {pct(s['vanilla_max_zero_frac'])}) at every stable lr; DCS exact zeros {pct(s['dcs_zero_frac_at_top_stable_lr'])} at lr "
         f"{'n/a' if top is None else f'{top:.3g}'} (largest lr where both are stable), "
         f"{pct(s['dcs_zero_frac_at_smallest_lr'])} at the smallest lr"
     )
@@ -439,10 +443,16 @@ def run(
         notes.append(
             "Read with care: at the top stable lr every entry of the DCS theta is exactly 0, so the model predicts 0; "
             "at this label noise that is close to the best possible risk (the noise variance dwarfs the signal's), "
-            "so 'sparse' is total collapse there. The trend is in the sweep (exact zeros against lr in the figure); "
-            "the vanilla check (no exact zeros under continuous noise) cannot fail in float32 and is a control.")
+            "so 'sparse' is total collapse there. The trend is in the sweep (exact zeros against lr in the figure).")
+    deviations = [deviation("label-noise variance and lr grid", "not stated",
+                            f"noise std {cfg['primary_noise_std']:g} (judged; {cfg['noise_stds']} run), lrs "
+                            f"{cfg['lrs'][0]:.3g}..{cfg['lrs'][-1]:.3g}", "the appendix gives neither; with unit noise "
+                            "DCS is sparse only where vanilla SGD itself diverges (reported as a sensitivity)")]
+    if cfg["steps"] != 100_000:
+        deviations.append(deviation("steps", 100_000, cfg["steps"], "set by config override"))
     record = make_record(experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT,
-                         criteria=CRITERIA, metrics=metrics, config=cfg, headline=headline, notes=notes)
+                         criteria=CRITERIA, metrics=metrics, config=cfg, headline=headline, notes=notes,
+                         deviations=deviations)
     # The stated criterion text (with its divergence rules) stays the module's own; the check table
     # above evaluates the same three conditions.
     record["criterion"] = CRITERION

@@ -18,6 +18,10 @@ Three models train on the same data stream at every mu:
 * ``residual``  f = (I + W)(I + U) x from W = U = 0 (the paper's inset);
 * ``linear``    f = W x from W = 0: one matrix, no symmetry at all (a control the paper does not show).
 
+The learning rate is swept too, at the noisiest mu (``lr_sweep``, reported, not judged): how much rank each
+model loses depends on it. The rank of the residual model's raw parameter W is recorded over time next to the
+rank of its learned map (I + W)(I + U).
+
 Rank is the number of singular values of the learned map (W U, (I + W)(I + U), or W) above
 ``rank_tol``, taken as the largest value over the late snapshots of training (a direction counts as
 lost only if it stays lost; see ``config["rank"]``); every final singular value is stored.
@@ -42,6 +46,7 @@ from tqdm import tqdm
 from .common import (
     apply_overrides,
     Criterion,
+    deviation,
     new_figure,
     run_experiment,
     save_figure,
@@ -74,8 +79,8 @@ def _criteria(d: int) -> list[Criterion]:
                   "the residual model (I + W)(I + U) stays full rank at every mu (the inset)"),
         Criterion("summary.residual_all_finite", "==", True, "the residual model trains without diverging at every mu"),
         Criterion("summary.linear_min_rank", "==", d,
-                  "control: a single matrix W (no symmetry) reads full rank at every mu (the rank measure "
-                  "does not mistake noise for collapse)"),
+                  "a single matrix W (no symmetry) reads full rank at every mu (the rank measure does not mistake "
+                  "noise for collapse)", control=True),
     ]
 
 
@@ -87,6 +92,7 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "mus": [0.02, 0.03, 0.05, 0.1, 0.3] if quick else [0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7],
         "steps": 50_000 if quick else 100_000,
         "lr": 0.006,
+        "lr_sweep": [0.002, 0.003, 0.004],  # also trained at the noisiest mu; reported, not judged
         "init_scale": 0.3,
         "rank_tol": 1e-4,
         "persist_frac": 0.4,
@@ -121,9 +127,13 @@ def train(cfg: dict, progress: bool = True) -> dict:
     The two factorized models are one batch of 2M matrices (vanilla rows first); the update is
     fused into ``baddbmm_`` (outer product and step in one pass over the 200 x 200 matrices).
     """
-    d, steps, lr = cfg["d"], cfg["steps"], cfg["lr"]
-    mus = torch.tensor(cfg["mus"], dtype=torch.float32)
+    d, steps = cfg["d"], cfg["steps"]
+    # rows: every mu at lr, then the noisiest mu at each other lr of lr_sweep
+    rows = sweep_rows(cfg)
+    mus = torch.tensor([r[0] for r in rows], dtype=torch.float32)
     M = len(mus)
+    lr = torch.tensor([r[1] for r in rows], dtype=torch.float32)
+    lr2 = torch.cat([lr, lr]).view(2 * M, 1)
     g = torch.Generator().manual_seed(int(cfg["seed"]))
     W0 = torch.randn(d, d, generator=g, dtype=torch.float64) * cfg["init_scale"] / d**0.5
     U0 = torch.randn(d, d, generator=g, dtype=torch.float64) * cfg["init_scale"] / d**0.5
@@ -135,7 +145,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
     noise_std = (2.0 / torch.arange(1, d + 1, dtype=torch.float64)).sqrt().float()
 
     snap_every = max(1, steps // cfg["snapshots"])
-    snaps = {"step": [], **{m: [] for m in MODELS}}
+    snaps = {"step": [], **{m: [] for m in MODELS}, "residual_parameter_W": []}
     chunk = 500
     with tqdm(total=steps, desc="fig1-mid SGD", unit="step", disable=not progress, leave=False) as bar:
         done = 0
@@ -151,19 +161,26 @@ def train(cfg: dict, progress: bool = True) -> dict:
                 h = torch.matmul(U, x) + res * x  # (I + U) x for the residual rows
                 r = torch.matmul(h.unsqueeze(-2), W.mT).squeeze(-2) + res * h - y
                 gu = torch.matmul(r.unsqueeze(-2), W).squeeze(-2) + res * r  # (I + W)^T r
-                W.baddbmm_(r.unsqueeze(-1), h.unsqueeze(-2), alpha=-lr)
-                U.baddbmm_(gu.unsqueeze(-1), x.expand(2 * M, 1, d), alpha=-lr)
+                W.baddbmm_((lr2 * r).unsqueeze(-1), h.unsqueeze(-2), alpha=-1)
+                U.baddbmm_((lr2 * gu).unsqueeze(-1), x.expand(2 * M, 1, d), alpha=-1)
                 rl = torch.matmul(L, x) - y[:M]
-                L.baddbmm_(rl.unsqueeze(-1), x.expand(M, 1, d), alpha=-lr)
+                L.baddbmm_((lr.view(M, 1) * rl).unsqueeze(-1), x.expand(M, 1, d), alpha=-1)
                 if (done + t + 1) % snap_every == 0:
                     sv = _singular_values(W, U, L)
                     snaps["step"].append(done + t + 1)
                     for m in MODELS:
                         snaps[m].append((sv[m] > cfg["rank_tol"]).sum(-1).tolist())
+                    snaps["residual_parameter_W"].append(_param_rank(W[M:], cfg["rank_tol"]))
             done += n
             bar.update(n)
     return {"sv": _singular_values(W, U, L), "finite": _finite(W, U, L), "snapshots": snaps,
             "linear_param_rank_W_residual": _param_rank(W[M:], cfg["rank_tol"])}
+
+
+def sweep_rows(cfg: dict) -> list[tuple[float, float]]:
+    """(mu, lr) of every trained row: each mu at ``lr``, then the noisiest mu at each other lr of ``lr_sweep``."""
+    return ([(mu, cfg["lr"]) for mu in cfg["mus"]]
+            + [(cfg["mus"][0], lr) for lr in cfg["lr_sweep"] if lr != cfg["lr"]])
 
 
 def _maps(W, U, L) -> dict:
@@ -196,8 +213,9 @@ def _param_rank(W: torch.Tensor, tol: float) -> list[int]:
 def compute_metrics(out: dict, cfg: dict) -> dict:
     d = cfg["d"]
     per_mu = []
-    for i, mu in enumerate(cfg["mus"]):
-        row = {"mu": mu, "noise_std_first_coord": (1 - mu) * 2**0.5}
+    rows = sweep_rows(cfg)
+    for i, (mu, lr) in enumerate(rows):
+        row = {"mu": mu, "lr": lr, "noise_std_first_coord": (1 - mu) * 2**0.5}
         for m in MODELS:
             sv = out["sv"][m][i]
             fin = bool(out["finite"][m][i])
@@ -213,6 +231,17 @@ def compute_metrics(out: dict, cfg: dict) -> dict:
             }
         row["residual"]["rank_of_parameter_W"] = out["linear_param_rank_W_residual"][i]
         per_mu.append(row)
+    sweep = [per_mu[0]] + per_mu[len(cfg["mus"]):]
+    per_mu = per_mu[: len(cfg["mus"])]
+    lr_sweep = {
+        "mu": cfg["mus"][0],
+        "what": "ranks at the noisiest mu for each learning rate (reported, not judged)",
+        "lrs": [r["lr"] for r in sweep],
+        **{f"{m}_ranks": [r[m]["rank"] for r in sweep] for m in MODELS},
+        "residual_parameter_W_ranks": [r["residual"]["rank_of_parameter_W"] for r in sweep],
+    }
+    order = sorted(range(len(sweep)), key=lambda j: lr_sweep["lrs"][j])
+    lr_sweep = {k: ([v[j] for j in order] if isinstance(v, list) else v) for k, v in lr_sweep.items()}
 
     def ranks(m):
         return [p[m]["rank"] for p in per_mu]
@@ -236,8 +265,10 @@ def compute_metrics(out: dict, cfg: dict) -> dict:
         "rank_definition": cfg["rank"],
         "per_mu": per_mu,
         "summary": summary,
-        "singular_values": {m: out["sv"][m].tolist() for m in MODELS},
+        "lr_sweep": lr_sweep,
+        "singular_values": {m: out["sv"][m][: len(cfg["mus"])].tolist() for m in MODELS},
         "rank_over_time": out["snapshots"],
+        "rank_over_time_rows": [list(r) for r in rows],
     }
 
 
@@ -252,8 +283,8 @@ def _plot(rec: dict, plot_data: None, out_dir: Path) -> str:
     colors = {"vanilla": "tab:red", "residual": "tab:blue", "linear": "0.35"}
     names = {"vanilla": r"vanilla $WU$", "residual": r"residual $(I+W)(I+U)$ (inset)",
              "linear": r"single matrix $W$ (no symmetry)"}
-    fig = new_figure((16, 5.0))
-    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.0, 1.25, 1.0]})
+    fig = new_figure((21, 5.0))
+    axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1.0, 1.25, 1.0, 0.9]})
 
     ax = axes[0]
     for k, mk, ls in (("linear", "^", ":"), ("residual", "s", "--"), ("vanilla", "o", "-")):
@@ -314,12 +345,28 @@ def _plot(rec: dict, plot_data: None, out_dir: Path) -> str:
         arr = np.asarray([[np.nan if v is None else v for v in row] for row in snaps[k]], dtype=float)
         for i in (0, min(1, len(mus) - 1)):
             ax.plot(steps, arr[:, i], ls=ls, color=colors[k], lw=2 if i == 0 else 1.2, alpha=1 if i == 0 else 0.6,
-                    label=f"{k}, $\\mu$={mus[i]:g}")
+                    label=f"{k} map, $\\mu$={mus[i]:g}")
+    wr = np.asarray(snaps["residual_parameter_W"], dtype=float)
+    ax.plot(steps, wr[:, 0], ls="-.", color="tab:cyan", lw=1.6, label=f"residual: its parameter W, $\\mu$={mus[0]:g}")
     ax.set_xlabel("SGD step")
     ax.set_ylabel(f"rank (> {cfg['rank_tol']:g})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    ax.set_title("rank during training at the two noisiest $\\mu$", fontsize=10)
+    ax.set_title("rank of the learned map during training, next to\nthe rank of the residual model's W", fontsize=10)
+
+    ax = axes[3]
+    sw = m["lr_sweep"]
+    for k, mk, ls in (("linear", "^", ":"), ("residual", "s", "--"), ("vanilla", "o", "-")):
+        pts = [(x, y) for x, y in zip(sw["lrs"], sw[f"{k}_ranks"]) if y is not None]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker=mk, ls=ls, color=colors[k], lw=2, ms=6,
+                label=names[k])
+    ax.axvline(cfg["lr"], color="0.6", lw=0.8, ls=":", label=f"lr of the judged sweep ({cfg['lr']:g})")
+    ax.axhline(d, color="0.6", lw=0.8)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("rank of the learned map")
+    ax.legend(fontsize=7.5, loc="lower left")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"learning-rate sweep at $\\mu$={sw['mu']:g} (reported, not judged)", fontsize=10)
 
     passed = {c["key"].split(".")[-1]: c["passed"] for c in rec["checks"]}
     van_ok = passed["vanilla_rank_loss_at_noisiest"] and passed["vanilla_rank_drop_noisiest_vs_cleanest"]
@@ -335,9 +382,19 @@ def _plot(rec: dict, plot_data: None, out_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------- run
+def _deviations(cfg: dict) -> list[dict]:
+    return [deviation("lr, steps, init, rank threshold", "not stated",
+                      f"lr {cfg['lr']:g}, {cfg['steps']} steps, init scale {cfg['init_scale']:g}, rank tol "
+                      f"{cfg['rank_tol']:g}", "the paper gives none; see config.lr_choice and config.rank; the lr "
+                      "sweep at the noisiest mu is reported")]
+
+
 def _notes(metrics: dict, cfg: dict) -> list[str]:
     s = metrics["summary"]
+    sw = metrics["lr_sweep"]
     notes = [
+        f"Learning-rate sweep at mu = {sw['mu']:g} (reported, not judged): lr {sw['lrs']} -> vanilla ranks "
+        f"{sw['vanilla_ranks']}, residual {sw['residual_ranks']}, single matrix {sw['linear_ranks']}.",
         "Not given by the paper: lr, steps, init, rank threshold; see config.lr_choice and config.rank.",
         "The residual model is the same factorization A B (A = I + W, B = I + U) started at A = B = I: without "
         "weight decay SGD is translation-equivariant, so the rotation symmetry A -> A R, B -> R^T B is moved, "
@@ -376,5 +433,5 @@ def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: boo
         config: Optional[dict] = None) -> dict:
     """Train the sweep; writes fig1_mid.png, result.json and report.md into ``out_dir``."""
     return run_experiment(sys.modules[__name__], out_dir, quick=quick, seed=seed, progress=progress,
-                          config=config, headline=_headline, notes=_notes,
+                          config=config, headline=_headline, notes=_notes, deviations=_deviations,
                           criteria=lambda metrics, cfg: _criteria(cfg["d"]))

@@ -20,8 +20,11 @@ The 128 neurons of the penultimate layer are analysed with :func:`symfast.metric
 
 Dead neurons (zero post-activation on every test point) correlate 0 with the others and belong to no block.
 
-The weight decay of the paper's figure (1e-3) is for 100 epochs of CIFAR-10; in this short run on a small data set
-the effect needs a larger one: the judged setting is ``primary_weight_decay`` (1e-2), the others are reported.
+Judged settings. ``--full`` uses App. A.2's optimizer as stated: SGD, lr 0.1, momentum 0.9, batch 128, 39,100
+steps (100 epochs of CIFAR-10 at batch 128), judged at Fig. 5's weight decay 1e-3 (integrated decay lr * wd * steps
+= 3.9). ``--quick`` runs a tenth of the steps and is judged at weight decay 1e-2, which keeps the integrated decay at
+the paper's (4.0); the record lists both differences under ``deviations``. The verdict asks for the paper's claim
+only (blocks, pre- and post-activation); the near-identical neurons go beyond the paper and are reported, not judged.
 
 Paper scale (``config={'model': 'resnet18', 'data': PATH}``; ``symfast repro fig1-right --model resnet18 --data
 PATH``): :class:`symfast.models.ResNet18` (CIFAR variant) with a fully connected hidden layer of 128 neurons
@@ -45,7 +48,7 @@ from tqdm import tqdm
 
 from ..metrics import homogeneity
 from . import cifar
-from .common import apply_overrides, Criterion, make_record, new_figure, save_figure, torch_threads, verdict_color, write_record
+from .common import apply_overrides, Criterion, deviation, make_record, new_figure, save_figure, torch_threads, verdict_color, write_record
 
 EXPERIMENT = "fig1-right"
 TITLE = "Figure 1-right / Figure 5: homogeneous blocks of penultimate neurons from the permutation symmetry"
@@ -59,8 +62,9 @@ CLAIM_SHORT = ("with weight decay the penultimate neurons form homogeneous block
                "without, rarely")
 
 MIN_BLOCK_GAIN = 0.15  # weight decay: +15 points of the neurons in blocks, pre- and post-activation
-MIN_NEAR_IDENTICAL = 0.10  # weight decay: at least 10% of neurons have a near-identical twin ...
-MAX_NEAR_IDENTICAL_NO_WD = 0.02  # ... against (almost) none without weight decay
+
+#: App. A.2's optimizer, and the steps of 100 CIFAR-10 epochs at batch 128 (391 per epoch).
+PAPER = {"lr": 0.1, "momentum": 0.9, "batch_size": 128, "steps": 39_100, "weight_decay": 1e-3}
 
 
 def _criteria(primary: str) -> list[Criterion]:
@@ -69,10 +73,6 @@ def _criteria(primary: str) -> list[Criterion]:
                   "with weight decay, the fraction of neurons in a block (pre-activation) exceeds that at wd 0 by"),
         Criterion(f"{primary}.post.in_block_gain", ">=", MIN_BLOCK_GAIN,
                   "the same for post-activation (the blocks are not an effect of linearity)"),
-        Criterion(f"{primary}.near_identical_fraction", ">=", MIN_NEAR_IDENTICAL,
-                  "with weight decay, neurons with a near-identical twin (Theorem 3's theta_i = theta_j)"),
-        Criterion("wd_0.near_identical_fraction", "<=", MAX_NEAR_IDENTICAL_NO_WD,
-                  "without weight decay, near-identical neurons are rare"),
     ]
 
 
@@ -101,11 +101,12 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
         "width": 128,  # App. A.2: the penultimate layer has 128 neurons
         "test_points": 500,
         "batch_size": 128,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "steps": 4_000 if quick else 20_000,
-        "weight_decays": [0.0, 1e-3, 1e-2] if quick else [0.0, 1e-3, 3e-3, 1e-2, 3e-2],
-        "primary_weight_decay": 1e-2,
+        "lr": PAPER["lr"],
+        "momentum": PAPER["momentum"],
+        # quick: a tenth of the steps, judged at 10x the weight decay (the paper's integrated decay lr * wd * steps)
+        "steps": 4_000 if quick else PAPER["steps"],
+        "weight_decays": [0.0, 1e-3, 1e-2] if quick else [0.0, PAPER["weight_decay"]],
+        "primary_weight_decay": 1e-2 if quick else PAPER["weight_decay"],
         "corr_threshold": 0.9,
         "near_identical": 0.1,
         "data_desc": "scikit-learn load_digits (1797 8x8 images, pixels / 16), a random split of 500 held-out points",
@@ -243,10 +244,11 @@ def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: boo
         notes = [
             "CPU scale: an MLP on scikit-learn's digits stands in for the paper's ResNet18 on CIFAR-10 "
             "(that setting: --model resnet18 --data PATH, config model='resnet18', data=PATH).",
-            f"The judged weight decay is {cfg['primary_weight_decay']:g}, not Fig. 5's 1e-3: this run is "
-            f"{cfg['steps']} steps on 1297 points; the 1e-3 run is reported (see metrics and the figure).",
+            f"Integrated weight decay lr * wd * steps at the judged setting: "
+            f"{cfg['lr'] * cfg['primary_weight_decay'] * cfg['steps']:.2f} (the paper's: "
+            f"{PAPER['lr'] * PAPER['weight_decay'] * PAPER['steps']:.2f}).",
         ]
-        return _judge_and_write(cfg, metrics, mats, out_dir, t0, notes)
+        return _judge_and_write(cfg, metrics, mats, out_dir, t0, notes, _deviations(cfg))
 
 
 def make_resnet(cfg: dict) -> torch.nn.Module:
@@ -311,10 +313,54 @@ def run_cifar(cfg: dict, out_dir: str | Path, *, progress: bool = True) -> dict:
         f"{cfg['test_points']} test images.",
         f"The judged weight decay is {cfg['primary_weight_decay']:g} (Fig. 5: 1e-3).",
     ]
-    return _judge_and_write(cfg, metrics, mats, out_dir, t0, notes)
+    return _judge_and_write(cfg, metrics, mats, out_dir, t0, notes, _deviations(cfg))
 
 
-def _judge_and_write(cfg: dict, metrics: dict, mats: dict, out_dir: Path, t0: float, notes: list) -> dict:
+def _deviations(cfg: dict) -> list[dict]:
+    """Where this run's settings differ from App. A.2 / Fig. 5 (see :func:`symfast.experiments.common.deviation`)."""
+    out = []
+    if cfg["model"] == "mlp":
+        out += [
+            deviation("model and data", "ResNet18 with a 128-neuron FC layer, CIFAR-10",
+                      "MLP 64-256-128-10 (ReLU), scikit-learn digits (1297 train points)",
+                      "CPU scale: no data download and minutes, not GPU-hours; the 128 analysed neurons are kept"),
+            deviation("held-out points for the correlations", 2000, cfg["test_points"],
+                      "digits has 1797 images in all"),
+            deviation("minibatches", "epochs of a shuffled training set", "drawn with replacement",
+                      "the steps, not the epochs, are matched: 39,100 steps are 100 CIFAR-10 epochs at batch 128"),
+        ]
+    else:
+        steps = cifar.steps_per_model(cfg)
+        if cfg["epochs"] != 100 or cfg["train_images"] != 50_000:
+            out.append(deviation("training length", "100 epochs on 50,000 images",
+                                 f"{cfg['epochs']} epochs on {cfg['train_images']} images ({steps} steps)",
+                                 "quick mode (--full runs the paper's 100 epochs)"))
+        if cfg.get("resnet_width", 1) != 1:
+            out.append(deviation("ResNet18 width", 1, cfg["resnet_width"], "a narrower network for a test"))
+        return out + _optimizer_deviations(cfg, steps=None)
+    return out + _optimizer_deviations(cfg, steps=cfg["steps"])
+
+
+def _optimizer_deviations(cfg: dict, *, steps: Optional[int]) -> list[dict]:
+    out = []
+    for k in ("lr", "momentum", "batch_size"):
+        if cfg[k] != PAPER[k]:
+            out.append(deviation(k, PAPER[k], cfg[k], "set by config override"))
+    if steps is not None and steps != PAPER["steps"]:
+        reason = ("quick mode (--full runs the paper's 39,100)" if cfg["quick"]
+                  else "set by config override")
+        out.append(deviation("steps", PAPER["steps"], steps, reason))
+    if cfg["primary_weight_decay"] != PAPER["weight_decay"]:
+        reason = (f"quick mode: weight decay scaled up with the shorter run, integrated decay lr * wd * steps "
+                  f"{cfg['lr'] * cfg['primary_weight_decay'] * steps:.1f} (the paper's "
+                  f"{PAPER['lr'] * PAPER['weight_decay'] * PAPER['steps']:.1f}); Fig. 5's 1e-3 is reported"
+                  if cfg["quick"] and steps is not None else "set by config override")
+        out.append(deviation("judged weight decay", PAPER["weight_decay"], cfg["primary_weight_decay"], reason))
+    return out
+
+
+def _judge_and_write(cfg: dict, metrics: dict, mats: dict, out_dir: Path, t0: float, notes: list,
+                     deviations: list) -> dict:
     """Gains against weight decay 0, the headline and notes, the record (verdict by :func:`_criteria`), the figure."""
     wds = cfg["weight_decays"]
     base = metrics["wd_0"]
@@ -332,7 +378,14 @@ def _judge_and_write(cfg: dict, metrics: dict, mats: dict, out_dir: Path, t0: fl
         f"{base['near_identical_fraction']:.2f} -> {p['near_identical_fraction']:.2f}; test acc "
         f"{base['test_accuracy']:.3f} -> {p['test_accuracy']:.3f}"
     )
+    metrics["beyond_paper"] = {
+        "what": "near-identical neurons (Theorem 3's theta_i = theta_j in parameter space), a stricter test than "
+        "the paper's correlation blocks; reported, not judged",
+        **{wd_key(wd): metrics[wd_key(wd)]["near_identical_fraction"] for wd in wds},
+    }
     notes = list(notes) + [
+        "Beyond the paper (reported, not judged): neurons with a near-identical twin in parameter space, "
+        + ", ".join(f"wd {wd:g}: {metrics[wd_key(wd)]['near_identical_fraction']:.2f}" for wd in wds) + ".",
         "Blocks: connected components of corr >= %g with >= 2 neurons, on the held-out points; near-identical: "
         "relative squared distance of the neurons' parameters < %g." % (cfg["corr_threshold"],
                                                                          cfg["near_identical"]),
@@ -347,14 +400,13 @@ def _judge_and_write(cfg: dict, metrics: dict, mats: dict, out_dir: Path, t0: fl
         if wd == 0 or wd_key(wd) == primary:
             continue
         m = metrics[wd_key(wd)]
-        holds = (m["pre"]["in_block_gain"] >= MIN_BLOCK_GAIN and m["post"]["in_block_gain"] >= MIN_BLOCK_GAIN
-                 and m["near_identical_fraction"] >= MIN_NEAR_IDENTICAL)
+        holds = m["pre"]["in_block_gain"] >= MIN_BLOCK_GAIN and m["post"]["in_block_gain"] >= MIN_BLOCK_GAIN
         notes.append(f"Not judged: at wd {wd:g} the same criteria {'hold' if holds else 'FAIL'} (block gain pre "
                      f"{m['pre']['in_block_gain']:.2f} / post {m['post']['in_block_gain']:.2f} against >= "
-                     f"{MIN_BLOCK_GAIN:g}, near-identical {m['near_identical_fraction']:.2f} against >= "
-                     f"{MIN_NEAR_IDENTICAL:g})" + (" - 1e-3 is Fig. 5's own weight decay." if wd == 1e-3 else "."))
+                     f"{MIN_BLOCK_GAIN:g})" + (" - 1e-3 is Fig. 5's own weight decay." if wd == 1e-3 else "."))
     rec = make_record(experiment=EXPERIMENT, title=TITLE, claim=CLAIM, claim_short=CLAIM_SHORT,
-                      criteria=_criteria(primary), metrics=metrics, config=cfg, headline=headline, notes=notes)
+                      criteria=_criteria(primary), metrics=metrics, config=cfg, headline=headline, notes=notes,
+                      deviations=deviations)
     fig = _plot(rec, mats, out_dir)
     return write_record(rec, out_dir, t0=t0, figures=[fig])
 
@@ -389,7 +441,7 @@ def _plot(rec: dict, mats: dict, out_dir: Path) -> str:
     ax.plot(xs, [m[wd_key(w)]["post"]["in_block_fraction"] for w in wds], "s--", color="tab:orange",
             label="neurons in a block, post-activation")
     ax.plot(xs, [m[wd_key(w)]["near_identical_fraction"] for w in wds], "D-", color="tab:green",
-            label="neurons with a near-identical twin (params)")
+            label="near-identical twin in params (beyond paper, not judged)")
     ax.plot(xs, [m[wd_key(w)]["test_accuracy"] for w in wds], "x:", color="k", label="test accuracy")
     ax.set_xticks(xs, [f"{w:g}" for w in wds])
     ax.set_xlabel("weight decay")

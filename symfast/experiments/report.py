@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from . import EXPERIMENTS
-from .common import REPORT_FILE, RESULT_FILE, md_cell, experiment_markdown, load_record, short_claim
+from .common import REPORT_FILE, RESULT_FILE, experiment_markdown, fmt_value, load_record, md_cell, short_claim
 
 
 def collect(out_root: str | Path) -> list[dict]:
@@ -45,6 +45,50 @@ def summary_markdown(records: Sequence[dict]) -> str:
             f"| [{name}](#{_anchor(r)}) | {md_cell(short_claim(r))} | {verdict} | {md_cell(r.get('headline', ''))} "
             f"| {fig_cell} | {r.get('seconds', 0):.0f} s ({_mode(r)}) |"
         )
+    return "\n".join(lines)
+
+
+#: The settings each verdict is judged at, as config keys of its record (the README table shows their values).
+JUDGED_AT = {
+    "fig1-left": ("primary_noise_std", "steps", "batch_size", "zero_tol"),
+    "fig1-mid": ("lr", "steps", "batch_size", "rank_tol"),
+    "fig1-right": ("lr", "momentum", "batch_size", "steps", "primary_weight_decay"),
+    "fig3": ("steps_per_task", "batch_size", "lr", "settings"),
+    "dcs-cnn": ("lr", "lr_schedule", "momentum", "batch_size", "steps", "vanilla_weight_decay", "primary_alpha",
+                "zero_threshold"),
+    "mf-weight-decay": ("d", "weight_decays_used", "steps", "rank_tol"),
+    "theorems123": ("weight_decays", "steps", "lr"),
+}
+
+
+def _setting(v) -> str:
+    if isinstance(v, list) and v and isinstance(v[0], dict):  # fig3's settings
+        return ", ".join(f"{d['weight_decay']:g} {d['mode']}" for d in v)
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_setting(x) for x in v) + "]"
+    return str(v)
+
+
+def readme_markdown(records: Sequence[dict]) -> str:
+    """The README's reproduction table: per verdict the run (quick or full), the settings it was judged at and
+    the deviations from the paper, all read from the records."""
+    lines = ["| experiment | run | verdict | judged at | deviations from the paper | measured |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        cfg = r.get("config", {})
+        verdict = r["verdict"] if r["verdict"] == "reproduced" else f"**{r['verdict']}**"
+        if "memory_verdict" in r:
+            mv = r["memory_verdict"]["verdict"]
+            verdict += "; memory: " + (mv if mv == "reproduced" else f"**{mv}**")
+        keys = JUDGED_AT.get(r["experiment"], ())
+        judged = (", ".join(f"{k} {_setting(cfg[k])}" for k in keys if k in cfg)
+                  or "the record's config (not audited against the paper here)")
+        devs = "; ".join(f"{d['what']}: {fmt_value(d['paper'])} → {fmt_value(d['here'])}"
+                         for d in r.get("deviations", [])) or "none recorded"
+        lines.append(f"| `{r['experiment']}` | {_mode(r)}, {r.get('seconds', 0):.0f} s | {verdict} | "
+                     f"{md_cell(judged)} | {md_cell(devs)} | {md_cell(r.get('headline', ''))} |")
     return "\n".join(lines)
 
 
@@ -101,9 +145,14 @@ def summary_text(records: Sequence[dict], width: int = 110) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    readme = "--readme" in args
+    args = [a for a in args if a != "--readme"]
     if len(args) != 1:
-        print("usage: python -m symfast.experiments.report DIR", file=sys.stderr)
+        print("usage: python -m symfast.experiments.report DIR [--readme]", file=sys.stderr)
         return 2
+    if readme:  # the README's reproduction table from the records under DIR
+        print(readme_markdown(collect(args[0])))
+        return 0
     path = write_report(args[0])
     print(summary_text(collect(args[0])))
     print(f"report: {path}")

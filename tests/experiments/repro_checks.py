@@ -11,7 +11,7 @@ RECORD_KEYS = {"experiment", "claim", "verdict", "metrics", "config", "seconds"}
 
 def recomputed_verdict(rec: dict) -> str:
     """The verdict from the record alone: every stated check re-evaluated on the stored metrics."""
-    crit = [common.Criterion(c["key"], c["op"], c["threshold"], c["text"]) for c in rec["checks"]]
+    crit = [common.Criterion(c["key"], c["op"], c["threshold"], c["text"], control=c["control"]) for c in rec["checks"]]
     return common.judge(rec["metrics"], crit)[0]
 
 
@@ -23,8 +23,11 @@ def check_record(rec: dict, out_dir) -> None:
         if isinstance(c["measured"], (int, float)) and c["op"] in ("<", "<=", ">", ">="):
             record_margin(c["measured"], c["op"], c["threshold"], f"criterion {c['key']} ({rec['experiment']})")
     assert rec["seconds"] > 0 and rec["criterion"].startswith("reproduced iff")
+    assert all(set(d) == {"what", "paper", "here", "reason"} and d["reason"] for d in rec["deviations"])
     assert json.loads((out_dir / "result.json").read_text()) == rec
     for f in rec["figures"]:
         assert (out_dir / f).stat().st_size > 20_000, f
     md = (out_dir / "report.md").read_text()
     assert rec["verdict"].upper() in md and all(f in md for f in rec["figures"])
+    if rec["config"].get("quick"):  # a quick report says so and names the command of the paper's settings
+        assert f"symfast repro {rec['experiment']} --full" in md
