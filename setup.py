@@ -18,6 +18,16 @@ Build switches (environment variables):
 ``SYMFAST_DEBUG=1``
     ``-O0 -g`` with assertions and ``-lineinfo`` for CUDA, for gdb and
     compute-sanitizer.
+``SYMFAST_SANITIZE=address,undefined``
+    Instrument the C++ sources with AddressSanitizer and/or
+    UndefinedBehaviorSanitizer (a comma-separated subset of ``address`` and
+    ``undefined``; GCC or Clang). Python itself is not instrumented, so the
+    ASan runtime must be loaded first:
+    ``LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0``
+    (CPython's allocations at exit would all be reported as leaks);
+    ``UBSAN_OPTIONS=halt_on_error=1`` makes undefined behaviour fail the run.
+    ``.ci/sanitize.sh`` builds this way in a scratch copy and runs the op tests.
+    CUDA device code is not instrumented (use compute-sanitizer there).
 ``MAX_JOBS``
     Parallel compile jobs (read by torch.utils.cpp_extension with ninja).
 """
@@ -52,9 +62,25 @@ def _cuda_requested() -> bool:
     return possible
 
 
+SANITIZERS = ("address", "undefined")
+
+
+def _sanitizers() -> list:
+    value = os.environ.get("SYMFAST_SANITIZE", "").strip().lower()
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SANITIZERS]
+    if unknown:
+        sys.exit(
+            f"SYMFAST_SANITIZE must be a comma-separated subset of {', '.join(SANITIZERS)}, "
+            f"got {value!r}"
+        )
+    return sorted(set(names), key=SANITIZERS.index)
+
+
 def get_extensions():
     debug = os.environ.get("SYMFAST_DEBUG", "0") == "1"
     use_cuda = _cuda_requested()
+    sanitize = _sanitizers()
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     # -fopenmp: at::parallel_for is an inline OpenMP region; without the flag
     # it silently runs on one thread.
@@ -64,6 +90,11 @@ def get_extensions():
     # instruction set of csrc/cpu/isa.h rounds like the baseline and like PyTorch.
     cxx = opt + ["-fopenmp", "-ffp-contract=off", "-fdiagnostics-color=always"]
     link = ["-fopenmp"]
+    if sanitize:
+        # Frame pointers and line tables so that reports show where in csrc/ they happened.
+        flags = [f"-fsanitize={','.join(sanitize)}", "-fno-omit-frame-pointer", "-g"]
+        cxx += flags
+        link += flags
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=link)
@@ -77,7 +108,8 @@ def get_extensions():
         ext = CUDAExtension
     else:
         ext = CppExtension
-    print(f"symfast: building {'CPU + CUDA' if use_cuda else 'CPU-only'} extension", file=sys.stderr)
+    print(f"symfast: building {'CPU + CUDA' if use_cuda else 'CPU-only'} extension"
+          + (f" with -fsanitize={','.join(sanitize)}" if sanitize else ""), file=sys.stderr)
     return [ext("symfast._C", sources, **kwargs)]
 
 
