@@ -28,8 +28,8 @@
 #               TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=nproc; checks that every op has a CUDA kernel,
 #               and reports the SASS targets and each kernel's registers and spills
 #   tests       the whole suite, CUDA visible (pytest-xdist -n 8), in parallel with:
-#   memcheck    compute-sanitizer memcheck over the CUDA op tests of tests/test_ops.py and
-#               tests/test_group_ops.py (float32 and bfloat16 values, backward and jvp ops, the
+#   memcheck    compute-sanitizer memcheck over the CUDA op tests of tests/ops/test_dcs.py and
+#               tests/ops/test_dcs_group.py (float32 and bfloat16 values, backward and jvp ops, the
 #               training path, non-contiguous inputs, the CPU/CUDA cross-checks), with the caching
 #               allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING) so that overruns reach the sanitizer
 #   racecheck   compute-sanitizer racecheck over the dcs_group CUDA tests (the kernels with
@@ -46,8 +46,7 @@
 #               its CPU numbers are in the README)
 # The tests and the two sanitizer runs are correctness checks and share the phase (GPU and cores);
 # the benchmarks run alone afterwards, so that nothing else competes for the GPU. Why the whole suite:
-# tests/conftest.py's ALL_DEVICES adds CUDA cases to the op tests, DEVICES adds them to
-# test_convert/test_nn, and some code picks the GPU by itself when one is visible (the CLI's train
+# tests/matrix.py's DEVICES adds CUDA cases to the op, conversion and layer tests, and some code picks the GPU by itself when one is visible (the CLI's train
 # and repro commands: test_train, test_repro_cifar), so "-k cuda" alone would miss some; with xdist
 # the whole suite costs about what "-k cuda" costs in one process. Without pytest-xdist it falls
 # back to one process.
@@ -93,7 +92,7 @@ trap 'rm -rf "$STATE"' EXIT
 export PYTHONUNBUFFERED=1
 CORES=$(env -u OMP_NUM_THREADS nproc)  # nproc alone obeys OMP_NUM_THREADS
 
-MEMCHECK_K='cuda and (dtype0 or dtype3) and (test_forward_and_backward_match_reference and (True or test_group_ops) or test_backward_op_matches_reference or test_jvp_op_matches_reference or test_training_path_equals_the_function_path) or test_cpu_and_cuda_agree or cuda and test_non_contiguous'
+MEMCHECK_K='cuda and (dtype0 or dtype3) and (test_forward_and_backward_match_reference and (True or test_dcs_group) or test_backward_op_matches_reference or test_jvp_op_matches_reference or test_training_path_equals_the_function_path) or test_cpu_and_cuda_agree or cuda and test_non_contiguous'
 RACECHECK_K='cuda and (dtype0 or dtype3) and (test_forward_and_backward_match_reference or test_backward_op_matches_reference or test_cpu_and_cuda_agree)'
 
 elapsed() { echo $((SECONDS - T0)); }
@@ -323,7 +322,7 @@ step_tests() {
   section "$log" "tests"
   args=(-q -p no:cacheprovider -rfEs --durations=15 --junitxml="$STATE/tests.xml")
   if [[ $DRY == 1 ]]; then
-    args+=(tests/test_ops.py tests/test_group_ops.py -k "test_opcheck or test_cpu_and_cuda_agree or test_compile_fullgraph")
+    args+=(tests/ops/test_dcs.py tests/ops/test_dcs_group.py -k "test_opcheck or test_cpu_and_cuda_agree or test_compile_fullgraph")
   else
     args+=(tests)
   fi
@@ -594,11 +593,11 @@ if ((ok)); then
   pids=()
   if want tests; then step_tests & pids+=($!); fi
   if want memcheck; then
-    step_sanitizer memcheck "$STATE/memcheck.log" tests/test_ops.py tests/test_group_ops.py -k "$MEMCHECK_K" &
+    step_sanitizer memcheck "$STATE/memcheck.log" tests/ops/test_dcs.py tests/ops/test_dcs_group.py -k "$MEMCHECK_K" &
     pids+=($!)
   fi
   if want racecheck; then
-    step_sanitizer racecheck "$STATE/racecheck.log" tests/test_group_ops.py -k "$RACECHECK_K" &
+    step_sanitizer racecheck "$STATE/racecheck.log" tests/ops/test_dcs_group.py -k "$RACECHECK_K" &
     pids+=($!)
   fi
   for p in "${pids[@]}"; do wait "$p"; done
