@@ -422,7 +422,9 @@ class DCSLayer:
         return ", ".join(parts)
 
 
-def _dcs_kwargs(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype):
+def dcs_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype):
+    """The keyword options every DCS layer passes to ``DCSLayer._setup_dcs`` (shared by the layers here and
+    the transformers ``Conv1D`` twin)."""
     return dict(structure=structure, alpha=alpha, group_dim=group_dim, rank=rank, mask=mask, mirror=mirror,
                 mirror_dim=mirror_dim, constrain_bias=constrain_bias, device=device, dtype=dtype)
 
@@ -459,7 +461,7 @@ class DCSLinear(DCSLayer, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device="meta", dtype=dtype)
         self._setup_dcs(
             torch.Size((out_features, in_features)), bias,
-            **_dcs_kwargs(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
+            **dcs_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
         )
         self._finish_init()
 
@@ -565,7 +567,7 @@ def _conv_class(dense_cls, ndim):
             (in_channels, out_channels, kernel_size),
             dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
                  padding_mode=padding_mode),
-            _dcs_kwargs(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
+            dcs_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
         )
 
     doc = (
@@ -635,7 +637,7 @@ class DCSEmbedding(DCSLayer, nn.Embedding):
         )
         self._setup_dcs(
             torch.Size((num_embeddings, embedding_dim)), False,
-            **_dcs_kwargs(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, False, device, dtype),
+            **dcs_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, False, device, dtype),
         )
         if _weight is not None:
             if _weight.shape != self._weight_shape:
