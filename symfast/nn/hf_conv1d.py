@@ -32,7 +32,7 @@ from torch.nn import init
 
 from transformers.pytorch_utils import Conv1D
 
-from .layers import DCSLayer, dcs_options
+from .layers import DCSLayer, layer_options
 
 __all__ = ["DCSConv1D"]
 
@@ -73,7 +73,7 @@ class DCSConv1D(DCSLayer, Conv1D):
         self._parameters["weight"] = None  # the placeholder _setup_dcs replaces
         self._setup_dcs(
             torch.Size((nx, nf)), True,
-            **dcs_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
+            **layer_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
         )
         self._finish_init()
 

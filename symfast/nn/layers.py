@@ -422,7 +422,7 @@ class DCSLayer:
         return ", ".join(parts)
 
 
-def dcs_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype):
+def layer_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype):
     """The keyword options every DCS layer passes to ``DCSLayer._setup_dcs`` (shared by the layers here and
     the transformers ``Conv1D`` twin)."""
     return dict(structure=structure, alpha=alpha, group_dim=group_dim, rank=rank, mask=mask, mirror=mirror,
@@ -461,7 +461,7 @@ class DCSLinear(DCSLayer, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device="meta", dtype=dtype)
         self._setup_dcs(
             torch.Size((out_features, in_features)), bias,
-            **dcs_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
+            **layer_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
         )
         self._finish_init()
 
@@ -567,7 +567,7 @@ def _conv_class(dense_cls, ndim):
             (in_channels, out_channels, kernel_size),
             dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
                  padding_mode=padding_mode),
-            dcs_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
+            layer_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, constrain_bias, device, dtype),
         )
 
     doc = (
@@ -637,7 +637,7 @@ class DCSEmbedding(DCSLayer, nn.Embedding):
         )
         self._setup_dcs(
             torch.Size((num_embeddings, embedding_dim)), False,
-            **dcs_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, False, device, dtype),
+            **layer_options(structure, alpha, group_dim, rank, mask, mirror, mirror_dim, False, device, dtype),
         )
         if _weight is not None:
             if _weight.shape != self._weight_shape:
