@@ -15,7 +15,7 @@ their ratio. The JSON record (default ``benchmarks/results/<machine>.json``,
 ``group-<machine>.json`` for ``--bench group``) names the machine, torch and
 symfast versions and the date, and holds the rows.
 
-GPU targets (issue 6): on CUDA, the masked forward+backward at 64M elements and
+GPU targets: on CUDA, the masked forward+backward at 64M elements and
 more reaches at least ``TARGET_PCT_OF_COPY`` % of the same-traffic copy's
 bandwidth and ``TARGET_VS_COMPILED`` x torch.compile(reference). Such rows get
 a ``targets`` entry with the verdicts, also printed under the table.

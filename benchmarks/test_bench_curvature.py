@@ -19,7 +19,7 @@ units of ``fwdbwd`` and its speed-up over ``vmap``, from the medians of this
 run, and the same ratios from interleaved rounds (fwdbwd, symfast, vmap, fwdbwd,
 ...), which a burst of load on a shared machine skews less.
 
-Target (issue 4), MLP 784-256-256-10, cross-entropy, B = 256, K = 1:
+Target, MLP 784-256-256-10, cross-entropy, B = 256, K = 1:
 ``symfast <= 5 x fwdbwd`` and ``vmap / symfast >= 40``. The K = 8 cases time
 no vmap baseline (8 x the K = 1 one).
 

@@ -55,7 +55,7 @@ CASES = [
     for dtype in DTYPES
 ] + [Case("forward+backward", False, "16M", "float32")]
 
-# The GPU targets (issue 6): masked forward+backward at 64M and 256M elements,
+# The GPU targets: masked forward+backward at 64M and 256M elements,
 # float32 and bfloat16, >= 80 % of the copy bandwidth and >= 1.1x compiled.
 # Only these cases use the GPU-sized SIZES, so that
 #     python benchmarks/report.py -k "cuda and (64M or 256M)"

@@ -397,7 +397,7 @@ def test_add_gradient_noise_revives_and_is_reproducible():
         remedies.add_gradient_noise(m2, std=-1.0)
 
 
-# ============================================================================== review regressions
+# ============================================================================== rank and neuron metrics: bad input and empty layers
 _RANK_FNS = [M.singular_values, M.numerical_rank, M.effective_rank, M.approximate_rank, M.stable_rank, M.rank_metrics]
 
 
