@@ -1,20 +1,31 @@
-r"""``symfast train``: one run = a DCS model, its export, and the magnitude-pruning baseline of the same budget.
+r"""``symfast train``: one run = a DCS model, its export, and the baselines of the same budget.
 
-1. The model is converted (:func:`symfast.convert`, every Linear/Conv/Embedding) and trained with
-   :func:`fit` on ``loss + penalty`` for ``steps`` steps.
-2. It is exported (:func:`symfast.export` with ``threshold``); ``sparsity`` is the zero fraction of
-   the converted weights of the exported model, and ``val_loss`` is measured on the exported model.
-3. Baseline, in the same run: the dense model, from the same initialization, trained for the same
-   ``steps`` with the same optimizer and schedule; then ``torch.nn.utils.prune.global_unstructured``
-   (L1) prunes the same layers to the same number of zeros; then it is fine-tuned with its mask for
-   10% of the budget (lr / 10); its validation loss is ``magnitude_pruning_val_loss``.
-4. For ``structure="lowrank"`` also the truncated-SVD baseline (:func:`svd_truncate`): each converted
-   weight of the same trained dense model becomes its best rank-r approximation, r = the rank of
-   the exported DCS layer, held as two factors; fine-tuned in that factorized form (so the rank
-   stays <= r) for the same 10% of the budget at lr / 10; ``svd_truncation_val_loss``.
-5. ``DIR/metrics.json``, ``DIR/training.png`` (loss and sparsity against steps; for lowrank the
-   per-layer ranks instead of sparsity), ``DIR/exported.pt``
-   (and ``DIR/svd_truncation.pt``, the exported SVD baseline, for lowrank).
+Every arm gets the same budget, ``steps``: ``main = steps - ft`` training steps, then a fine-tune
+with its mask for ``ft = round(finetune_fraction * steps)`` steps at lr / 10 (:func:`split_budget`).
+
+1. DCS: the model is converted (:func:`symfast.convert`, every Linear/Conv/Embedding) and trained
+   with :func:`fit` on ``loss + penalty`` for ``main`` steps (with ``target_sparsity``, alpha is
+   steered by :class:`~symfast.train.target.SparsityTarget`); exported (:func:`symfast.export` with
+   ``threshold``: ``sparsity`` is the zero fraction of the converted weights, and
+   ``val_loss_before_finetune`` its loss); then fine-tuned with its zeros kept (lowrank: as rank-r
+   factors). ``val_loss`` is the fine-tuned exported model's.
+2. The baselines (:data:`BASELINES`, ``baselines`` chooses), each from the same initialization,
+   pruned to DCS's measured sparsity: ``one_shot_magnitude`` (the dense model trained ``main`` steps,
+   ``torch.nn.utils.prune.global_unstructured`` L1 to the same number of zeros), ``gradual_magnitude``
+   and ``gradual_magnitude_uniform`` (GMP, Zhu & Gupta's cubic schedule, global or per-layer
+   threshold, :class:`~symfast.train.baselines.GradualMagnitude`), ``gradual_magnitude_wu`` (GMP of
+   ``|w * u|`` on the unpenalized elementwise DCS parametrization, alpha 0: the reparametrization
+   without the lasso). Each ends with the same masked fine-tune. Learning rates: ``lr`` for DCS and
+   the ``w * u`` control, ``baseline_lr`` for the plain-weight arms; with ``lr_grid`` every arm is
+   trained at each lr and keeps the one with the lowest loss on the last 10% of the training data,
+   held out from training in that run (:func:`tune_split`), not the reported validation set.
+3. For ``structure="lowrank"`` also the truncated-SVD baseline (:func:`svd_truncate`): each converted
+   weight of the trained dense model becomes its best rank-r approximation, r = the rank of the
+   exported DCS layer, held as two factors; fine-tuned in that factorized form for the same ``ft``
+   steps at lr / 10; ``svd_truncation_val_loss``.
+4. ``DIR/metrics.json`` (``baselines``: ``{arm: {val_loss, val_accuracy, val_byte_accuracy,
+   sparsity, steps, lr, lr_tune_losses}}``), ``DIR/training.png``, ``DIR/exported.pt`` (and
+   ``DIR/svd_truncation.pt`` for lowrank).
 
 ``--resume`` first compares the run's settings with ``DIR/checkpoints/config.json`` (written when
 the run started): any difference except :data:`RESUME_MAY_DIFFER` is a :class:`ResumeMismatch`
@@ -143,11 +154,17 @@ class TrainConfig:
 
 
 def defaults(task: str, structure: str, *, quick: bool) -> Dict[str, Any]:
-    """The task's default settings (the values chosen so that ``--quick`` reaches sparsity >= 0.5 in about a minute)."""
+    """The task's default settings (the values chosen so that ``--quick`` reaches sparsity >= 0.5 in about a minute).
+
+    Learning rates are per arm: on ``theta = w * u`` Adam's step moves theta by about ``lr * |w|``, so
+    DCS (and the ``w * u`` control) needs a larger lr than plain weights. lm: DCS 2e-2, plain-weight
+    baselines 1e-2, each the best of the grid {3e-3, 1e-2, 2e-2} in a 3-seed study at the default
+    budget; digits keeps 3e-3 for every arm (not yet tuned per arm; ``--lr-grid`` tunes any run).
+    """
     if task not in TASKS:
         raise ValueError(f"symfast train: task must be one of {TASKS}, got {task!r}")
     if task == "lm":
-        d = dict(width=128, depth=2, context=64, steps=1500, batch_size=32, lr=3e-3, baseline_lr=3e-3, alpha=3e-4, threshold=1e-2,
+        d = dict(width=128, depth=2, context=64, steps=1500, batch_size=32, lr=2e-2, baseline_lr=1e-2, alpha=3e-4, threshold=1e-2,
                  eval_samples=1024)
         if quick:
             d.update(width=64, depth=2, context=32, steps=200, eval_samples=256)

@@ -273,8 +273,8 @@ def test_dcs_sparsity_counts_thresholded_zeros():
 def test_group_export_is_physically_smaller_and_timed(tmp_path):
     from symfast.train import TrainConfig, run
 
-    m = run(TrainConfig(task="lm", quick=True, structure="group", alpha=1e-2, eval_samples=64), tmp_path,
-            progress=False)
+    m = run(TrainConfig(task="lm", quick=True, structure="group", alpha=1e-2, eval_samples=64,
+                        baselines=["one_shot_magnitude"]), tmp_path, progress=False)
     assert m["sparsity"] > 0.1
     assert m["params_after"] < m["params_before"]  # dead MLP units were removed, not just zeroed
     exported = torch.load(tmp_path / "exported.pt", weights_only=False)
@@ -453,11 +453,11 @@ def test_non_finite_results_fail_and_write_no_json(tmp_path, monkeypatch, capsys
         return {"loss": float("nan"), "accuracy": 0.0}
 
     monkeypatch.setattr(task, "evaluate", nan)  # the final evaluations
-    monkeypatch.setattr(loop, "evaluate", nan)  # the validations during training (here at the last step, 4)
+    monkeypatch.setattr(loop, "evaluate", nan)  # the validations during training (at the DCS phase's last step, 3)
     assert _run_cli(tmp_path / "cli", "--steps", "4") == 1
     err = capsys.readouterr().err
     assert "results are not finite: val_loss nan" in err and "baselines.one_shot_magnitude.val_loss nan" in err
-    assert "the dcs phase's history (from step 4)" in err and "Traceback" not in err
+    assert "the dcs phase's history (from step 3)" in err and "Traceback" not in err
     assert not (tmp_path / "cli" / "metrics.json").exists()
 
 
@@ -492,7 +492,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_resume_continues_it(tmp_path, mon
     out = tmp_path / "run"
     assert _run_cli(out) == 130
     err = capsys.readouterr().err
-    assert (f"interrupted in the DCS elementwise phase after step 12 of 20 (its checkpoint "
+    assert (f"interrupted in the DCS elementwise phase after step 12 of 18 (its checkpoint "
             f"{out / 'checkpoints' / 'dcs.pt'} holds step 10); continue with: symfast train --resume --out {out}") \
         in err
     assert "Traceback" not in err
@@ -507,7 +507,9 @@ def test_cli_train_help_documents_flags_and_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for part in ("--steps STEPS training steps", "default: lm 1500, digits 600; with --quick: lm 200, digits 300",
                  "--seed SEED random seed", "--structure {elementwise,group,lowrank} the DCS structure",
-                 "default: lm 128, digits 16", "fine-tune it for 10% of the budget", "warm-up 5%,"):
+                 "default: lm 128, digits 16", "fine-tune it with its mask for the last 10% of the budget",
+                 "warm-up 5%,", "--lr-grid LR,LR,...", "--baselines NAMES", "--target-sparsity S",
+                 "default: lm 0.02, digits 0.003", "--baseline-lr BASELINE_LR"):
         assert part in text, part
     assert "%%" not in text and "about a minute" not in text
 
@@ -607,13 +609,13 @@ def test_cli_parallel_flag_reaches_fit(tmp_path, monkeypatch, capsys):
     real_fit = task.fit
     monkeypatch.setattr(task, "fit", lambda *a, **k: seen.append(k["parallel"]) or real_fit(*a, **k))
     assert _lowrank_cli(tmp_path, "--parallel", "fsdp", "--steps", "10") == 0
-    assert seen == ["fsdp"] * 4  # DCS, dense, magnitude fine-tune, SVD fine-tune
+    assert seen == ["fsdp"] * 5  # DCS, its fine-tune, dense, magnitude fine-tune, SVD fine-tune
     # In one process the flag has no effect: a warning says so, and the metrics do not claim it was applied.
     assert "--parallel fsdp has no effect in one process" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.json").read_text())["parallel"] is None
     seen.clear()
     assert _run_cli(tmp_path / "d", "--steps", "10") == 0
-    assert seen == ["ddp"] * 3
+    assert seen == ["ddp"] * 4
     with pytest.raises(SystemExit):
         main(["train", "--parallel", "zero3"])
 
