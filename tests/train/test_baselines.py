@@ -167,3 +167,15 @@ def test_target_sparsity_controller_reaches_the_target(seed):
     got = dcs_sparsity(model, threshold=1e-2)
     assert abs(got - 0.8) < 0.05, got
     assert ctl.alpha > 1e-4  # it had to raise alpha to get there
+
+
+def test_tune_split_is_held_out_from_training_with_a_gap_and_budget_split():
+    from symfast.train.task import split_budget, tune_split
+
+    data = TensorDataset(torch.arange(100))
+    train, tune = tune_split(data, gap=5)
+    tr, tu = {int(data[i][0]) for i in train.indices}, {int(data[i][0]) for i in tune.indices}
+    assert tu == set(range(90, 100)) and tr == set(range(85))  # disjoint, the last 10%, gap items dropped
+    with pytest.raises(ValueError, match="too little training data"):
+        tune_split(TensorDataset(torch.arange(10)), gap=9)
+    assert split_budget(200, 0.1) == (20, 180) and split_budget(2, 0.1) == (1, 1) and split_budget(3, 0.9) == (2, 1)
