@@ -141,6 +141,13 @@ class GradualMagnitude:
         self.final, self.start, self.every, self.events, self.uniform = final, start, every, events, uniform
         self.masks: Optional[Dict[str, torch.Tensor]] = None
 
+    @classmethod
+    def keep_zeros(cls, model: nn.Module, names) -> "GradualMagnitude":
+        """A hook that prunes nothing more and keeps the zeros the layers have now (a masked fine-tune)."""
+        hook = cls(model, names, final=0.0, start=0, every=1, events=0, uniform=False)
+        hook.masks = {n: s != 0 for n, s in hook.scores().items()}
+        return hook
+
     def scores(self) -> Dict[str, torch.Tensor]:
         out = {}
         for n, ts in self.tensors.items():
@@ -151,7 +158,7 @@ class GradualMagnitude:
         return out
 
     def is_pruning_step(self, step: int) -> bool:
-        return self.start <= step <= self.start + self.events * self.every and (step - self.start) % self.every == 0
+        return self.events > 0 and self.start <= step <= self.start + self.events * self.every and (step - self.start) % self.every == 0
 
     @torch.no_grad()
     def __call__(self, step: int) -> None:

@@ -75,7 +75,7 @@ from .checkpoints import (
     write_config,
 )
 from .data import digits_data, lm_data
-from .loop import evaluate, fit, make_optimizer
+from .loop import dcs_sparsity, evaluate, fit, make_optimizer
 from .plots import plot_run
 from .target import SparsityTarget
 
@@ -420,10 +420,15 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
                                    **gmp_schedule(main_steps))
             r = _fit(model, train, val, steps=main_steps, lr=lr, desc=arm, optimizer=cfg.optimizer,
                      after_step=gmp, **phase(arm, lr, lrs), **common)
-            if wu:
-                model = export(model, threshold=0.0)  # theta = w * u, exactly 0 where masked
+            if wu:  # fine-tuned as w * u too; theta is exactly 0 where masked (export could drop dead units)
+                r_ft = _fit(model, train, val, steps=ft_steps, lr=lr / 10, desc=f"{arm} fine-tune",
+                            after_step=GradualMagnitude.keep_zeros(model, converted),
+                            **phase(f"{arm}_finetune", lr, lrs), **ft_common)
+                return dict(final=model, sparsity=dcs_sparsity(model), runs=(r, r_ft),
+                            history={arm: r.history, f"{arm}_finetune": r_ft.history})
         r_ft = finetune(model, converted, lr, arm, lrs)
-        return dict(final=model, runs=(r, r_ft), history={arm: r.history, f"{arm}_finetune": r_ft.history})
+        return dict(final=model, sparsity=weight_sparsity(model), runs=(r, r_ft),
+                    history={arm: r.history, f"{arm}_finetune": r_ft.history})
 
     baselines: Dict[str, Any] = {}
     histories: Dict[str, Any] = dict(best["history"])
@@ -437,7 +442,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         baselines[arm] = {"val_loss": b_ev["loss"],
                           "val_accuracy": b_ev.get("accuracy") if cfg.task == "digits" else None,
                           "val_byte_accuracy": b_ev.get("accuracy") if cfg.task == "lm" else None,
-                          "sparsity": weight_sparsity(res["final"]), "steps": main_steps + ft_steps, "lr": lr,
+                          "sparsity": res["sparsity"], "steps": main_steps + ft_steps, "lr": lr,
                           "lr_tune_losses": None if tune is None else {f"{l:g}": t for t, l, _ in scored}}
         histories.update(res["history"])
         runs[arm], runs[f"{arm}_finetune"] = res["runs"]
