@@ -32,6 +32,41 @@ CONTEXT_MAX = 4096
 
 
 # ------------------------------------------------------------------ flag values (argparse ``type=``)
+def _float_list(text: str) -> list:
+    """An argparse ``type``: comma-separated finite numbers > 0 (``3e-3,1e-2``)."""
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or not all(math.isfinite(v) and v > 0 for v in vals) or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated finite numbers > 0, got {text!r}")
+    return vals
+
+
+def _baseline_list(text: str) -> list:
+    """An argparse ``type``: comma-separated distinct names of :data:`symfast.train.task.BASELINES`, or ``all``."""
+    from .train.task import BASELINES
+
+    if text == "all":
+        return list(BASELINES)
+    names = [] if text == "none" else text.split(",")
+    if any(n not in BASELINES for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected 'all', 'none' or distinct comma-separated names from "
+                                         f"{', '.join(BASELINES)}, got {text!r}")
+    return names
+
+
+def _open_unit(text: str) -> float:
+    """An argparse ``type``: a number strictly between 0 and 1."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number with 0 < S < 1, got {text!r}")
+    return v
+
+
 def _int_in(lo: int, hi: Optional[int] = None, hi_text: Optional[str] = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer ``lo <= n`` (``< hi`` when given, said as ``hi_text``); otherwise argparse's
     error naming the flag, the range and the value (exit status 2)."""
@@ -334,6 +369,19 @@ def _check_train_flags(args: argparse.Namespace, world: int) -> None:
     if batch % world:
         parser.error(f"argument --batch-size: the global batch must be divisible by the number of processes "
                      f"({world}), got {batch}")
+    if args.parallel == "fsdp" and world > 1:
+        from .train.task import MASK_IN_TRAINING
+
+        masked = [b for b in (args.baselines if args.baselines is not None else MASK_IN_TRAINING)
+                  if b in MASK_IN_TRAINING]
+        if masked:
+            parser.error(f"argument --baselines: {', '.join(masked)} cannot run under --parallel fsdp (they mask the "
+                         "weights between steps, which FSDP2 shards); use --baselines one_shot_magnitude")
+        if args.target_sparsity is not None:
+            parser.error("argument --target-sparsity: cannot run under --parallel fsdp (it adapts the optimizer, "
+                         "which FSDP2 builds on the shards)")
+    if args.target_sparsity is not None and args.alpha == 0:
+        parser.error("argument --alpha: --target-sparsity scales a starting alpha, which must be > 0, got 0")
     if args.parallel is not None and world == 1:
         print(f"symfast train: warning: --parallel {args.parallel} has no effect in one process; it applies under "
               "torchrun (torchrun --nproc_per_node N -m symfast train ...). Training in one process.",
@@ -358,26 +406,33 @@ def _print_train_metrics(m: dict, args: argparse.Namespace) -> None:
     if args.resume and not any(m["trained_now"].values()):
         print(f"symfast train --resume: the run in {args.out} had finished: nothing was retrained (the results are "
               "recomputed from its checkpoints)")
-    acc = "" if m["val_accuracy"] is None else f", accuracy {m['val_accuracy']:.3f}"
-    bacc = "" if m["magnitude_pruning_val_accuracy"] is None else \
-        f", accuracy {m['magnitude_pruning_val_accuracy']:.3f}"
+
+    def acc(d: dict, prefix: str = "") -> str:
+        a = d.get(f"{prefix}val_accuracy")
+        b = d.get(f"{prefix}val_byte_accuracy")
+        return "" if a is None and b is None else \
+            f", accuracy {a:.3f}" if a is not None else f", byte accuracy {b:.3f}"
+
     procs = f"{m['world_size']} process(es)" + (f", {m['parallel']}" if m["world_size"] > 1 else "")
-    print(f"symfast train {m['task']} ({m['structure']}, alpha {m['alpha']:g}, {m['steps']} steps, "
-          f"{procs}, {m['seconds']:.0f} s)")
+    alpha = f"alpha {m['alpha']:g}" if m["target_sparsity"] is None else \
+        f"target sparsity {m['target_sparsity']:g}, alpha {m['alpha']:g} -> {m['alpha_final']:.3g}"
+    print(f"symfast train {m['task']} ({m['structure']}, {alpha}, {m['steps']} steps each arm incl. "
+          f"{m['finetune_steps']} masked fine-tune, {procs}, {m['seconds']:.0f} s)")
     kept = "" if m["ranks"] is None else \
         f"rank {sum(r for r, _ in m['ranks'].values())}/{sum(f for _, f in m['ranks'].values())}, "
-    print(f"  DCS exported:       {kept}sparsity {m['sparsity']:.3f}, val loss {m['val_loss']:.4f}{acc}; "
-          f"params {m['params_before']} -> {m['params_after']} ({m['nonzero_params_after']} nonzero)")
+    print(f"  DCS exported:       {kept}sparsity {m['sparsity']:.3f}, val loss {m['val_loss']:.4f}{acc(m)} "
+          f"(before fine-tune {m['val_loss_before_finetune']:.4f}), lr {m['lr']:g}; params {m['params_before']} -> "
+          f"{m['params_after']} ({m['nonzero_params_after']} nonzero)")
     if "svd_truncation_val_loss" in m:
-        sacc = "" if m["svd_truncation_val_accuracy"] is None else \
-            f", accuracy {m['svd_truncation_val_accuracy']:.3f}"
         ranks = sum(r for r, _ in m["svd_truncation_ranks"].values())
         print(f"  SVD truncation:     same ranks (sum {ranks}), val loss {m['svd_truncation_val_loss']:.4f}"
-              f"{sacc}; params {m['svd_truncation_params_after']}")
-    same = "same sparsity" if m["magnitude_pruning_sparsity"] == m["sparsity"] else \
-        f"sparsity {m['magnitude_pruning_sparsity']:.3f}, NOT the DCS model's {m['sparsity']:.3f}"
-    print(f"  magnitude pruning:  {same}, val loss {m['magnitude_pruning_val_loss']:.4f}{bacc}")
-    print(f"  dense (unpruned):   val loss {m['dense_val_loss']:.4f}")
+              f"{acc(m, 'svd_truncation_')}; params {m['svd_truncation_params_after']}")
+    for arm, b in m["baselines"].items():
+        same = "same sparsity" if abs(b["sparsity"] - m["sparsity"]) < 5e-3 else \
+            f"sparsity {b['sparsity']:.3f}, NOT the DCS model's {m['sparsity']:.3f}"
+        print(f"  {arm + ':':<27} {same}, val loss {b['val_loss']:.4f}{acc(b)}, lr {b['lr']:g}")
+    if m["dense_val_loss"] is not None:
+        print(f"  dense (unpruned):   val loss {m['dense_val_loss']:.4f} (the one-shot arm's model before pruning)")
     if m["inference"] is not None:
         s = m["inference"]
         print(f"  inference: dense {s['dense_ms']:.2f} ms, exported {s['exported_ms']:.2f} ms "
@@ -407,7 +462,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(task=args.task, structure=args.structure, alpha=args.alpha, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, threshold=args.threshold,
                       width=args.width, depth=args.depth, context=args.context, quick=args.quick, seed=args.seed,
-                      eval_every=args.eval_every)
+                      eval_every=args.eval_every, baseline_lr=args.baseline_lr, baselines=args.baselines,
+                      lr_grid=args.lr_grid, target_sparsity=args.target_sparsity)
     clean = False  # whether the processes may still meet at a barrier before the group is destroyed
     try:
         m = run(cfg, args.out, resume=args.resume, stop_after=args.stop_after, progress=not args.progress_off,
@@ -463,10 +519,13 @@ def _train_defaults_text(key: str) -> str:
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="sparse training of a real model (lm | digits) against a same-budget magnitude-pruning baseline",
-        description="Convert the task's model to DCS layers, train it on loss + penalty, export it, and train the "
-        "dense model with the same budget, magnitude-prune it to the same sparsity and fine-tune it for 10% of "
-        "the budget. Writes OUT/metrics.json, OUT/training.png, OUT/exported.pt and OUT/checkpoints/. "
+        help="sparse training of a real model (lm | digits) against same-budget magnitude-pruning baselines",
+        description="Convert the task's model to DCS layers, train it on loss + penalty, export it (threshold) and "
+        "fine-tune it with its mask for the last 10% of the budget. In the same run, the baselines with the same "
+        "total steps, from the same initialization, at the DCS model's sparsity: one-shot global magnitude pruning "
+        "of the dense model, gradual magnitude pruning (Zhu & Gupta's cubic schedule) with a global and with a "
+        "per-layer-uniform threshold, and gradual magnitude pruning of the unpenalized w*u (each with the same "
+        "masked fine-tune). Writes OUT/metrics.json, OUT/training.png, OUT/exported.pt and OUT/checkpoints/. "
         "For --structure lowrank it also fine-tunes the dense model truncated by SVD to the DCS model's ranks. "
         "Under torchrun (torchrun --nproc_per_node N -m symfast train ...) it runs DistributedDataParallel, or "
         "FSDP2 with --parallel fsdp; --batch-size is the global batch. A run without --resume starts clean: it "
@@ -481,13 +540,27 @@ def _add_train(sub) -> None:
                    "die and are removed at export) or lowrank (nuclear-norm-like; compared with truncated SVD)")
     p.add_argument("--alpha", type=_float_from(0, inclusive=True), default=None,
                    help=f"DCS weight decay, >= 0 ({_train_defaults_text('alpha')})")
-    p.add_argument("--steps", type=_int_in(1), default=None,
-                   help=f"training steps of the DCS model and of the dense baseline, >= 1 "
-                   f"({_train_defaults_text('steps')})")
+    p.add_argument("--steps", type=_int_in(2), default=None,
+                   help=f"training steps of every arm (DCS and each baseline), including its masked fine-tune "
+                   f"(10%%), >= 2 ({_train_defaults_text('steps')})")
     p.add_argument("--batch-size", type=_int_in(1), default=None,
                    help=f"global batch size, >= 1 ({_train_defaults_text('batch_size')})")
     p.add_argument("--lr", type=_float_from(0, inclusive=False), default=None,
-                   help=f"peak learning rate, > 0 (warm-up 5%%, cosine decay; {_train_defaults_text('lr')})")
+                   help=f"DCS's peak learning rate (also the w*u control's), > 0 (warm-up 5%%, cosine decay; "
+                   f"{_train_defaults_text('lr')})")
+    p.add_argument("--baseline-lr", type=_float_from(0, inclusive=False), default=None,
+                   help=f"peak learning rate of the plain-weight baselines, > 0 "
+                   f"({_train_defaults_text('baseline_lr')})")
+    p.add_argument("--lr-grid", type=_float_list, default=None, metavar="LR,LR,...",
+                   help="train every arm at each of these learning rates and keep, per arm, the one with the "
+                   "lowest final loss on 10%% of the training data held out for it (not the reported val set); "
+                   "replaces --lr and --baseline-lr, and multiplies the run's time by their number")
+    p.add_argument("--baselines", type=_baseline_list, default=None, metavar="NAMES",
+                   help="comma-separated subset of one_shot_magnitude, gradual_magnitude, "
+                   "gradual_magnitude_uniform, gradual_magnitude_wu, or 'all' (default) or 'none'")
+    p.add_argument("--target-sparsity", type=_open_unit, default=None, metavar="S",
+                   help="steer DCS's alpha during training (starting from --alpha) so that its thresholded "
+                   "sparsity follows a cubic ramp to S (0 < S < 1); default: a fixed --alpha")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam (default) or sgd (momentum 0.9); both with the coupled decay that equals the penalty")
     p.add_argument("--threshold", type=_float_from(0, inclusive=True), default=None,
@@ -502,8 +575,8 @@ def _add_train(sub) -> None:
                    help=f"lm only: context length in bytes, 1 to {CONTEXT_MAX} (attention time grows with its "
                    f"square; {_train_defaults_text('context')})")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller, shorter run (lm: width 64, context 32, 200 steps; digits: 300 steps); about "
-                   "10 s on 2 CPU cores")
+                   help="a smaller, shorter run (lm: width 64, context 32, 200 steps; digits: 300 steps) for "
+                   "every arm; with all four baselines it trains about 2.4 times the steps of DCS and one baseline")
     p.add_argument("--seed", type=_int_in(0, TRAIN_SEED_LIMIT, "2**44"), default=0,
                    help="random seed of the initialization, the batches and the digits split, 0 <= N < 2**44 "
                    "(default: 0)")

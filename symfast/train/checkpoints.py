@@ -17,10 +17,10 @@ import torch
 if TYPE_CHECKING:
     from .task import TrainConfig
 
-__all__ = ["check_resume_config", "RESUME_MAY_DIFFER", "ResumeMismatch", "PHASE_FILES", "OUTPUT_FILES"]
+__all__ = ["check_resume_config", "RESUME_MAY_DIFFER", "ResumeMismatch", "phase_files", "OUTPUT_FILES"]
 
-#: What a run writes: the phase checkpoints in ``DIR/checkpoints/`` (with ``config.json``) and the outputs in ``DIR``.
-PHASE_FILES = ("dcs.pt", "dense.pt", "finetune.pt", "svd.pt")
+#: What a run writes: the phase checkpoints ``DIR/checkpoints/*.pt`` (one per arm, phase and, with a
+#: learning-rate grid, lr; see :func:`phase_files`), ``config.json``, and the outputs in ``DIR``.
 OUTPUT_FILES = ("metrics.json", "training.png", "exported.pt", "svd_truncation.pt")
 #: Settings that may differ between a run and its ``--resume``: the validation frequency (it also sets
 #: how often checkpoints are written) changes which steps the history validates, not the trained
@@ -81,10 +81,15 @@ def phase_mismatch(path: Path, cfg: "TrainConfig") -> Optional[str]:
     return None
 
 
+def phase_files(checkpoints: Path) -> List[Path]:
+    """The phase checkpoints in ``checkpoints``."""
+    return sorted(checkpoints.glob("*.pt")) if checkpoints.is_dir() else []
+
+
 def remove_earlier_run(out: Path) -> List[str]:
     """Removes what an earlier run wrote into ``out`` (checkpoints and outputs); returns the paths removed."""
     ck = out / "checkpoints"
-    paths = [ck / n for n in ("config.json", *PHASE_FILES)] + (sorted(ck.glob("*.tmp")) if ck.is_dir() else [])
+    paths = [ck / "config.json", *phase_files(ck)] + (sorted(ck.glob("*.tmp")) if ck.is_dir() else [])
     paths += [out / n for n in OUTPUT_FILES]
     removed = []
     for p in paths:

@@ -224,6 +224,7 @@ def fit(
     device=None,
     parallel: str = "ddp",
     meta: Any = None,
+    after_step: Optional[Callable[[int], None]] = None,
 ) -> FitResult:
     r"""Trains ``model`` for ``steps`` steps on ``train_data``; returns a :class:`FitResult`.
 
@@ -251,6 +252,10 @@ def fit(
     ``seed`` and the optimizer's name; resuming with any of them different is a ``ValueError`` (the
     world size may differ). ``meta`` (anything picklable, e.g. the settings of the whole experiment)
     is saved with it as ``"meta"``, for the caller to check before resuming; ``fit`` does not read it.
+
+    ``after_step(k)``, when given, is called after the optimizer step that completes step ``k`` (before
+    that step's validation and checkpoint), e.g. to apply pruning masks or to adapt a penalty. It
+    must keep no state that the model's weights do not hold, or resuming would lose it.
 
     Ctrl-C during training raises :class:`Interrupted` (a ``KeyboardInterrupt``) saying after which
     step it stopped and which step the checkpoint holds.
@@ -363,6 +368,8 @@ def fit(
             loss.backward()
             opt.step()
             step += 1
+            if after_step is not None:
+                after_step(step)
             logged = loss.detach()
             if world > 1:
                 logged = logged.clone()

@@ -1,20 +1,31 @@
-r"""``symfast train``: one run = a DCS model, its export, and the magnitude-pruning baseline of the same budget.
+r"""``symfast train``: one run = a DCS model, its export, and the baselines of the same budget.
 
-1. The model is converted (:func:`symfast.convert`, every Linear/Conv/Embedding) and trained with
-   :func:`fit` on ``loss + penalty`` for ``steps`` steps.
-2. It is exported (:func:`symfast.export` with ``threshold``); ``sparsity`` is the zero fraction of
-   the converted weights of the exported model, and ``val_loss`` is measured on the exported model.
-3. Baseline, in the same run: the dense model, from the same initialization, trained for the same
-   ``steps`` with the same optimizer and schedule; then ``torch.nn.utils.prune.global_unstructured``
-   (L1) prunes the same layers to the same number of zeros; then it is fine-tuned with its mask for
-   10% of the budget (lr / 10); its validation loss is ``magnitude_pruning_val_loss``.
-4. For ``structure="lowrank"`` also the truncated-SVD baseline (:func:`svd_truncate`): each converted
-   weight of the same trained dense model becomes its best rank-r approximation, r = the rank of
-   the exported DCS layer, held as two factors; fine-tuned in that factorized form (so the rank
-   stays <= r) for the same 10% of the budget at lr / 10; ``svd_truncation_val_loss``.
-5. ``DIR/metrics.json``, ``DIR/training.png`` (loss and sparsity against steps; for lowrank the
-   per-layer ranks instead of sparsity), ``DIR/exported.pt``
-   (and ``DIR/svd_truncation.pt``, the exported SVD baseline, for lowrank).
+Every arm gets the same budget, ``steps``: ``main = steps - ft`` training steps, then a fine-tune
+with its mask for ``ft = round(finetune_fraction * steps)`` steps at lr / 10 (:func:`split_budget`).
+
+1. DCS: the model is converted (:func:`symfast.convert`, every Linear/Conv/Embedding) and trained
+   with :func:`fit` on ``loss + penalty`` for ``main`` steps (with ``target_sparsity``, alpha is
+   steered by :class:`~symfast.train.target.SparsityTarget`); exported (:func:`symfast.export` with
+   ``threshold``: ``sparsity`` is the zero fraction of the converted weights, and
+   ``val_loss_before_finetune`` its loss); then fine-tuned with its zeros kept (lowrank: as rank-r
+   factors). ``val_loss`` is the fine-tuned exported model's.
+2. The baselines (:data:`BASELINES`, ``baselines`` chooses), each from the same initialization,
+   pruned to DCS's measured sparsity: ``one_shot_magnitude`` (the dense model trained ``main`` steps,
+   ``torch.nn.utils.prune.global_unstructured`` L1 to the same number of zeros), ``gradual_magnitude``
+   and ``gradual_magnitude_uniform`` (GMP, Zhu & Gupta's cubic schedule, global or per-layer
+   threshold, :class:`~symfast.train.baselines.GradualMagnitude`), ``gradual_magnitude_wu`` (GMP of
+   ``|w * u|`` on the unpenalized elementwise DCS parametrization, alpha 0: the reparametrization
+   without the lasso). Each ends with the same masked fine-tune. Learning rates: ``lr`` for DCS and
+   the ``w * u`` control, ``baseline_lr`` for the plain-weight arms; with ``lr_grid`` every arm is
+   trained at each lr and keeps the one with the lowest loss on the last 10% of the training data,
+   held out from training in that run (:func:`tune_split`), not the reported validation set.
+3. For ``structure="lowrank"`` also the truncated-SVD baseline (:func:`svd_truncate`): each converted
+   weight of the trained dense model becomes its best rank-r approximation, r = the rank of the
+   exported DCS layer, held as two factors; fine-tuned in that factorized form for the same ``ft``
+   steps at lr / 10; ``svd_truncation_val_loss``.
+4. ``DIR/metrics.json`` (``baselines``: ``{arm: {val_loss, val_accuracy, val_byte_accuracy,
+   sparsity, steps, lr, lr_tune_losses}}``), ``DIR/training.png``, ``DIR/exported.pt`` (and
+   ``DIR/svd_truncation.pt`` for lowrank).
 
 ``--resume`` first compares the run's settings with ``DIR/checkpoints/config.json`` (written when
 the run started): any difference except :data:`RESUME_MAY_DIFFER` is a :class:`ResumeMismatch`
@@ -34,7 +45,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,23 +54,32 @@ from torch import nn
 from ..conversion import convert
 from ..exporting import export, sparsity_report
 from ..models import ByteTransformer, DigitsCNN
-from .baselines import inference_speedup, make_pruning_permanent, prune_like, svd_truncate
+from .baselines import (
+    GradualMagnitude,
+    freeze_zeros,
+    gmp_schedule,
+    inference_speedup,
+    make_pruning_permanent,
+    prune_like,
+    svd_truncate,
+)
 from .checkpoints import (
-    PHASE_FILES,
     RESUME_MAY_DIFFER,
     ResumeMismatch,
     check_resume_config,
     config_dict,
+    phase_files,
     phase_meta,
     phase_mismatch,
     remove_earlier_run,
     write_config,
 )
 from .data import digits_data, lm_data
-from .loop import evaluate, fit
+from .loop import dcs_sparsity, evaluate, fit, make_optimizer
 from .plots import plot_run
+from .target import SparsityTarget
 
-__all__ = ["TrainConfig", "run", "prune_like", "svd_truncate", "inference_speedup", "check_resume_config",
+__all__ = ["TrainConfig", "run", "BASELINES", "split_budget", "tune_split", "prune_like", "svd_truncate", "inference_speedup", "check_resume_config",
            "RESUME_MAY_DIFFER", "ResumeMismatch", "NonFiniteMetrics"]
 
 TASKS = ("lm", "digits")
@@ -68,6 +88,13 @@ PARALLEL = ("ddp", "fsdp")
 LM_HEADS = 4
 #: Settings that only the lm task has (digits has neither blocks nor a context).
 LM_ONLY = ("depth", "context")
+#: The baselines of every run (``--baselines`` chooses a subset): one-shot global magnitude pruning of the
+#: trained dense model; gradual magnitude pruning (GMP) with a global threshold, with a per-layer-uniform
+#: one, and on the unpenalized ``theta = w * u`` (the control that separates the reparametrization from
+#: the penalty). Each ends with the same masked fine-tune as DCS.
+BASELINES = ("one_shot_magnitude", "gradual_magnitude", "gradual_magnitude_uniform", "gradual_magnitude_wu")
+#: The baselines that mask during training (``fit(after_step=...)``), which FSDP2's sharded copy does not run.
+MASK_IN_TRAINING = BASELINES[1:]
 
 
 class NonFiniteMetrics(RuntimeError):
@@ -94,6 +121,10 @@ class TrainConfig:
     eval_every: Optional[int] = None
     finetune_fraction: float = 0.1
     eval_samples: Optional[int] = None
+    baseline_lr: Optional[float] = None
+    baselines: Optional[List[str]] = None
+    lr_grid: Optional[List[float]] = None
+    target_sparsity: Optional[float] = None
 
     def resolved(self) -> "TrainConfig":
         d = defaults(self.task, self.structure, quick=self.quick)
@@ -105,24 +136,69 @@ class TrainConfig:
         for k, v in d.items():
             if getattr(out, k) is None:
                 setattr(out, k, v)
+        out.baselines = list(BASELINES) if out.baselines is None else list(out.baselines)
+        unknown = [b for b in out.baselines if b not in BASELINES]
+        if unknown or len(set(out.baselines)) != len(out.baselines):
+            raise ValueError(f"symfast train: baselines must be distinct names from {BASELINES}, got {out.baselines}")
+        if out.lr_grid is not None:
+            out.lr_grid = [float(x) for x in out.lr_grid]
+            if not out.lr_grid or not all(math.isfinite(x) and x > 0 for x in out.lr_grid):
+                raise ValueError(f"symfast train: lr_grid must be finite numbers > 0, got {out.lr_grid}")
+        if out.target_sparsity is not None and not 0 < out.target_sparsity < 1:
+            raise ValueError(f"symfast train: target_sparsity must be in (0, 1), got {out.target_sparsity}")
+        if out.target_sparsity is not None and out.alpha == 0:
+            raise ValueError("symfast train: target_sparsity needs a starting alpha > 0 (the controller scales it)")
+        if out.steps < 2:
+            raise ValueError(f"symfast train: steps must be >= 2 (training and the masked fine-tune), got {out.steps}")
         return out
 
 
 def defaults(task: str, structure: str, *, quick: bool) -> Dict[str, Any]:
-    """The task's default settings (the values chosen so that ``--quick`` reaches sparsity >= 0.5 in about a minute)."""
+    """The task's default settings (the values chosen so that ``--quick`` reaches sparsity >= 0.5 in about a minute).
+
+    Learning rates are per arm: on ``theta = w * u`` Adam's step moves theta by about ``lr * |w|``, so
+    DCS (and the ``w * u`` control) needs a larger lr than plain weights. lm: DCS 2e-2, plain-weight
+    baselines 1e-2, each the best of the grid {3e-3, 1e-2, 2e-2} in a 3-seed study at the default
+    budget; digits keeps 3e-3 for every arm (not yet tuned per arm; ``--lr-grid`` tunes any run).
+    """
     if task not in TASKS:
         raise ValueError(f"symfast train: task must be one of {TASKS}, got {task!r}")
     if task == "lm":
-        d = dict(width=128, depth=2, context=64, steps=1500, batch_size=32, lr=3e-3, alpha=3e-4, threshold=1e-2,
+        d = dict(width=128, depth=2, context=64, steps=1500, batch_size=32, lr=2e-2, baseline_lr=1e-2, alpha=3e-4, threshold=1e-2,
                  eval_samples=1024)
         if quick:
             d.update(width=64, depth=2, context=32, steps=200, eval_samples=256)
     else:
-        d = dict(width=16, depth=None, context=None, steps=600, batch_size=64, lr=3e-3, alpha=3e-4, threshold=1e-2,
+        d = dict(width=16, depth=None, context=None, steps=600, batch_size=64, lr=3e-3, baseline_lr=3e-3, alpha=3e-4, threshold=1e-2,
                  eval_samples=None)
         if quick:
             d.update(steps=300)
     return d
+
+
+def split_budget(steps: int, finetune_fraction: float) -> Tuple[int, int]:
+    """``(fine-tune steps, main steps)`` of a budget of ``steps``: every arm trains ``main`` steps, then fine-tunes
+    with its mask for ``round(finetune_fraction * steps)`` (at least 1, leaving at least 1 main step)."""
+    ft = min(steps - 1, max(1, round(finetune_fraction * steps)))
+    return ft, steps - ft
+
+
+def tune_split(train, *, gap: int = 0):
+    """``(train, tune)``: the last 10% of ``train`` held out to choose learning rates, and the rest minus ``gap``
+    items before it (the lm task's windows overlap their ``context`` neighbours)."""
+    from torch.utils.data import Subset
+
+    n = len(train)
+    k = max(1, n // 10)
+    if n - k - gap < 1:
+        raise ValueError(f"symfast train: too little training data ({n} items) to hold out a tuning split")
+    return Subset(train, range(n - k - gap)), Subset(train, range(n - k, n))
+
+
+def zero_holding(model: nn.Module) -> List[str]:
+    """The modules of ``model`` whose ``weight`` has exact zeros (what a masked fine-tune must keep)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and bool((m.weight == 0).any())]
 
 
 def build(cfg: TrainConfig):
@@ -137,22 +213,22 @@ def build(cfg: TrainConfig):
     return model, train, val, info
 
 
-def _non_finite(x: Any) -> bool:
+def _non_finite(x: Any, path: str) -> List[str]:
+    """``"path value"`` of every nan or inf float in ``x`` (nested dicts and lists by ``.key`` / ``[i]``)."""
     if isinstance(x, float):
-        return not math.isfinite(x)
+        return [] if math.isfinite(x) else [f"{path} {x}"]
     if isinstance(x, dict):
-        return any(_non_finite(v) for v in x.values())
+        return [b for k, v in x.items() for b in _non_finite(v, f"{path}.{k}")]
     if isinstance(x, (list, tuple)):
-        return any(_non_finite(v) for v in x)
-    return False
+        return [b for i, v in enumerate(x) for b in _non_finite(v, f"{path}[{i}]")]
+    return []
 
 
 def _check_finite(metrics: Dict[str, Any], out: Path) -> None:
     """:class:`NonFiniteMetrics` naming every result that is nan or inf (JSON has no such numbers)."""
-    bad = [f"{k} {v}" if isinstance(v, float) else k for k, v in metrics.items()
-           if k != "history" and _non_finite(v)]
+    bad = [b for k, v in metrics.items() if k != "history" for b in _non_finite(v, k)]
     for phase, hist in metrics["history"].items():
-        steps = [h["step"] for h in hist if _non_finite(h)]
+        steps = [h["step"] for h in hist if _non_finite(h, "")]
         if steps:
             bad.append(f"the {phase} phase's history (from step {steps[0]})")
     if bad:
@@ -205,7 +281,13 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         if rank == 0:
             print(line, flush=True)
 
-    if resume and not any((ck / n).exists() for n in ("config.json", *PHASE_FILES)):
+    if world > 1 and parallel == "fsdp":
+        masked = [b for b in cfg.baselines if b in MASK_IN_TRAINING]
+        if masked or cfg.target_sparsity is not None:
+            raise ValueError("symfast train: under FSDP2 the baselines " + ", ".join(masked or ["-"]) + " and "
+                             "target_sparsity cannot run (they act on the weights between steps, which FSDP2 "
+                             "shards); choose baselines=['one_shot_magnitude'] or parallel='ddp'")
+    if resume and not ((ck / "config.json").exists() or phase_files(ck)):
         note(f"symfast train --resume: nothing to resume in {ck} (no checkpoints); training from scratch")
     if resume and (ck / "config.json").exists():
         check_resume_config(cfg, ck)
@@ -229,54 +311,162 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         return why is None
     device = torch.device(device) if device is not None else torch.device("cpu")
     dense, train, val, data_info = build(cfg)
+    tune = None
+    if cfg.lr_grid:
+        train, tune = tune_split(train, gap=cfg.context or 0)
+        data_info = {**data_info, "lr_selection": f"each arm's lr from {cfg.lr_grid} by its final loss on the "
+                     f"last {len(tune)} train items, held out from training (the reported val set is separate)"}
     dense = dense.to(device)
     init_state = copy.deepcopy(dense.state_dict())
     params_before = sum(p.numel() for p in dense.parameters())
+    ft_steps, main_steps = split_budget(cfg.steps, cfg.finetune_fraction)
+    final_n = None if cfg.eval_samples is None else 4 * cfg.eval_samples
+    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, eval_every=cfg.eval_every,
+                  eval_samples=cfg.eval_samples, progress=progress, device=device, parallel=parallel, world=world)
+    ft_common = {**common, "seed": cfg.seed + 1, "optimizer": cfg.optimizer, "warmup": 0}
 
-    sparse = convert(copy.deepcopy(dense), structure=cfg.structure, alpha=cfg.alpha, warn=False)
+    def phase(name: str, lr: float, lrs) -> Dict[str, Any]:
+        file = f"{name}.pt" if len(lrs) == 1 else f"{name}-lr{lr:g}.pt"
+        return dict(checkpoint=ck / file, resume=reuse(file), meta=phase_meta(cfg, file))
+
+    def fresh_dense() -> nn.Module:
+        m = copy.deepcopy(dense)
+        m.load_state_dict(init_state)
+        return m
+
+    def finetune(model: nn.Module, names, lr: float, name: str, lrs):
+        """The masked fine-tune every arm ends with: its zeros kept, ``ft_steps`` steps at lr / 10."""
+        freeze_zeros(model, names)
+        r = _fit(model, train, val, steps=ft_steps, lr=lr / 10, desc=f"{name} fine-tune",
+                 **phase(f"{name}_finetune" if name != "one_shot_magnitude" else "finetune", lr, lrs), **ft_common)
+        make_pruning_permanent(model, names)
+        return r
+
+    def score(model: nn.Module) -> Optional[float]:
+        return None if tune is None else evaluate(model, tune, device=device, max_samples=final_n)["loss"]
+
+    # ---- DCS: loss + penalty for the main part of the budget, export (threshold), masked fine-tune
+    def dcs_arm(lr: float, lrs, stop: Optional[int]):
+        model = convert(fresh_dense(), structure=cfg.structure, alpha=cfg.alpha, warn=False)
+        opt, ctl = cfg.optimizer, None
+        if cfg.target_sparsity is not None:
+            opt = make_optimizer(model, cfg.optimizer, lr)
+            ctl = SparsityTarget(model, opt, target=cfg.target_sparsity, steps=main_steps, threshold=cfg.threshold)
+        r = _fit(model, train, val, steps=main_steps, lr=lr, sparsity_threshold=cfg.threshold, stop_after=stop,
+                 desc=f"DCS {cfg.structure}", optimizer=opt, after_step=ctl, **phase("dcs", lr, lrs), **common)
+        if r.stopped_early:
+            return {"stopped_at": r.history[-1]["step"]}
+        exported = export(model, threshold=cfg.threshold)
+        before = evaluate(exported, val, device=device, max_samples=final_n)
+        if cfg.structure == "lowrank":
+            # Keeps each layer's rank: thin pairs stay thin, and a layer exported whole (thin would not be
+            # smaller) is fine-tuned as its two rank-r factors, as the SVD baseline is.
+            whole = {r["name"]: r["rank"] for r in sparsity_report(model, threshold=cfg.threshold).rows
+                     if not isinstance(exported.get_submodule(r["name"]), nn.Sequential)}
+            exported = svd_truncate(exported, whole)
+            r_ft = _fit(exported, train, val, steps=ft_steps, lr=lr / 10, desc="dcs fine-tune",
+                        **phase("dcs_finetune", lr, lrs), **ft_common)
+            exported = export(exported)
+        else:
+            r_ft = finetune(exported, zero_holding(exported), lr, "dcs", lrs)
+        return dict(model=model, final=exported, runs=(r, r_ft), before=before,
+                    alpha=ctl.alpha if ctl is not None else cfg.alpha, history={"dcs": r.history,
+                                                                                 "dcs_finetune": r_ft.history})
+
+    lr_dcs = cfg.lr_grid or [cfg.lr]
+    dcs_runs = []
+    for i, lr in enumerate(lr_dcs):
+        res = dcs_arm(lr, lr_dcs, stop_after if i == 0 else None)
+        if "stopped_at" in res:
+            return {"stopped_at": res["stopped_at"], "steps": cfg.steps,
+                    "checkpoint": str(phase("dcs", lr, lr_dcs)["checkpoint"])}
+        dcs_runs.append((score(res["final"]), lr, res))
+    dcs_tune, dcs_lr, best = min(dcs_runs, key=lambda t: (t[0] if t[0] is not None else 0.0))
+    sparse, exported = best["model"], best["final"]
     report = sparse.dcs_report
     converted = [n for n, _, _ in report.converted]
-    common = dict(batch_size=cfg.batch_size, optimizer=cfg.optimizer, seed=cfg.seed, eval_every=cfg.eval_every,
-                  eval_samples=cfg.eval_samples,
-                  progress=progress, device=device, parallel=parallel, world=world)
-
-    def phase(name: str) -> Dict[str, Any]:
-        return dict(checkpoint=ck / name, resume=reuse(name), meta=phase_meta(cfg, name))
-
-    r_sparse = _fit(sparse, train, val, steps=cfg.steps, lr=cfg.lr, sparsity_threshold=cfg.threshold,
-                    stop_after=stop_after, desc=f"DCS {cfg.structure}", **phase("dcs.pt"), **common)
-    if r_sparse.stopped_early:
-        return {"stopped_at": r_sparse.history[-1]["step"], "steps": cfg.steps, "checkpoint": str(ck / "dcs.pt")}
-    exported = export(sparse, threshold=cfg.threshold)
     rep = sparsity_report(sparse, threshold=cfg.threshold)
     zeros = sum(r["zeros"] for r in rep.rows)
     numel = sum(r["numel"] for r in rep.rows)
     sparsity = zeros / numel
-    final_n = None if cfg.eval_samples is None else 4 * cfg.eval_samples
     ev = evaluate(exported, val, device=device, max_samples=final_n)
 
-    # ---- baseline: same budget dense, global magnitude pruning to the same zeros, 10% fine-tune with the mask
-    dense.load_state_dict(init_state)
-    r_dense = _fit(dense, train, val, steps=cfg.steps, lr=cfg.lr, desc="dense baseline", **phase("dense.pt"),
-                   **common)
-    dense_val = evaluate(dense, val, device=device, max_samples=final_n)
-    trained_dense = copy.deepcopy(dense)
-    prune_like(dense, converted, zeros)
-    ft_steps = max(1, round(cfg.finetune_fraction * cfg.steps))
-    r_ft = _fit(dense, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0, desc="prune + fine-tune",
-                **phase("finetune.pt"), **{**common, "seed": cfg.seed + 1})
-    make_pruning_permanent(dense, converted)
-    base_zeros = sum(int((dense.get_submodule(n).weight == 0).sum()) for n in converted)
-    base = evaluate(dense, val, device=device, max_samples=final_n)
+    def weight_sparsity(model: nn.Module) -> float:
+        """The zero fraction of the converted layers' weights (``model`` plain, as the DCS export is counted)."""
+        return sum(int((model.get_submodule(n).weight == 0).sum()) for n in converted) / numel
+
+    # ---- the baselines, each from the same initialization, with the same total steps, at DCS's sparsity
+    trained_dense: Dict[float, nn.Module] = {}
+
+    def dense_phase(lr: float, lrs):
+        model = fresh_dense()
+        r = _fit(model, train, val, steps=main_steps, lr=lr, desc="dense", optimizer=cfg.optimizer,
+                 **phase("dense", lr, lrs), **common)
+        trained_dense[lr] = (copy.deepcopy(model), r)
+        return model, r
+
+    def baseline_arm(arm: str, lr: float, lrs):
+        if arm == "one_shot_magnitude":
+            model, r = dense_phase(lr, lrs)
+            prune_like(model, converted, zeros)
+            make_pruning_permanent(model, converted)  # the fine-tune masks the same zeros again
+        else:
+            wu = arm == "gradual_magnitude_wu"
+            model = fresh_dense()
+            if wu:
+                model = convert(model, structure="elementwise", alpha=0.0, include=lambda n, m: n in converted,
+                                warn=False)
+            gmp = GradualMagnitude(model, converted, final=sparsity, uniform=arm == "gradual_magnitude_uniform",
+                                   **gmp_schedule(main_steps))
+            r = _fit(model, train, val, steps=main_steps, lr=lr, desc=arm, optimizer=cfg.optimizer,
+                     after_step=gmp, **phase(arm, lr, lrs), **common)
+            if wu:  # fine-tuned as w * u too; theta is exactly 0 where masked (export could drop dead units)
+                r_ft = _fit(model, train, val, steps=ft_steps, lr=lr / 10, desc=f"{arm} fine-tune",
+                            after_step=GradualMagnitude.keep_zeros(model, converted),
+                            **phase(f"{arm}_finetune", lr, lrs), **ft_common)
+                return dict(final=model, sparsity=dcs_sparsity(model), runs=(r, r_ft),
+                            history={arm: r.history, f"{arm}_finetune": r_ft.history})
+        r_ft = finetune(model, converted, lr, arm, lrs)
+        return dict(final=model, sparsity=weight_sparsity(model), runs=(r, r_ft),
+                    history={arm: r.history, f"{arm}_finetune": r_ft.history})
+
+    baselines: Dict[str, Any] = {}
+    histories: Dict[str, Any] = dict(best["history"])
+    runs = {"dcs": best["runs"][0], "dcs_finetune": best["runs"][1]}
+    for arm in cfg.baselines:
+        lrs = cfg.lr_grid or [cfg.baseline_lr if arm != "gradual_magnitude_wu" else cfg.lr]
+        tried = [(baseline_arm(arm, lr, lrs), lr) for lr in lrs]
+        scored = [(score(res["final"]), lr, res) for res, lr in tried]
+        tune_loss, lr, res = min(scored, key=lambda t: (t[0] if t[0] is not None else 0.0))
+        b_ev = evaluate(res["final"], val, device=device, max_samples=final_n)
+        baselines[arm] = {"val_loss": b_ev["loss"],
+                          "val_accuracy": b_ev.get("accuracy") if cfg.task == "digits" else None,
+                          "val_byte_accuracy": b_ev.get("accuracy") if cfg.task == "lm" else None,
+                          "sparsity": res["sparsity"], "steps": main_steps + ft_steps, "lr": lr,
+                          "lr_tune_losses": None if tune is None else {f"{l:g}": t for t, l, _ in scored}}
+        histories.update(res["history"])
+        runs[arm], runs[f"{arm}_finetune"] = res["runs"]
+    dense_val = None
+    if "one_shot_magnitude" in baselines:
+        dense_model = trained_dense[baselines["one_shot_magnitude"]["lr"]][0]
+        dense_val = evaluate(dense_model, val, device=device, max_samples=final_n)
 
     # ---- lowrank: truncated-SVD baseline at the exported DCS ranks, fine-tuned in factorized form
     svd: Dict[str, Any] = {}
     r_svd = None
     if cfg.structure == "lowrank":
         target = {r["name"]: r["rank"] for r in rep.rows}
-        svd_model = svd_truncate(trained_dense, target)
-        r_svd = _fit(svd_model, train, val, steps=ft_steps, lr=cfg.lr / 10, warmup=0,
-                     desc="SVD truncate + fine-tune", **phase("svd.pt"), **{**common, "seed": cfg.seed + 1})
+        svd_lr = baselines["one_shot_magnitude"]["lr"] if "one_shot_magnitude" in baselines else cfg.baseline_lr
+        if svd_lr not in trained_dense:  # the SVD baseline truncates a trained dense model
+            dense_phase(svd_lr, [svd_lr])
+            runs["dense"] = trained_dense[svd_lr][1]
+            histories["dense"] = runs["dense"].history
+        svd_dense = trained_dense[svd_lr][0]
+        if dense_val is None:
+            dense_val = evaluate(svd_dense, val, device=device, max_samples=final_n)
+        svd_model = svd_truncate(svd_dense, target)
+        r_svd = _fit(svd_model, train, val, steps=ft_steps, lr=svd_lr / 10, desc="SVD truncate + fine-tune",
+                     **phase("svd", svd_lr, [svd_lr]), **ft_common)
         svd_exported = export(svd_model)
         got = {r["name"]: r["rank"] for r in sparsity_report(svd_model).rows}
         sv_ev = evaluate(svd_exported, val, device=device, max_samples=final_n)
@@ -285,29 +475,35 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
                "svd_truncation_val_byte_accuracy": sv_ev.get("accuracy") if cfg.task == "lm" else None,
                "svd_truncation_ranks": {n: [got[n], target[n]] for n in target},
                "svd_truncation_params_after": sum(p.numel() for p in svd_exported.parameters())}
+        runs["svd_finetune"] = r_svd
+        histories["svd_finetune"] = r_svd.history
 
     speed = None
     if cfg.structure == "group":
         x = torch.stack([val[i][0] for i in range(min(len(val), 64))]).to(device)
-        speed = inference_speedup(trained_dense, exported, x)
+        reference = trained_dense[next(iter(trained_dense))][0] if trained_dense else fresh_dense()
+        speed = inference_speedup(reference, exported, x)
 
     metrics: Dict[str, Any] = {
         "task": cfg.task,
         "structure": cfg.structure,
         "alpha": cfg.alpha,
+        "alpha_final": best["alpha"],
+        "target_sparsity": cfg.target_sparsity,
         "steps": cfg.steps,
+        "lr": dcs_lr,
+        "lr_tune_losses": None if tune is None else {f"{lr:g}": t for t, lr, _ in dcs_runs},
         "sparsity": sparsity,
         "val_loss": ev["loss"],
         "val_accuracy": ev.get("accuracy") if cfg.task == "digits" else None,
+        "val_loss_before_finetune": best["before"]["loss"],
         "params_before": params_before,
         "params_after": sum(p.numel() for p in exported.parameters()),
         "nonzero_params_after": int(sum(int((p != 0).sum()) for p in exported.parameters())),
-        "magnitude_pruning_val_loss": base["loss"],
-        "magnitude_pruning_val_accuracy": base.get("accuracy") if cfg.task == "digits" else None,
-        "magnitude_pruning_sparsity": base_zeros / numel,
+        "baselines": baselines,
         **svd,
-        "dense_val_loss": dense_val["loss"],
-        "dense_val_accuracy": dense_val.get("accuracy") if cfg.task == "digits" else None,
+        "dense_val_loss": None if dense_val is None else dense_val["loss"],
+        "dense_val_accuracy": dense_val.get("accuracy") if dense_val is not None and cfg.task == "digits" else None,
         "val_byte_accuracy": ev.get("accuracy") if cfg.task == "lm" else None,
         "inference": speed,
         "ranks": ({r["name"]: [r["rank"], r["full_rank"]] for r in rep.rows} if cfg.structure == "lowrank" else None),
@@ -319,15 +515,12 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         "data": data_info,
         "world_size": world,
         "parallel": parallel if world > 1 else None,  # one process: nothing was parallel
-        "resumed_from": r_sparse.resumed_from,
-        "trained_now": {k: r.steps - (r.resumed_from or 0) for k, r in
-                        (("dcs", r_sparse), ("dense", r_dense), ("finetune", r_ft), ("svd_finetune", r_svd))
-                        if r is not None},
+        "resumed_from": best["runs"][0].resumed_from,
+        "trained_now": {k: r.steps - (r.resumed_from or 0) for k, r in runs.items()},
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "seconds": time.time() - t0,
-        "history": {"dcs": r_sparse.history, "dense": r_dense.history, "finetune": r_ft.history,
-                    **({"svd_finetune": r_svd.history} if r_svd is not None else {})},
+        "history": histories,
     }
     _check_finite(metrics, out)
     if rank == 0:
@@ -339,9 +532,10 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
             kept = sum(r for r, _ in metrics["ranks"].values()), sum(f for _, f in metrics["ranks"].values())
             versus = f"rank {kept[0]}/{kept[1]} vs SVD truncation {svd['svd_truncation_val_loss']:.3f}"
         else:
-            versus = f"sparsity {sparsity:.2f} vs magnitude pruning {base['loss']:.3f}"
-        title = f"{cfg.task}, {cfg.structure}, alpha={cfg.alpha:g}: DCS val {ev['loss']:.3f} at {versus}"
-        plot_run(out / "training.png", r_sparse.history, r_dense.history, r_ft.history, cfg.steps, title,
-              svd_hist=r_svd.history if r_svd is not None else None, ranks=metrics["ranks"])
+            best_base = min(baselines.items(), key=lambda kv: kv[1]["val_loss"], default=None)
+            versus = f"sparsity {sparsity:.2f}" + ("" if best_base is None else
+                                                  f" vs {best_base[0]} {best_base[1]['val_loss']:.3f}")
+        title = f"{cfg.task}, {cfg.structure}, alpha={best['alpha']:.3g}: DCS val {ev['loss']:.3f} at {versus}"
+        plot_run(out / "training.png", histories, main_steps, title, ranks=metrics["ranks"])
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     return metrics

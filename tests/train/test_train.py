@@ -224,8 +224,9 @@ def test_lm_data_splits_by_file():
 
 
 def _run_cli(out, *extra):
+    # One baseline keeps these checks of resuming and reporting fast; test_baselines.py runs all four.
     return main(["train", "--task", "digits", "--steps", "20", "--width", "4", "--eval-every", "5",
-                 "--no-progress", "--out", str(out), *extra])
+                 "--no-progress", "--baselines", "one_shot_magnitude", "--out", str(out), *extra])
 
 
 def test_cli_train_resume_export_and_baseline(tmp_path, capsys):
@@ -237,7 +238,7 @@ def test_cli_train_resume_export_and_baseline(tmp_path, capsys):
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     assert mb["resumed_from"] == 7
     for k in ("task", "structure", "alpha", "steps", "sparsity", "val_loss", "val_accuracy", "params_before",
-              "params_after", "magnitude_pruning_val_loss", "magnitude_pruning_val_accuracy"):
+              "params_after", "baselines", "val_loss_before_finetune"):
         assert k in ma, k
         assert ma[k] == mb[k], k  # the resumed run ends exactly where the uninterrupted one does
     assert ma["history"] == mb["history"]
@@ -258,8 +259,9 @@ def test_cli_train_resume_export_and_baseline(tmp_path, capsys):
     assert ev["loss"] == pytest.approx(ma["val_loss"], rel=1e-6)
     assert ev["accuracy"] == pytest.approx(ma["val_accuracy"])
     # The baseline kept its mask through fine-tuning: the same number of zeros as DCS.
-    assert ma["magnitude_pruning_sparsity"] == pytest.approx(ma["sparsity"], abs=1e-12)
-    assert 0 < ma["magnitude_pruning_val_accuracy"] <= 1
+    one_shot = ma["baselines"]["one_shot_magnitude"]
+    assert one_shot["sparsity"] == pytest.approx(ma["sparsity"], abs=1e-12)
+    assert 0 < one_shot["val_accuracy"] <= 1
 
 
 def test_dcs_sparsity_counts_thresholded_zeros():
@@ -272,9 +274,15 @@ def test_dcs_sparsity_counts_thresholded_zeros():
 def test_group_export_is_physically_smaller_and_timed(tmp_path):
     from symfast.train import TrainConfig, run
 
+<<<<<<< HEAD
     m = run(TrainConfig(task="lm", quick=True, structure="group", alpha=1e-2, eval_samples=64), tmp_path,
             progress=False)
     assert_margin(m["sparsity"], ">", 0.1, "group DCS sparsity")
+=======
+    m = run(TrainConfig(task="lm", quick=True, structure="group", alpha=1e-2, eval_samples=64,
+                        baselines=["one_shot_magnitude"]), tmp_path, progress=False)
+    assert m["sparsity"] > 0.1
+>>>>>>> trainbase
     assert m["params_after"] < m["params_before"]  # dead MLP units were removed, not just zeroed
     exported = torch.load(tmp_path / "exported.pt", weights_only=False)
     hidden = [b.mlp[0].out_features for b in exported.blocks]
@@ -283,9 +291,15 @@ def test_group_export_is_physically_smaller_and_timed(tmp_path):
     assert m["inference"]["speedup"] == pytest.approx(m["inference"]["dense_ms"] / m["inference"]["exported_ms"])
 
 
+<<<<<<< HEAD
 # ------------------------------------------------------------- symfast train --quick (the documented run)
 METRICS_KEYS = ("task", "structure", "alpha", "steps", "sparsity", "val_loss", "val_accuracy", "params_before",
               "params_after", "magnitude_pruning_val_loss")
+=======
+# ------------------------------------------------------------- symfast train --quick (the issue's acceptance run)
+ISSUE_KEYS = ("task", "structure", "alpha", "steps", "sparsity", "val_loss", "val_accuracy", "params_before",
+              "params_after", "baselines")
+>>>>>>> trainbase
 
 
 @pytest.mark.slow  # ~10 s on 2 cores; part of the normal run (nothing deselects "slow")
@@ -299,8 +313,10 @@ def test_cli_quick_default_run_reaches_half_sparsity(tmp_path):
     assert (m["task"], m["structure"], m["steps"]) == ("lm", "elementwise", 200)  # the defaults, quick settings
     assert_margin(m["sparsity"], ">=", 0.5, "train --quick sparsity")
     assert m["val_accuracy"] is None and 0 < m["val_byte_accuracy"] < 1  # lm: byte accuracy, under its own key
-    for k in ("val_loss", "magnitude_pruning_val_loss", "dense_val_loss"):
+    for k in ("val_loss", "dense_val_loss"):
         assert math.isfinite(m[k]) and m[k] > 0, k
+    for arm, b in m["baselines"].items():
+        assert math.isfinite(b["val_loss"]) and b["val_loss"] > 0, arm
     assert m["params_after"] <= m["params_before"]
     assert seconds < 120, f"--quick took {seconds:.0f} s (about 10 s on 2 idle cores)"
 
@@ -333,7 +349,11 @@ def test_resume_with_other_settings_is_refused_before_training(tmp_path, monkeyp
     assert _run_cli(a) == 0
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     assert mb["resumed_from"] == 7 and calls
+<<<<<<< HEAD
     for k in METRICS_KEYS + ("magnitude_pruning_val_accuracy", "dense_val_loss"):
+=======
+    for k in ISSUE_KEYS + ("dense_val_loss",):
+>>>>>>> trainbase
         assert ma[k] == mb[k], k
 
 
@@ -362,11 +382,18 @@ def test_run_without_resume_starts_clean_and_resume_reuses_only_this_runs_checkp
     assert "dcs.pt" not in text.split("symfast train digits")[0]  # B's own DCS checkpoint is reused silently
     assert _run_cli(tmp_path / "fresh") == 0  # B uninterrupted
     mb, mf = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "fresh"))
+<<<<<<< HEAD
     assert mb["resumed_from"] == 7 and mb["trained_now"] == {"dcs": 13, "dense": 20, "finetune": 2}
     for k in METRICS_KEYS + ("magnitude_pruning_val_accuracy", "magnitude_pruning_sparsity", "dense_val_loss"):
+=======
+    assert mb["resumed_from"] == 7
+    assert mb["trained_now"] == {"dcs": 11, "dcs_finetune": 2, "one_shot_magnitude": 18,
+                                 "one_shot_magnitude_finetune": 2}
+    for k in ISSUE_KEYS + ("dense_val_loss",):
+>>>>>>> trainbase
         assert mb[k] == mf[k], k  # B's baseline, not A's
     assert mb["history"] == mf["history"]
-    assert mb["magnitude_pruning_sparsity"] == mb["sparsity"]  # "same sparsity" is the DCS model's sparsity
+    assert mb["baselines"]["one_shot_magnitude"]["sparsity"] == mb["sparsity"]  # "same sparsity": DCS's sparsity
 
 
 def test_baseline_line_says_when_its_sparsity_is_not_the_dcs_models(tmp_path, monkeypatch, capsys):
@@ -374,16 +401,31 @@ def test_baseline_line_says_when_its_sparsity_is_not_the_dcs_models(tmp_path, mo
     monkeypatch.setattr(task, "prune_like", lambda m, names, zeros: real(m, names, zeros // 2))
     assert _run_cli(tmp_path) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
+<<<<<<< HEAD
     assert_margin(m["sparsity"] - m["magnitude_pruning_sparsity"], ">", 0, "DCS - halved baseline sparsity")
     line = [ln for ln in capsys.readouterr().out.splitlines() if "magnitude pruning:" in ln][0]
+=======
+    got = m["baselines"]["one_shot_magnitude"]["sparsity"]
+    assert got < m["sparsity"]
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "one_shot_magnitude:" in ln][0]
+>>>>>>> trainbase
     assert "same sparsity" not in line
-    assert f"sparsity {m['magnitude_pruning_sparsity']:.3f}, NOT the DCS model's {m['sparsity']:.3f}" in line
+    assert f"sparsity {got:.3f}, NOT the DCS model's {m['sparsity']:.3f}" in line
 
 
 # ------------------------------------------------------------- flag values are checked by the parser (exit status 2)
 @pytest.mark.parametrize("flags, expected", [
-    (["--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
-    (["--steps", "1.5"], "argument --steps: expected an integer >= 1, got '1.5'"),
+    (["--steps", "1"], "argument --steps: expected an integer >= 2, got '1'"),
+    (["--steps", "1.5"], "argument --steps: expected an integer >= 2, got '1.5'"),
+    (["--lr-grid", "1e-2,0"], "argument --lr-grid: expected distinct comma-separated finite numbers > 0, got "
+                              "'1e-2,0'"),
+    (["--lr-grid", "fast"], "argument --lr-grid: expected distinct comma-separated finite numbers > 0, got 'fast'"),
+    (["--baseline-lr", "-1"], "argument --baseline-lr: expected a finite number > 0, got '-1'"),
+    (["--baselines", "gmp"], "argument --baselines: expected 'all', 'none' or distinct comma-separated names from "
+                             "one_shot_magnitude, gradual_magnitude"),
+    (["--target-sparsity", "1"], "argument --target-sparsity: expected a number with 0 < S < 1, got '1'"),
+    (["--target-sparsity", "nan"], "argument --target-sparsity: expected a number with 0 < S < 1, got 'nan'"),
+    (["--target-sparsity", "0.5", "--alpha", "0"], "argument --alpha: --target-sparsity scales a starting alpha"),
     (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
     (["--lr", "0"], "argument --lr: expected a finite number > 0, got '0'"),
     (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
@@ -438,11 +480,11 @@ def test_non_finite_results_fail_and_write_no_json(tmp_path, monkeypatch, capsys
         return {"loss": float("nan"), "accuracy": 0.0}
 
     monkeypatch.setattr(task, "evaluate", nan)  # the final evaluations
-    monkeypatch.setattr(loop, "evaluate", nan)  # the validations during training (here at the last step, 4)
+    monkeypatch.setattr(loop, "evaluate", nan)  # the validations during training (at the DCS phase's last step, 3)
     assert _run_cli(tmp_path / "cli", "--steps", "4") == 1
     err = capsys.readouterr().err
-    assert "results are not finite: val_loss nan" in err and "magnitude_pruning_val_loss nan" in err
-    assert "the dcs phase's history (from step 4)" in err and "Traceback" not in err
+    assert "results are not finite: val_loss nan" in err and "baselines.one_shot_magnitude.val_loss nan" in err
+    assert "the dcs phase's history (from step 3)" in err and "Traceback" not in err
     assert not (tmp_path / "cli" / "metrics.json").exists()
 
 
@@ -477,7 +519,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_resume_continues_it(tmp_path, mon
     out = tmp_path / "run"
     assert _run_cli(out) == 130
     err = capsys.readouterr().err
-    assert (f"interrupted in the DCS elementwise phase after step 12 of 20 (its checkpoint "
+    assert (f"interrupted in the DCS elementwise phase after step 12 of 18 (its checkpoint "
             f"{out / 'checkpoints' / 'dcs.pt'} holds step 10); continue with: symfast train --resume --out {out}") \
         in err
     assert "Traceback" not in err
@@ -492,8 +534,14 @@ def test_cli_train_help_documents_flags_and_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for part in ("--steps STEPS training steps", "default: lm 1500, digits 600; with --quick: lm 200, digits 300",
                  "--seed SEED random seed", "--structure {elementwise,group,lowrank} the DCS structure",
+<<<<<<< HEAD
                  "default: lm 128, digits 16", "fine-tune it for 10% of the budget", "warm-up 5%,",
                  "start the child with spawn", "torch.set_num_threads(1) before the ops and the fork"):
+=======
+                 "default: lm 128, digits 16", "fine-tune it with its mask for the last 10% of the budget",
+                 "warm-up 5%,", "--lr-grid LR,LR,...", "--baselines NAMES", "--target-sparsity S",
+                 "default: lm 0.02, digits 0.003", "--baseline-lr BASELINE_LR"):
+>>>>>>> trainbase
         assert part in text, part
     assert "%%" not in text and "about a minute" not in text
 
@@ -594,13 +642,13 @@ def test_cli_parallel_flag_reaches_fit(tmp_path, monkeypatch, capsys):
     real_fit = task.fit
     monkeypatch.setattr(task, "fit", lambda *a, **k: seen.append(k["parallel"]) or real_fit(*a, **k))
     assert _lowrank_cli(tmp_path, "--parallel", "fsdp", "--steps", "10") == 0
-    assert seen == ["fsdp"] * 4  # DCS, dense, magnitude fine-tune, SVD fine-tune
+    assert seen == ["fsdp"] * 5  # DCS, its fine-tune, dense, magnitude fine-tune, SVD fine-tune
     # In one process the flag has no effect: a warning says so, and the metrics do not claim it was applied.
     assert "--parallel fsdp has no effect in one process" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.json").read_text())["parallel"] is None
     seen.clear()
     assert _run_cli(tmp_path / "d", "--steps", "10") == 0
-    assert seen == ["ddp"] * 3
+    assert seen == ["ddp"] * 4
     with pytest.raises(SystemExit):
         main(["train", "--parallel", "zero3"])
 
@@ -640,18 +688,21 @@ def test_cli_fsdp_two_processes_match_one_and_resume_in_one(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # compare with the workers' CPU runs
     assert _lowrank_cli(tmp_path / "single") == 0
     spawn_workers(_cli_fsdp_worker, ([_free_port(), _free_port()], str(tmp_path)), nprocs=2)
-    # Every phase ran sharded: DCS, dense, magnitude fine-tune, SVD fine-tune; then the stopped run's DCS phase.
-    assert json.loads((tmp_path / "seen.json").read_text()) == [["fsdp", True]] * 5
+    # Every phase ran sharded: DCS, its fine-tune, dense, magnitude fine-tune, SVD fine-tune; then the stopped
+    # run's DCS phase.
+    assert json.loads((tmp_path / "seen.json").read_text()) == [["fsdp", True]] * 6
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("single", "fsdp"))
     assert (two["world_size"], two["parallel"]) == (2, "fsdp")
     assert two["ranks"] == one["ranks"]
-    for k in ("val_loss", "val_accuracy", "magnitude_pruning_val_loss", "svd_truncation_val_loss", "dense_val_loss"):
+    for k in ("val_loss", "val_accuracy", "svd_truncation_val_loss", "dense_val_loss"):
         assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
+    assert two["baselines"]["one_shot_magnitude"]["val_loss"] == pytest.approx(
+        one["baselines"]["one_shot_magnitude"]["val_loss"], rel=1e-4, abs=1e-6)
     # The FSDP2 run stopped at step 7 resumes in one process (its checkpoint holds full states) and
     # ends where the single uninterrupted run ends.
     assert not (tmp_path / "stopped" / "metrics.json").exists()
     assert _lowrank_cli(tmp_path / "stopped", "--resume") == 0
     three = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
     assert (three["resumed_from"], three["world_size"]) == (7, 1)
-    for k in ("val_loss", "magnitude_pruning_val_loss", "svd_truncation_val_loss"):
+    for k in ("val_loss", "svd_truncation_val_loss"):
         assert three[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
