@@ -274,15 +274,9 @@ def test_dcs_sparsity_counts_thresholded_zeros():
 def test_group_export_is_physically_smaller_and_timed(tmp_path):
     from symfast.train import TrainConfig, run
 
-<<<<<<< HEAD
-    m = run(TrainConfig(task="lm", quick=True, structure="group", alpha=1e-2, eval_samples=64), tmp_path,
-            progress=False)
-    assert_margin(m["sparsity"], ">", 0.1, "group DCS sparsity")
-=======
     m = run(TrainConfig(task="lm", quick=True, structure="group", alpha=1e-2, eval_samples=64,
                         baselines=["one_shot_magnitude"]), tmp_path, progress=False)
-    assert m["sparsity"] > 0.1
->>>>>>> trainbase
+    assert_margin(m["sparsity"], ">", 0.1, "group DCS sparsity")
     assert m["params_after"] < m["params_before"]  # dead MLP units were removed, not just zeroed
     exported = torch.load(tmp_path / "exported.pt", weights_only=False)
     hidden = [b.mlp[0].out_features for b in exported.blocks]
@@ -291,15 +285,9 @@ def test_group_export_is_physically_smaller_and_timed(tmp_path):
     assert m["inference"]["speedup"] == pytest.approx(m["inference"]["dense_ms"] / m["inference"]["exported_ms"])
 
 
-<<<<<<< HEAD
 # ------------------------------------------------------------- symfast train --quick (the documented run)
 METRICS_KEYS = ("task", "structure", "alpha", "steps", "sparsity", "val_loss", "val_accuracy", "params_before",
-              "params_after", "magnitude_pruning_val_loss")
-=======
-# ------------------------------------------------------------- symfast train --quick (the issue's acceptance run)
-ISSUE_KEYS = ("task", "structure", "alpha", "steps", "sparsity", "val_loss", "val_accuracy", "params_before",
-              "params_after", "baselines")
->>>>>>> trainbase
+                "params_after", "baselines")
 
 
 @pytest.mark.slow  # ~10 s on 2 cores; part of the normal run (nothing deselects "slow")
@@ -349,11 +337,7 @@ def test_resume_with_other_settings_is_refused_before_training(tmp_path, monkeyp
     assert _run_cli(a) == 0
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
     assert mb["resumed_from"] == 7 and calls
-<<<<<<< HEAD
-    for k in METRICS_KEYS + ("magnitude_pruning_val_accuracy", "dense_val_loss"):
-=======
-    for k in ISSUE_KEYS + ("dense_val_loss",):
->>>>>>> trainbase
+    for k in METRICS_KEYS + ("dense_val_loss",):
         assert ma[k] == mb[k], k
 
 
@@ -382,15 +366,10 @@ def test_run_without_resume_starts_clean_and_resume_reuses_only_this_runs_checkp
     assert "dcs.pt" not in text.split("symfast train digits")[0]  # B's own DCS checkpoint is reused silently
     assert _run_cli(tmp_path / "fresh") == 0  # B uninterrupted
     mb, mf = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "fresh"))
-<<<<<<< HEAD
-    assert mb["resumed_from"] == 7 and mb["trained_now"] == {"dcs": 13, "dense": 20, "finetune": 2}
-    for k in METRICS_KEYS + ("magnitude_pruning_val_accuracy", "magnitude_pruning_sparsity", "dense_val_loss"):
-=======
     assert mb["resumed_from"] == 7
     assert mb["trained_now"] == {"dcs": 11, "dcs_finetune": 2, "one_shot_magnitude": 18,
                                  "one_shot_magnitude_finetune": 2}
-    for k in ISSUE_KEYS + ("dense_val_loss",):
->>>>>>> trainbase
+    for k in METRICS_KEYS + ("dense_val_loss",):
         assert mb[k] == mf[k], k  # B's baseline, not A's
     assert mb["history"] == mf["history"]
     assert mb["baselines"]["one_shot_magnitude"]["sparsity"] == mb["sparsity"]  # "same sparsity": DCS's sparsity
@@ -401,14 +380,9 @@ def test_baseline_line_says_when_its_sparsity_is_not_the_dcs_models(tmp_path, mo
     monkeypatch.setattr(task, "prune_like", lambda m, names, zeros: real(m, names, zeros // 2))
     assert _run_cli(tmp_path) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
-<<<<<<< HEAD
-    assert_margin(m["sparsity"] - m["magnitude_pruning_sparsity"], ">", 0, "DCS - halved baseline sparsity")
-    line = [ln for ln in capsys.readouterr().out.splitlines() if "magnitude pruning:" in ln][0]
-=======
     got = m["baselines"]["one_shot_magnitude"]["sparsity"]
-    assert got < m["sparsity"]
+    assert_margin(m["sparsity"] - got, ">", 0, "DCS - halved baseline sparsity")
     line = [ln for ln in capsys.readouterr().out.splitlines() if "one_shot_magnitude:" in ln][0]
->>>>>>> trainbase
     assert "same sparsity" not in line
     assert f"sparsity {got:.3f}, NOT the DCS model's {m['sparsity']:.3f}" in line
 
@@ -534,14 +508,10 @@ def test_cli_train_help_documents_flags_and_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for part in ("--steps STEPS training steps", "default: lm 1500, digits 600; with --quick: lm 200, digits 300",
                  "--seed SEED random seed", "--structure {elementwise,group,lowrank} the DCS structure",
-<<<<<<< HEAD
-                 "default: lm 128, digits 16", "fine-tune it for 10% of the budget", "warm-up 5%,",
-                 "start the child with spawn", "torch.set_num_threads(1) before the ops and the fork"):
-=======
                  "default: lm 128, digits 16", "fine-tune it with its mask for the last 10% of the budget",
                  "warm-up 5%,", "--lr-grid LR,LR,...", "--baselines NAMES", "--target-sparsity S",
-                 "default: lm 0.02, digits 0.003", "--baseline-lr BASELINE_LR"):
->>>>>>> trainbase
+                 "default: lm 0.02, digits 0.003", "--baseline-lr BASELINE_LR",
+                 "start the child with spawn", "torch.set_num_threads(1) before the ops and the fork"):
         assert part in text, part
     assert "%%" not in text and "about a minute" not in text
 
