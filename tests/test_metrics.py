@@ -10,8 +10,6 @@ from torch import nn
 
 import symfast
 from symfast import metrics as M
-from symfast import monitor, remedies
-from margins import assert_margin
 
 scipy = pytest.importorskip("scipy")
 from scipy.sparse.csgraph import connected_components  # noqa: E402
@@ -263,140 +261,6 @@ def test_dead_parameters_on_constructed_model():
         M.gradient_magnitude(lambda p, b: loss_fn(p, b).mean(), params, batch)
 
 
-# ============================================================================== monitor
-def test_collapse_monitor_records_and_plots(tmp_path):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-2)
-    g = _g(0)
-    with monitor.CollapseMonitor(model, every=2) as mon:
-        for i in range(5):
-            x, y = torch.randn(32, 6, generator=g), torch.randn(32, 2, generator=g)
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            mon.step(loss=loss)
-            opt.step()
-            opt.zero_grad()
-        assert [r["step"] for r in mon.history] == [0, 2, 4]
-        keys = set(mon.keys())
-        for layer in ("0", "2"):
-            for k in ("numerical_rank", "effective_rank", "approximate_rank", "stable_rank", "vanishing_fraction",
-                      "near_identical_fraction", "dormant_fraction", "block_count", "feature_effective_rank"):
-                assert f"{layer}/{k}" in keys
-        assert {"sparsity", "dead_fraction", "loss"} <= keys
-        # the recorded values are the metrics of the model at that moment
-        now = mon.measure()
-        assert now["0/effective_rank"] == pytest.approx(M.effective_rank(model[0].weight))
-        assert now["sparsity"] == pytest.approx(M.sparsity(model))
-        model(torch.randn(16, 6))  # refresh the captured activations
-        assert mon.measure()["0/dormant_fraction"] == pytest.approx(M.dormant_units(mon._acts["0"]).double().mean().item())
-        fig = mon.plot(path=str(tmp_path / "collapse.png"))
-        assert (tmp_path / "collapse.png").stat().st_size > 1000
-        assert len([a for a in fig.axes if a.get_visible()]) == len({k.split("/")[-1] for k in keys})
-        steps, vals = mon.series("loss")
-        assert steps == [0, 2, 4] and len(vals) == 3
-    assert mon._handles == []  # hooks removed
-    with pytest.raises(KeyError, match="layers \\['nope'\\] are not modules"):
-        monitor.CollapseMonitor(model, layers=["nope"])
-
-
-# ============================================================================== remedies
-def _collapsed_dcs_regression(d=6, dead=(1, 4)):
-    torch.manual_seed(0)
-
-    class Hadamard(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(d))
-            self.u = nn.Parameter(torch.randn(d))
-            with torch.no_grad():
-                for i in dead:
-                    self.w[i] = self.u[i] = 0.0
-
-        def forward(self, x):
-            return x @ symfast.dcs(self.w, self.u)
-
-    return Hadamard()
-
-
-def _train(model, steps=30, lr=0.05, seed=0, hook=None, wd=0.0):
-    g = _g(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
-    handle = hook(model, opt) if hook else None
-    target = torch.ones(6)
-    for _ in range(steps):
-        x = torch.randn(16, 6, generator=g)
-        loss = ((model(x) - x @ target) ** 2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return handle
-
-
-def test_collapsed_coordinates_never_move_without_a_remedy():
-    m = _collapsed_dcs_regression()
-    _train(m)
-    assert m.w[1] == 0 and m.u[1] == 0 and m.w[4] == 0  # the stationary condition is absorbing
-
-
-def test_add_random_bias_revives_dead_coordinates():
-    # paper recipe (keep_function=False): the module computes with current + beta, so the dead
-    # pairs sit off the mirror and learn again, without weight decay
-    m = _collapsed_dcs_regression()
-    w0 = m.w.detach().clone()
-    names = remedies.add_random_bias(m, std=1e-2, seed=0)
-    assert names == ["w", "u"]
-    beta = m.parametrizations.w[0].beta
-    torch.testing.assert_close(m.w, w0 + beta)
-    assert beta.abs().min() > 0 and 2e-3 < beta.std().item() < 5e-2
-    _train(m)
-    theta = (m.w * m.u).detach()
-    assert_margin(theta[[1, 4]].abs().min(), ">", 1e-3, "revived |theta| with the random bias, smaller pair")
-    # include selects parameters
-    m2 = _collapsed_dcs_regression()
-    assert remedies.add_random_bias(m2, include=lambda name, p: name == "u") == ["u"]
-
-
-def test_add_random_bias_keep_function():
-    # keep_function=True: same function; the trained originals are current - beta, so at a collapsed
-    # point the gradient still vanishes, and it is weight decay (pulling the originals to 0, i.e. the
-    # effective weights to beta, off the mirror) that revives the coordinates (footnote 9)
-    x = torch.randn(5, 6)
-    for wd, revived in ((0.0, False), (0.1, True)):
-        m = _collapsed_dcs_regression()
-        before = m(x).detach()
-        remedies.add_random_bias(m, std=1e-2, seed=0, keep_function=True)
-        torch.testing.assert_close(m(x), before)
-        _train(m, steps=100, wd=wd)
-        theta = (m.w * m.u).detach()[[1, 4]].abs()
-        if revived:
-            assert_margin(theta.min(), ">", 0.1, f"wd {wd}: |theta| of the dead pairs, smaller")
-        else:
-            assert_margin(theta.max(), "<=", 0.1, f"wd {wd}: |theta| of the dead pairs, larger")
-
-
-def test_add_gradient_noise_revives_and_is_reproducible():
-    runs = []
-    for _ in range(2):
-        m = _collapsed_dcs_regression()
-        _train(m, hook=lambda mod, opt: remedies.add_gradient_noise(mod, std=1e-2, seed=1))
-        runs.append(torch.cat([m.w.detach(), m.u.detach()]))
-        assert m.w[1] != 0 and m.u[4] != 0
-    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
-    # on an optimizer: once per step; removing the hook stops the noise
-    m = _collapsed_dcs_regression()
-    h = _train(m, steps=3, hook=lambda mod, opt: remedies.add_gradient_noise(opt, std=1e-2, seed=1))
-    assert m.w[1] != 0
-    h.remove()
-    m2 = _collapsed_dcs_regression()
-    h2 = remedies.add_gradient_noise(m2, std=1e-2)
-    h2.remove()
-    _train(m2, steps=3)
-    assert m2.w[1] == 0
-    with pytest.raises(ValueError, match="std must be >= 0"):
-        remedies.add_gradient_noise(m2, std=-1.0)
-
-
 # ============================================================================== rank and neuron metrics: bad input and empty layers
 _RANK_FNS = [M.singular_values, M.numerical_rank, M.effective_rank, M.approximate_rank, M.stable_rank, M.rank_metrics]
 
@@ -444,17 +308,3 @@ def test_empty_layers_have_defined_metrics(shape):
 def test_dormant_units_refuse_zero_samples():
     with pytest.raises(ValueError, match=r"dormant_units: activations has no samples \(shape \(0, 4\)"):
         M.dormant_units(torch.zeros(0, 4))
-
-
-def test_collapse_monitor_empty_layer_and_bad_layers():
-    model = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3))
-    with monitor.CollapseMonitor(model) as mon:
-        model(torch.randn(5, 4))
-        rec = mon.step()
-    assert rec["0/numerical_rank"] == 0 and rec["1/numerical_rank"] == 0
-    assert "0/vanishing_fraction" not in rec  # no neurons: no per-neuron fraction
-    # a LayerNorm's weight is no matrix: refused at construction, naming the layer
-    with pytest.raises(ValueError, match=r"layers entry '1' \(LayerNorm\) must have a weight of >= 2 dims.*got a weight of shape \(3,\)"):
-        monitor.CollapseMonitor(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), layers=["1"])
-    with pytest.raises(ValueError, match=r"model \(ReLU\) must have parameters"):
-        monitor.CollapseMonitor(nn.ReLU())
