@@ -29,6 +29,19 @@ __all__ = [
 GroupSpec = Union[str, Tuple[str, Any], Tensor, slice, Sequence[Any]]
 
 
+def _parameter_grid(op: str, what: str, layout, name: str, index):
+    """``(t, grid[index])``: parameter ``name``'s position in ``layout`` and the flat indices (within
+    the parameter) that ``index`` selects, laid out in its shape; ``what`` names the argument in errors."""
+    if name not in layout.names:
+        raise KeyError(f"{op}: {what} names parameter {name!r}, which is not in params (have {list(layout.names)[:8]})")
+    t = layout.index(name)
+    grid = torch.arange(layout.numels[t]).view(layout.shapes[t])
+    try:
+        return t, grid[index]
+    except (IndexError, TypeError) as e:
+        raise IndexError(f"{op}: {what} does not index parameter {name!r} of shape {tuple(layout.shapes[t])}: {e}") from None
+
+
 def _layout_arg(params: Any, op: str) -> ParamLayout:
     if isinstance(params, int):
         return ParamLayout(("<flat>",), (torch.Size([params]),))
@@ -49,16 +62,7 @@ def _positions(layout: ParamLayout, spec: GroupSpec, op: str, arg: str) -> Tenso
         return _positions(layout, (spec, slice(None)), op, arg)
     if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str):
         name, index = spec
-        if name not in layout.names:
-            raise KeyError(f"{op}: {arg} names parameter {name!r}, which is not in params (have {list(layout.names)[:8]})")
-        t = layout.index(name)
-        grid = torch.arange(layout.numels[t]).view(layout.shapes[t])
-        try:
-            sel = grid[index]
-        except (IndexError, TypeError) as e:
-            raise IndexError(
-                f"{op}: {arg} = {spec!r} does not index parameter {name!r} of shape {tuple(layout.shapes[t])}: {e}"
-            ) from None
+        t, sel = _parameter_grid(op, f"{arg} = {spec!r}", layout, name, index)
         return sel.reshape(-1) + layout.offsets[t]
     if isinstance(spec, slice):
         return torch.arange(layout.numel)[spec]
@@ -165,14 +169,7 @@ def _axis_positions(layout: ParamLayout, spec: AxisSpec, op: str) -> Tensor:
     if not (isinstance(spec, tuple) and len(spec) in (2, 3) and isinstance(spec[0], str)):
         raise TypeError(f"{op}: each axis must be (name, dim) or (name, index, dim), got {spec!r}")
     name, index, dim = (spec[0], slice(None), spec[1]) if len(spec) == 2 else spec
-    if name not in layout.names:
-        raise KeyError(f"{op}: axis {spec!r} names parameter {name!r}, which is not in params (have {list(layout.names)[:8]})")
-    t = layout.index(name)
-    grid = torch.arange(layout.numels[t]).view(layout.shapes[t])
-    try:
-        view = grid[index]
-    except (IndexError, TypeError) as e:
-        raise IndexError(f"{op}: axis {spec!r} does not index {name!r} of shape {tuple(layout.shapes[t])}: {e}") from None
+    t, view = _parameter_grid(op, f"axis {spec!r}", layout, name, index)
     if not isinstance(dim, int) or not -view.dim() <= dim < view.dim():
         raise ValueError(f"{op}: axis {spec!r}: dim must be an int in [-{view.dim()}, {view.dim()}) for the selected view of shape {tuple(view.shape)}")
     view = view.movedim(dim, -1)
