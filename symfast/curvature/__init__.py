@@ -14,8 +14,8 @@ stability analysis: :math:`h_{ik}` along a symmetry direction is the
 :math:`h(x)` of eqs. (8), (9), (14) and (16), see :mod:`symfast.collapse`.
 
 Modules: :mod:`.api` (the functions below), :mod:`.checks` (argument checks and errors),
-:mod:`.exact` (exact mode: decompositions of ops whose forward-mode rules are wrong) and :mod:`.jets`
-(second-order Taylor mode).
+:mod:`.exact` (exact mode: decompositions of ops whose forward-mode rules are wrong), :mod:`.jets`
+(second-order Taylor mode) and :mod:`.jet_kernels` (its fused jet ops).
 
 Conventions
 -----------
@@ -35,27 +35,27 @@ counts).
 
 How it is computed
 ------------------
-*Fast path* (``method="fast"``, the default). The direction is shared by all
-samples, so derivatives along it are derivatives of the whole ``[B]`` loss
+*Fast path* (``method="fast"``, the default). The directions are shared by all
+samples, so derivatives along one are derivatives of the whole ``[B]`` loss
 vector with respect to one scalar: ``t -> loss_fn(params + t n, batch)``.
-One forward-mode pass (``torch.func.jvp``) gives every :math:`g_{ik}`; a nested
-jvp with two tangents gives :math:`m^\top H(x_i) n` (mixed second derivative
-:math:`\partial_s\partial_t \ell(\theta + s m + t n, x_i)`). The curvatures
-:math:`h_{ik}` come from second-order Taylor mode (:class:`~symfast.curvature.jets.JetMode`): one
-pass of the batch carrying, for every activation, its first and second
-derivatives along t; ops bilinear in two operands (Linear, matmul, bmm,
-conv, mul, and attention, which is run as its own ops) use the closed form
-:math:`y_2 = f(a_2, b) + 2 f(a_1, b_1) + f(a, b_2)`, every other op a nested
-jvp of that op alone. Where the jets cannot follow (in-place ops on
-activations, ``autograd.Function``s, custom ops) the engine falls back, for the
-whole call, to forward over forward mode on the batch (jvp of jvp of
-``t -> loss_fn(params + t n)``), which ``method="forward"`` selects
-explicitly. No tensor of per-sample parameter size is ever formed: the
-tangents are parameter-sized, the activations batch-sized, as in one forward
-pass. Directions are processed one at a time or, in forward mode,
-``chunk_size`` at a time under ``torch.func.vmap`` (memory grows linearly with
-the chunk); the batch may also be split (``batch_chunk_size``) when samples do
-not interact.
+Second-order Taylor mode (:func:`~symfast.curvature.jets.jet_derivatives`) carries, for every
+activation, its first and second derivatives along t for ``K`` directions at once (tangents of
+shape ``[K, *x.shape]``) through one pass of the batch: :math:`g_{ik}` from the first-order part
+(the only part computed for :func:`per_sample_directional_derivatives`), :math:`h_{ik}` from the
+second. Ops bilinear in two operands (Linear, matmul, bmm, addmm, conv, mul, and attention, which
+is run as its own ops) use the closed form :math:`y_2 = f(a_2, b) + 2 f(a_1, b_1) + f(a, b_2)`;
+activations, norms, softmax, cross-entropy and symfast's own ``dcs``/``dcs_group`` the fused jet
+ops of :mod:`~symfast.curvature.jet_kernels`; every other op a nested jvp of that op alone. Where
+the jets cannot follow (in-place ops on activations, ``autograd.Function``\ s, custom ops without
+a jet rule) the engine says so with a
+:class:`~symfast.curvature.per_sample.PerSamplePathWarning` naming the op, and computes the call
+with nested forward mode on the batch (jvp of jvp of ``t -> loss_fn(params + t n)``), which
+``method="forward"`` selects explicitly. No tensor of per-sample parameter size is ever formed:
+the tangents are K times parameter-sized, the activations K times batch-sized.
+``chunk_size`` directions go through one pass (None: all of them); in forward mode
+``chunk_size`` at a time run under ``torch.func.vmap`` (None: one at a time). The batch may also
+be split (``batch_chunk_size``) when samples do not interact. :math:`m^\top H(x_i) n` (mixed
+second derivative) comes from a nested jvp with two tangents.
 
 Full per-sample HVPs :math:`H(x_i) n` (``per_sample_hvp`` without ``onto``)
 are per-sample parameter-sized by definition; they are computed per sample,

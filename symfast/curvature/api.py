@@ -4,6 +4,7 @@ products, and ``functional_loss`` for modules. See the package docstring for the
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,8 +24,8 @@ from .checks import (
     describe,
 )
 from .exact import ExactMode, wrap_errors
-from .jets import JetFallback, JetMode
-from .per_sample import Samples, single_sample_loss, split_batch
+from .jets import JetFallback, jet_derivatives
+from .per_sample import PerSamplePathWarning, Samples, single_sample_loss, split_batch
 
 __all__ = [
     "per_sample_directional_derivatives",
@@ -120,11 +121,15 @@ def per_sample_directional_derivatives(
         batch: anything ``loss_fn`` accepts (tensor, tuple, dict, ...). Only
             ``method="reference"`` and ``batch_chunk_size`` split it, along
             dim 0 of every tensor it holds.
-        method: ``"fast"`` or ``"forward"`` (both: one forward-mode pass of the batch
-            per direction) or ``"reference"`` (``vmap`` over samples of ``grad``, then dot with n).
+        method: ``"fast"`` (first-order Taylor mode: one pass of the batch for ``chunk_size``
+            directions, all K when None; where it cannot follow the model, a
+            :class:`~symfast.curvature.per_sample.PerSamplePathWarning` and ``"forward"``),
+            ``"forward"`` (one jvp of the batch loss per direction) or ``"reference"``
+            (``vmap`` over samples of ``grad``, then dot with n).
             On every method, results computed under ``torch.no_grad()`` inside ``loss_fn`` are
             constants (as with ``.detach()``), see the module doc.
-        chunk_size: directions evaluated together under ``vmap`` (None: one at a time).
+        chunk_size: directions evaluated together: per pass of the jets (``"fast"``; None: all),
+            under ``vmap`` (``"forward"``, ``"reference"``; None: one at a time).
         batch_chunk_size: samples per evaluation (None: the whole batch). Only for
             models whose samples do not interact.
 
@@ -150,12 +155,45 @@ def per_sample_directional_derivatives(
         return _over_directions(lambda n: along(params, n), directions, K, chunk_size)
 
     try:
-        with _fast_mode(op, batch_chunk_size is not None):
-            if K == 0:
+        if K == 0:
+            with _fast_mode(op, False):
                 return _empty_result(op, loss_fn, params, batch)
+        if method == "fast":
+            try:
+                return _fast_jets(op, loss_fn, params, directions, K, batch, chunk_size, batch_chunk_size, False)
+            except JetFallback as exc:
+                _warn_fallback(op, exc, "forward mode (one jvp of the whole batch loss per direction)")
+        with _fast_mode(op, batch_chunk_size is not None):
             return _over_batch(op, on, batch, batch_chunk_size)
     except NotImplementedError as exc:
         raise wrap_errors(op, exc) from exc
+
+
+def _warn_fallback(op: str, exc: JetFallback, path: str) -> None:
+    warnings.warn(
+        f"{op}: the Taylor-mode jets cannot follow {exc.op} ({exc.why}); computing on the path of "
+        f"nested {path} instead (exact, slower)", PerSamplePathWarning, stacklevel=3)
+
+
+def _fast_jets(op: str, loss_fn: LossFn, params: Dict[str, Tensor], directions: Dict[str, Tensor], K: int,
+               batch: Any, chunk_size: Optional[int], batch_chunk_size: Optional[int], second: bool) -> Tensor:
+    """[B, K] of g (second=False) or h by Taylor mode: ``chunk_size`` directions per pass of the batch
+    (None: all K in one pass), on chunks of ``batch_chunk_size`` samples."""
+    exact = _fast_mode(op, batch_chunk_size is not None)
+    step = K if chunk_size is None else chunk_size
+
+    def checked(p: Dict[str, Tensor], b: Any) -> Tensor:
+        return check_losses(op, loss_fn(p, b))
+
+    def on(part: Any) -> Tensor:
+        outs = []
+        for start in range(0, K, step):
+            chunk = {name: d[start:start + step] for name, d in directions.items()}
+            _, g, h = jet_derivatives(op, checked, params, chunk, part, exact, second=second)
+            outs.append(h if second else g)
+        return torch.cat(outs, dim=1)
+
+    return _over_batch(op, on, batch, batch_chunk_size)
 
 
 def _empty_result(op, loss_fn, params, batch) -> Tensor:
@@ -192,10 +230,11 @@ def per_sample_curvatures(
 ) -> Tensor:
     r"""Per-sample curvatures :math:`h_{ik} = n_k^\top H(x_i)\, n_k = \partial_t^2 \ell(\theta + t n_k, x_i)|_{t=0}`.
 
-    ``method="fast"``: second-order Taylor mode on the whole batch, one pass per
-    direction (about 2 forward+backward passes of an MLP), falling back to
-    ``"forward"`` where the jets cannot follow the model (see the module doc);
-    ``chunk_size > 1`` uses ``"forward"``. ``method="forward"``: jvp of jvp of
+    ``method="fast"``: second-order Taylor mode on the whole batch, ``chunk_size``
+    directions per pass (None: all K in one pass; memory grows linearly with it),
+    falling back to ``"forward"``, with a
+    :class:`~symfast.curvature.per_sample.PerSamplePathWarning` naming the op, where the jets
+    cannot follow the model (see the module doc). ``method="forward"``: jvp of jvp of
     the batch loss along each direction. ``method="reference"``: ``vmap`` over
     samples of ``jvp(grad(loss))``. No path but the reference forms a
     per-sample parameter-sized tensor. Arguments as in
@@ -219,16 +258,12 @@ def per_sample_curvatures(
         with _fast_mode(op, False):
             return _empty_result(op, loss_fn, params, batch)
     try:
-        if method == "fast" and (chunk_size is None or chunk_size == 1 or K == 1):
+        if method == "fast":
             try:
-                exact = _fast_mode(op, batch_chunk_size is not None)
-                return _over_batch(
-                    op, lambda part: torch.stack(
-                        [_jet_curvature(op, loss_fn, params, _direction(directions, k), part, exact)
-                         for k in range(K)], dim=1),
-                    batch, batch_chunk_size)
-            except JetFallback:
-                pass  # something the jets do not handle: nested forward mode below
+                return _fast_jets(op, loss_fn, params, directions, K, batch, chunk_size, batch_chunk_size, True)
+            except JetFallback as exc:
+                _warn_fallback(op, exc, "forward over forward mode (jvp of jvp of the whole batch loss per "
+                                        "direction)")
         with _fast_mode(op, batch_chunk_size is not None):
             def on(part):
                 second = _second_fn(op, loss_fn, params, part)
@@ -237,32 +272,6 @@ def per_sample_curvatures(
             return _over_batch(op, on, batch, batch_chunk_size)
     except NotImplementedError as exc:
         raise wrap_errors(op, exc) from exc
-
-
-def _jet_curvature(op: str, loss_fn: LossFn, params: Dict[str, Tensor], n: Dict[str, Tensor], part: Any,
-                   exact: ExactMode) -> Tensor:
-    """n^T H(x_i) n for every sample by second-order Taylor mode (see JetMode)."""
-    # Fresh leaves sharing storage (no copy): tied parameters get their own jet, and
-    # requires_grad marks everything computed from them (see JetMode.__torch_function__).
-    # The autograd graph is recorded but keeps no tensors and is never run.
-    aliases = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-    mode = JetMode(exact)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _drop):
-        with mode:
-            for k, p in aliases.items():
-                mode.put(p, n[k], None)
-            losses = check_losses(op, loss_fn(aliases, part))
-            jet = mode.get(losses)
-    if losses.grad_fn is not None and jet is None:
-        raise JetFallback("the losses were computed outside the jet mode")
-    losses = losses.detach()
-    if jet is None or jet[1] is None:
-        return torch.zeros_like(losses)  # the losses do not depend on the parameters along n
-    return jet[1].detach()
-
-
-def _drop(_x: Any) -> None:
-    return None
 
 
 def _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size) -> Dict[str, Tensor]:

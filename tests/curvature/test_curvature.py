@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from symfast.curvature import (
     per_sample_directional_derivatives,
     per_sample_hvp,
 )
+from symfast.curvature.per_sample import PerSamplePathWarning
 
 DT = torch.float64
 EPS = 1e-4  # central differences: truncation ~eps^2, rounding ~1e-16/eps^2
@@ -216,15 +218,22 @@ def test_curvatures_match_finite_differences_and_reference(name):
             per_sample_curvatures(loss_fn, params, dirs, batch, method="reference")
 
 
-@pytest.mark.parametrize("name", ["conv2d-relu", "layernorm-gelu", "batchnorm2d-train", "multihead-attention",
-                                  "transformer-encoder-eval", "sdpa-causal", "dcs-linear"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_taylor_mode_and_nested_forward_mode_agree(name):
-    """method='fast' (op-by-op second-order jets) and method='forward' (jvp of jvp of the whole loss)."""
+    """method='fast' (op-by-op second-order jets, all K directions in one pass, no fallback) and
+    method='forward' (jvp of jvp of the whole loss), for h and g."""
     loss_fn, params, batch, _ = _build(name)
-    dirs = _directions(params, K=2, seed=4)
-    fast = per_sample_curvatures(loss_fn, params, dirs, batch)
+    dirs = _directions(params, K=3, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)  # the jets follow every op of these models
+        fast = per_sample_curvatures(loss_fn, params, dirs, batch)
+        fast_g = per_sample_directional_derivatives(loss_fn, params, dirs, batch)
+        one_at_a_time = per_sample_curvatures(loss_fn, params, dirs, batch, chunk_size=1)
     nested = per_sample_curvatures(loss_fn, params, dirs, batch, method="forward")
     torch.testing.assert_close(fast, nested, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(one_at_a_time, fast, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast_g, per_sample_directional_derivatives(loss_fn, params, dirs, batch,
+                                                                          method="forward"), rtol=1e-10, atol=1e-10)
 
 
 class MaskedAttention(nn.Module):
@@ -305,14 +314,19 @@ def test_sdpa_rows_that_allow_no_key_give_zero_output_not_nan(float_mask, method
     _assert_fd_close(h, fd_h, f"left-padded sdpa curvature ({method})")
 
 
-def test_in_place_ops_and_tied_parameters_fall_back_or_work():
-    # nn.ReLU(inplace=True) mutates a tensor that carries a jet: the fast path falls back to nested jvp.
+def test_in_place_ops_fall_back_with_a_warning_and_tied_parameters_work():
+    # nn.ReLU(inplace=True) mutates a tensor that carries a jet: the fast path says so and takes nested jvp.
     module = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).to(DT)
     loss_fn, params = functional_loss(module, _ce())
     batch = _cls_batch((4,))
     dirs = _directions(params, K=1)
-    torch.testing.assert_close(per_sample_curvatures(loss_fn, params, dirs, batch),
-                               per_sample_curvatures(loss_fn, params, dirs, batch, method="reference"))
+    with pytest.warns(PerSamplePathWarning, match=r"cannot follow relu \(an in-place op.*nested forward over forward"):
+        h = per_sample_curvatures(loss_fn, params, dirs, batch)
+    torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, batch, method="reference"))
+    with pytest.warns(PerSamplePathWarning, match=r"cannot follow relu \(an in-place op.*nested forward mode"):
+        g = per_sample_directional_derivatives(loss_fn, params, dirs, batch)
+    torch.testing.assert_close(g, per_sample_directional_derivatives(loss_fn, params, dirs, batch,
+                                                                     method="reference"))
     # one tensor under two names: each name gets its own direction
     w = _randn(3, 4)
     params = {"a": w, "b": w}
