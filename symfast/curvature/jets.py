@@ -351,6 +351,9 @@ def _cat_rule(stack: bool):
             return y
         d = dim % y.dim() + 1
         K = mode.K
+        if not stack:
+            # torch.cat skips 1-D empty tensors whatever the others' rank (a legacy rule); so do the tangents
+            ts = [t for t in ts if not (t.dim() == 1 and t.numel() == 0 and y.dim() != 1)]
         for order in (0, 1):
             parts = [mode.tangents(t)[order] for t in ts]
             if all(p is None for p in parts):
