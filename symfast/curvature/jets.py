@@ -110,8 +110,7 @@ class JetMode(TorchFunctionMode):
             # Parameters enter as leaves that require grad, so every tensor computed from them
             # has a grad_fn. One without a jet was made where this mode could not see
             # (inside an autograd.Function, a custom op): its derivatives are unknown here.
-            if isinstance(x, Tensor) and x.grad_fn is not None and (
-                    j is None or isinstance(x.grad_fn, torch.autograd.function.BackwardCFunction)):
+            if isinstance(x, Tensor) and x.grad_fn is not None and j is None:
                 raise JetFallback(name, f"an input was computed outside the jet mode (by a "
                                         f"{type(x.grad_fn).__name__}: an autograd.Function or custom op?)")
         if not any(j is not None for j in jets) or (name in _METADATA and func not in _JET_RULES):

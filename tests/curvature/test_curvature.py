@@ -720,3 +720,75 @@ def test_non_integer_chunk_sizes_are_refused():
     for bad in (np.float64(2.0), True, 2.5, "2"):
         with pytest.raises(ValueError, match=r"chunk_size must be None or a positive int, got " + re.escape(repr(bad))):
             per_sample_curvatures(loss_fn, params, dirs, batch, chunk_size=bad)
+
+
+@pytest.mark.parametrize("spelling", ["public", "raw-op"])
+def test_symfast_ops_stay_on_the_fast_path(spelling):
+    """symfast.dcs / dcs_group reach the jets as their custom ops (the C++ autograd op in eager
+    mode, the raw op under torch.compile): each has a jet rule, so no fallback."""
+    w, u, s, mask = _randn(4, 5, seed=1), _randn(4, 5, seed=2), _randn(4, seed=3), _randn(4, 5, seed=4) > 0
+    params = {"w": w, "u": u, "v": _randn(4, 5, seed=5), "s": s}
+    if spelling == "public":
+        dcs, group = symfast.dcs, symfast.dcs_group
+    else:
+        dcs, group = torch.ops.symfast.dcs, torch.ops.symfast.dcs_group
+
+    def loss_fn(p, x):
+        a = F.linear(x, dcs(p["w"], p["u"], p["v"], mask))
+        return torch.tanh(F.linear(a, group(p["w"], p["s"], 0).T)).pow(2).sum(1)
+
+    x = _randn(B, 5, seed=6)
+    dirs = _directions(params, K=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)
+        h = per_sample_curvatures(loss_fn, params, dirs, x)
+        g = per_sample_directional_derivatives(loss_fn, params, dirs, x)
+
+    def public(p, x):  # the raw ops have no forward-mode rule: the reference runs the public spelling
+        a = F.linear(x, symfast.dcs(p["w"], p["u"], p["v"], mask))
+        return torch.tanh(F.linear(a, symfast.dcs_group(p["w"], p["s"], 0).T)).pow(2).sum(1)
+
+    torch.testing.assert_close(h, per_sample_curvatures(public, params, dirs, x, method="reference"),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g, per_sample_directional_derivatives(public, params, dirs, x, method="reference"),
+                               rtol=1e-10, atol=1e-10)
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * t
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return _Cube.apply(x), in_dims[0]
+
+
+def test_autograd_function_falls_back_with_a_warning_naming_the_op():
+    params = {"w": _randn(3, 4)}
+
+    def loss_fn(p, x):
+        return _Cube.apply(x @ p["w"].T).sum(1)
+
+    x = _randn(B, 4, seed=3)
+    dirs = _directions(params, K=2)
+    with pytest.warns(PerSamplePathWarning, match=r"cannot follow sum \(an input was computed outside the jet mode"
+                                                  r" \(by a _CubeBackward.*nested forward over forward"):
+        h = per_sample_curvatures(loss_fn, params, dirs, x)
+    # the path taken: nested forward mode, whatever the Function's forward-mode rule gives
+    torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x, method="forward"))
