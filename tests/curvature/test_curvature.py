@@ -792,3 +792,43 @@ def test_autograd_function_falls_back_with_a_warning_naming_the_op():
         h = per_sample_curvatures(loss_fn, params, dirs, x)
     # the path taken: nested forward mode, whatever the Function's forward-mode rule gives
     torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x, method="forward"))
+
+
+def _many_ops(p, batch):
+    """A loss through most jet rules: affine, shape, bilinear, elementwise, rows, indexing."""
+    x, ids, t = batch
+    W, V, E, c = p["W"], p["V"], p["E"], p["c"]
+    a = torch.addmm(c, x, W.T, beta=0.5, alpha=2.0)              # [B, 4]
+    a = a + E[ids].sum(1) + F.embedding(ids, E).mean(1)          # tensor index, embedding
+    b = torch.stack([a, 1 - a, a / 3.0, a.exp() * 0.1], 1)       # [B, 4, 4]: stack, rsub, div, exp
+    b = torch.baddbmm(b, b, b.transpose(1, 2), beta=0.3, alpha=0.2)
+    b = b.permute(0, 2, 1).reshape(b.shape[0], -1).unflatten(1, (2, 8)).mT   # [B, 8, 2]
+    v = torch.matmul(b, V)                                        # 3-D @ 1-D
+    v = torch.where(v > 0, v, 0.5 * v.pow(3)) + torch.sqrt(v * v + 1.0).log() + v.sin() * v.cos()
+    v = v.masked_fill(torch.arange(8) % 3 == 0, -2.0) + torch.rsqrt(1.0 + a.pow(2).mean(1, keepdim=True))
+    u, w = v.split([3, 5], dim=1)
+    z = torch.cat([u.softmax(0) * 2.0, F.log_softmax(w, -1), torch.reciprocal(2.0 + u.tanh())[:, :, None].expand(
+        -1, -1, 1).squeeze(-1)], 1)                              # [B, 11]
+    z = F.layer_norm(z, (11,), p["g"], None) + F.rms_norm(z, (11,), p["g"], 1e-3) if hasattr(F, "rms_norm") \
+        else F.layer_norm(z, (11,), p["g"], None)
+    z = torch.einsum("bi,ij->bj", z, p["H"])                     # the generic rule
+    return F.cross_entropy(z, t, reduction="none", ignore_index=1) + F.softplus(z, 2.0).sum(1) \
+        + F.silu(z).mean(1) + F.gelu(z, approximate="tanh")[:, 0] + torch.sigmoid(z)[:, -1]
+
+
+def test_every_rule_agrees_with_nested_forward_mode_and_stays_on_the_fast_path():
+    params = {"W": _randn(4, 5, seed=1), "V": _randn(2, seed=2), "E": _randn(7, 4, seed=3) * 0.3,
+              "c": _randn(4, seed=4), "g": _randn(11, seed=5), "H": _randn(11, 3, seed=6)}
+    g = torch.Generator().manual_seed(7)
+    batch = (_randn(B, 5, seed=8), torch.randint(0, 7, (B, 3), generator=g), torch.tensor([0, 1, 2, 1, 0, 2]))
+    dirs = _directions(params, K=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)
+        h = per_sample_curvatures(_many_ops, params, dirs, batch)
+        gd = per_sample_directional_derivatives(_many_ops, params, dirs, batch)
+    torch.testing.assert_close(h, per_sample_curvatures(_many_ops, params, dirs, batch, method="forward"),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gd, per_sample_directional_derivatives(_many_ops, params, dirs, batch,
+                                                                      method="forward"), rtol=1e-10, atol=1e-10)
+    fd = torch.stack([fd_second(_many_ops, params, {k: v[i] for k, v in dirs.items()}, batch) for i in range(3)], 1)
+    _assert_fd_close(h, fd, "many ops")
