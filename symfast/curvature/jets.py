@@ -393,6 +393,26 @@ def _add_rule(sign: float, reverse: bool = False):
     return rule
 
 
+def _reduce_rule(mode, func, args, kwargs, flat, spec, jets):
+    """sum / mean over dims: the same reduction of each direction's slice (dims shifted past K)."""
+    o = _opts(args, kwargs, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
+    if o is None or not _float_tensor(o["input"]) or any(j is not None for j in jets[1:]) \
+            or not (o["dim"] is None or isinstance(o["dim"], (int, list, tuple))):
+        return _linear_rule()(mode, func, args, kwargs, flat, spec, jets)  # dtype=, names, ...
+    x, dim = o["input"], o["dim"]
+    y = func(*args, **kwargs)
+    n = x.dim()
+    dims = list(range(n)) if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0) else \
+        [dim] if isinstance(dim, int) else list(dim)
+    dims = [d % max(n, 1) + 1 for d in dims]
+    keep = bool(o["keepdim"])
+    red = torch.sum if func in (torch.sum, Tensor.sum) else torch.mean
+    x1, x2 = mode.tangents(x)
+    out = lambda t: None if t is None else (red(t, dims, keepdim=keep) if n else t)  # noqa: E731
+    mode.put(y, out(x1), out(x2))
+    return y
+
+
 def _neg_rule(mode, func, args, kwargs, flat, spec, jets):
     y = func(*args, **kwargs)
     x1, x2 = mode.tangents(args[0])
@@ -948,7 +968,8 @@ def _jet_rules() -> Dict[Callable, Callable]:
     add([torch.cat, torch.concat, torch.concatenate], _cat_rule(False))
     add([torch.stack], _cat_rule(True))
     lin = _linear_rule()
-    add([torch.sum, Tensor.sum, torch.mean, Tensor.mean, Tensor.chunk, torch.chunk, Tensor.split, torch.split,
+    add([torch.sum, Tensor.sum, torch.mean, Tensor.mean], _reduce_rule)
+    add([Tensor.chunk, torch.chunk, Tensor.split, torch.split,
          Tensor.unbind, torch.unbind, Tensor.movedim, torch.movedim,
          Tensor.repeat_interleave, torch.repeat_interleave, Tensor.repeat, Tensor.flip, torch.flip,
          Tensor.narrow, torch.narrow, Tensor.select, torch.select, Tensor.roll, torch.roll, Tensor.tril,

@@ -832,3 +832,30 @@ def test_every_rule_agrees_with_nested_forward_mode_and_stays_on_the_fast_path()
                                                                       method="forward"), rtol=1e-10, atol=1e-10)
     fd = torch.stack([fd_second(_many_ops, params, {k: v[i] for k, v in dirs.items()}, batch) for i in range(3)], 1)
     _assert_fd_close(h, fd, "many ops")
+
+
+REDUCTIONS = {
+    "sum-dims": lambda y: y.sum((1, 2)),
+    "mean-last": lambda y: y.mean(-1).sum(1),
+    "keepdim": lambda y: torch.sum(y, 1, keepdim=True).mean(2)[:, 0],
+    "dim-list": lambda y: y.sum(dim=[2, 1]) + y.mean(dim=1, keepdim=True).sum((1, 2)),
+    "dtype": lambda y: y.sum(1, dtype=DT).sum(1),
+    "all": lambda y: y.sum(1).pow(2).sum(1) + y.sum() * torch.ones(B, dtype=DT)
+    + y.mean(dim=None, keepdim=True).reshape(1).expand(B),
+}
+
+
+@pytest.mark.parametrize("name", list(REDUCTIONS))
+def test_reductions_act_on_each_direction(name):
+    params = {"W": _randn(3, 4, 5, seed=1)}
+
+    def loss_fn(p, x):
+        return REDUCTIONS[name](torch.tanh(torch.einsum("bi,jik->bjk", x, p["W"])))
+
+    x = _randn(B, 4, seed=2)
+    dirs = _directions(params, K=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)
+        h = per_sample_curvatures(loss_fn, params, dirs, x)
+    torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x, method="forward"),
+                               rtol=1e-10, atol=1e-10)
