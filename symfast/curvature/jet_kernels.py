@@ -211,7 +211,9 @@ def _normalized_jet(c: Tensor, c1: Optional[Tensor], c2: Optional[Tensor], dims:
 def _affine_jet(z, z1, z2, w, w1, w2, b, b1, b2):
     """(z w + b) and its jet, each of w, b, their jets optional (jets [K, *w.shape])."""
     # a parameter's jet [K, *ns] as [K, 1, ..., 1, *ns]: K stays in front when it meets z [..., *ns]
-    lift = lambda t: None if t is None else t.reshape(t.shape[:1] + (1,) * (z.dim() - t.dim() + 1) + t.shape[1:])  # noqa
+    def lift(t):
+        return None if t is None else t.reshape(t.shape[:1] + (1,) * (z.dim() - t.dim() + 1) + t.shape[1:])
+
     w1, w2, b1, b2 = lift(w1), lift(w2), lift(b1), lift(b2)
     y, y1, y2 = z, z1, z2
     if w is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -624,8 +624,10 @@ def _activation_rule(kind: str, names: Sequence[str] = ("input",), defaults=None
 
     def rule(mode, func, args, kwargs, flat, spec, jets):
         o = _opts(args, kwargs, names, defaults)
-        if o is None or any(o.get(k, v) != v for k, v in fixed.items()):
+        if o is None:
             return NotImplemented
+        if any(o.get(k, v) != v for k, v in fixed.items()):  # inplace=True passed by position
+            raise JetFallback(_name(func), "an in-place op on a tensor that carries a jet")
         x = o.get(names[0])
         k = kind if kind_of is None else kind_of(o)
         if not _float_tensor(x) or k is None or not _jets_only_on(mode, flat, jets, [x]):

@@ -859,3 +859,16 @@ def test_reductions_act_on_each_direction(name):
         h = per_sample_curvatures(loss_fn, params, dirs, x)
     torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x, method="forward"),
                                rtol=1e-10, atol=1e-10)
+
+
+def test_in_place_activation_passed_by_position_falls_back_with_a_warning():
+    params = {"W": _randn(3, 4, seed=1)}
+
+    def loss_fn(p, x):
+        return F.silu(x @ p["W"].T, True).pow(2).sum(1)  # inplace=True by position
+
+    x = _randn(B, 4, seed=2)
+    dirs = _directions(params, K=2)
+    with pytest.warns(PerSamplePathWarning, match=r"cannot follow silu \(an in-place op"):
+        h = per_sample_curvatures(loss_fn, params, dirs, x)
+    torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x, method="reference"))
