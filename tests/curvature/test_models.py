@@ -89,11 +89,13 @@ def _token_batch(B=3, T=5, vocab=32, seed=0, causal=True):
     return ids, keep.long(), allowed
 
 
-def _lm_loss(model):
-    """Per-sample mean next-token cross-entropy over the real (unpadded) positions."""
+def _lm_loss(model, hf_mask=False):
+    """Per-sample mean next-token cross-entropy over the real (unpadded) positions. hf_mask: pass
+    the [B, T] padding mask and let the model build its attention mask."""
 
     def loss(p, batch):
         ids, mask, attention = batch
+        attention = mask if hf_mask else attention
         logits = torch.func.functional_call(model, p, (ids,), {"attention_mask": attention}).logits
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         V = logits.shape[-1]
@@ -113,7 +115,7 @@ def _rms_fused(self, x):
     return F.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
 
 
-def llama():
+def llama(hf_mask=False):
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
                                    attn_implementation="sdpa")
@@ -126,15 +128,15 @@ def llama():
     layer.input_layernorm.forward = _rms_ops.__get__(layer.input_layernorm)
     for norm in (layer.post_attention_layernorm, model.model.norm):
         norm.forward = _rms_fused.__get__(norm)
-    return _lm_loss(model), {k: v.detach() for k, v in model.named_parameters()}, _token_batch()
+    return _lm_loss(model, hf_mask), {k: v.detach() for k, v in model.named_parameters()}, _token_batch()
 
 
-def gpt2():
+def gpt2(hf_mask=False):
     cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2,
                                   attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
-    return _lm_loss(model), {k: v.detach() for k, v in model.named_parameters()}, _token_batch()
+    return _lm_loss(model, hf_mask), {k: v.detach() for k, v in model.named_parameters()}, _token_batch()
 
 
 def bert():
@@ -238,3 +240,16 @@ def test_fast_path_follows_the_model_and_matches_reference_and_finite_difference
     fd_g, fd_h = _fd(loss_fn, params, dirs, batch)
     _assert_fd_close(g, fd_g, f"{name}: g")
     _assert_fd_close(h, fd_h, f"{name}: h")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_masks_built_by_the_model_stay_on_the_fast_path(name):
+    """With the [B, T] padding mask, the model builds its attention mask by branching on the mask's
+    values: the reference path (vmap over samples) cannot follow that, the jets can; they agree with
+    nested forward mode on the whole batch."""
+    loss_fn, params, batch = MODELS[name](hf_mask=True)
+    dirs = _directions(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)
+        h = per_sample_curvatures(loss_fn, params, dirs, batch)
+    _assert_rel_close(h, per_sample_curvatures(loss_fn, params, dirs, batch, method="forward"), f"{name}: h")
