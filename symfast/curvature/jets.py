@@ -327,9 +327,10 @@ def _reversed_dims(t, y, args, kwargs):
 
 def _getitem_rule(mode, func, args, kwargs, flat, spec, jets):
     x, idx = args[0], args[1]
-    if any(isinstance(i, Tensor) for i in pytree.tree_leaves(idx)) or mode.get(x) is None or kwargs \
+    parts = idx if isinstance(idx, tuple) else (idx,)
+    if any(isinstance(i, (Tensor, list)) for i in parts) or mode.get(x) is None or kwargs \
             or any(j is not None for j in jets[1:]):
-        # tensor indices: advanced indexing moves dims by rules that vmap applies right
+        # tensor or list indices: advanced indexing moves dims by rules that vmap applies right
         return _linear_rule()(mode, func, args, kwargs, flat, spec, jets)
     key = (slice(None),) + (tuple(idx) if isinstance(idx, tuple) else (idx,))
     y = func(x, idx)

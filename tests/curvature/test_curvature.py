@@ -872,3 +872,29 @@ def test_in_place_activation_passed_by_position_falls_back_with_a_warning():
     with pytest.warns(PerSamplePathWarning, match=r"cannot follow silu \(an in-place op"):
         h = per_sample_curvatures(loss_fn, params, dirs, x)
     torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x, method="reference"))
+
+
+INDEXING = {
+    "lists-apart": lambda y: y[:, [0, 2], :, [1, 3]],  # advanced indices apart: their dims go first
+    "lists-adjacent": lambda y: y[:, [0, 1], [1, 0]],
+    "slices-ellipsis-none": lambda y: y[..., 1:3, None],
+    "tensor": lambda y: y[:, torch.tensor([2, 0])],
+    "bool-mask": lambda y: y[y.detach() > 0.2].reshape(1, -1).expand(B, -1),
+}
+
+
+@pytest.mark.parametrize("name", list(INDEXING))
+def test_indexing_acts_on_each_direction(name):
+    params = {"W": _randn(3, 4, 5, seed=1)}
+
+    def loss_fn(p, x):
+        y = torch.tanh(torch.einsum("bi,jik->bjk", x, p["W"]))[:, :, None, :].expand(-1, -1, 2, -1)
+        return INDEXING[name](y).pow(2).reshape(B, -1).sum(1)
+
+    x = _randn(B, 4, seed=2)
+    dirs = _directions(params, K=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)
+        h = per_sample_curvatures(loss_fn, params, dirs, x)
+    torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x, method="forward"),
+                               rtol=1e-10, atol=1e-10)
