@@ -1023,6 +1023,9 @@ def jet_derivatives(op: str, loss_fn: Callable[[Dict[str, Tensor], Any], Tensor]
     # requires_grad marks everything computed from them (see JetMode.__torch_function__).
     # The autograd graph is recorded but keeps no tensors and is never run.
     aliases = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    # The batch is data, a constant here, even when it carries autograd history of its own (the
+    # output of another model): detached, it is not mistaken for a result made outside the mode.
+    batch = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) and t.grad_fn is not None else t, batch)
     mode = JetMode(exact, K, second)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _drop):
         with mode:

@@ -898,3 +898,17 @@ def test_indexing_acts_on_each_direction(name):
         h = per_sample_curvatures(loss_fn, params, dirs, x)
     torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x, method="forward"),
                                rtol=1e-10, atol=1e-10)
+
+
+def test_batch_with_autograd_history_is_data_on_the_fast_path():
+    params = {"W": _randn(3, 4, seed=1)}
+    x = _randn(B, 4, seed=2).requires_grad_(True) * 1.5  # the output of some other differentiable computation
+
+    def loss_fn(p, x):
+        return torch.tanh(x @ p["W"].T).pow(2).sum(1)
+
+    dirs = _directions(params, K=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)
+        h = per_sample_curvatures(loss_fn, params, dirs, x)
+    torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x.detach(), method="reference"))
