@@ -1,5 +1,5 @@
 """Real architectures on the fast path of symfast.curvature: tiny transformers models built from
-configs (Llama, BERT, GPT-2, ViT), a ResNet-style CNN and a DCS-converted MLP.
+configs (Llama, BERT, GPT-2, ViT), a ResNet-style CNN and DCS-converted CNNs (each structure).
 
 For each, method="fast" (Taylor mode, all directions in one pass) must take no fallback (no
 PerSamplePathWarning) and agree with method="reference" (vmap over samples of jvp(grad), an
@@ -212,17 +212,18 @@ def resnet():
 def _dcs_mlp(structure):
     def build():
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+        model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(9, 6), nn.Tanh(),
+                              nn.Linear(6, 3)).to(DT)
         symfast.convert(model, structure=structure, alpha=0.1, warn=False)
         loss_fn, params = functional_loss(model, nn.CrossEntropyLoss(reduction="none"))
-        x = torch.randn(4, 5, generator=_gen(5), dtype=DT)
+        x = torch.randn(4, 2, 5, generator=_gen(5), dtype=DT)
         return loss_fn, params, (x, torch.tensor([0, 1, 2, 1]))
 
     return build
 
 
 MODELS = {"llama": llama, "gpt2": gpt2, "bert": bert, "vit": vit, "resnet-bn-eval": resnet,
-          "dcs-mlp": _dcs_mlp("elementwise"), "dcs-group-mlp": _dcs_mlp("group")}
+          **{f"dcs-{s}-cnn": _dcs_mlp(s) for s in ("elementwise", "group", "lowrank", "mirror")}}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
