@@ -557,6 +557,22 @@ def _matmul_rule(f: Callable):
     return rule
 
 
+def _einsum_rule(mode, func, args, kwargs, flat, spec, jets):
+    """einsum of two operands is bilinear in them; each direction's slice goes through it (vmap)."""
+    if kwargs or len(args) < 2 or not isinstance(args[0], str):
+        return NotImplemented
+    ops = args[1:] if len(args) > 2 else args[1]
+    if not (isinstance(ops, (list, tuple)) and len(ops) == 2 and all(isinstance(t, Tensor) for t in ops)):
+        return NotImplemented  # one operand (linear) or three and more: the generic rule
+    eq = args[0]
+    y = func(*args)
+
+    def prod(a, b, ak, bk):
+        return _kmap(lambda p, q: torch.einsum(eq, p, q), a, b, batched=(ak, bk))
+
+    return _bilinear(mode, y, prod, ops[0], ops[1])
+
+
 def _addmm_rule(f: Callable):
     """addmm / baddbmm / addbmm-like: beta * input + alpha * (a @ b)."""
     prod = _matmul_prod(f)
@@ -937,6 +953,7 @@ def _jet_rules() -> Dict[Callable, Callable]:
     add([torch.addmm, Tensor.addmm], _addmm_rule(torch.mm))
     add([torch.baddbmm, Tensor.baddbmm], _addmm_rule(torch.bmm))
     add([torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__], _mul_rule)
+    add([torch.einsum], _einsum_rule)
     add([torch.div, Tensor.div, Tensor.__truediv__, torch.true_divide], _div_rule)
     # elementwise, closed forms
     add([torch.exp, Tensor.exp], _unary_rule(_exp_d))
