@@ -171,8 +171,8 @@ def per_sample_directional_derivatives(
 
 def _warn_fallback(op: str, exc: JetFallback, path: str) -> None:
     warnings.warn(
-        f"{op}: the Taylor-mode jets cannot follow {exc.op} ({exc.why}); computing on the path of "
-        f"nested {path} instead (exact, slower)", PerSamplePathWarning, stacklevel=3)
+        f"{op}: the Taylor-mode jets cannot follow {exc.op} ({exc.why}); computing with {path} "
+        "instead (exact, slower)", PerSamplePathWarning, stacklevel=3)
 
 
 def _fast_jets(op: str, loss_fn: LossFn, params: Dict[str, Tensor], directions: Dict[str, Tensor], K: int,
@@ -262,8 +262,7 @@ def per_sample_curvatures(
             try:
                 return _fast_jets(op, loss_fn, params, directions, K, batch, chunk_size, batch_chunk_size, True)
             except JetFallback as exc:
-                _warn_fallback(op, exc, "forward over forward mode (jvp of jvp of the whole batch loss per "
-                                        "direction)")
+                _warn_fallback(op, exc, "nested forward mode (jvp of jvp of the whole batch loss per direction)")
         with _fast_mode(op, batch_chunk_size is not None):
             def on(part):
                 second = _second_fn(op, loss_fn, params, part)
