@@ -254,3 +254,25 @@ def test_masks_built_by_the_model_stay_on_the_fast_path(name):
         warnings.simplefilter("error", PerSamplePathWarning)
         h = per_sample_curvatures(loss_fn, params, dirs, batch)
     _assert_rel_close(h, per_sample_curvatures(loss_fn, params, dirs, batch, method="forward"), f"{name}: h")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "dcs-group-cnn"])
+def test_jet_program_is_a_pure_function_of_its_tensors(name):
+    """jet_derivatives traces with make_fx (no .item(), no branch on values) and the trace, replayed
+    at other parameters and directions, gives what a fresh pass gives."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from symfast.curvature.exact import ExactMode
+    from symfast.curvature.jets import jet_derivatives
+
+    loss_fn, params, batch = MODELS[name]()
+    exact = ExactMode("test", decompose_norms=True)
+
+    def program(p, d):
+        return jet_derivatives("test", loss_fn, p, d, batch, exact)
+
+    traced = make_fx(program)(params, _directions(params, K=3))
+    other_p = {k: v * 1.1 + 0.01 for k, v in params.items()}
+    other_d = _directions(params, K=3, seed=9)
+    for got, want in zip(traced(other_p, other_d), program(other_p, other_d)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
