@@ -398,6 +398,13 @@ def test_bad_input_is_a_clear_error(op, message, exc, args):
             getattr(ops, op)(*meta)
 
 
+def test_float_mask_with_other_values_is_an_error():
+    # whether a float mask holds only 0 and 1 depends on its values: the kernels check it
+    w, t = torch.randn(3, 4), torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="symfast.jet_dcs: a floating mask must hold only 0 and 1"):
+        jp.jet_dcs(w, w, None, torch.full((3, 4), 0.5), t, None, None, None, None, None)
+
+
 # --------------------------------------------------------------- CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
