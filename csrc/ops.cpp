@@ -67,4 +67,26 @@ TORCH_LIBRARY(symfast, m) {
   m.def("cpu_cache_info() -> int[]", &symfast::cpu_cache_info);
   m.def("cpu_cache_set_limit(int bytes) -> ()", &symfast::cpu_cache_set_limit);
   m.def("cpu_cache_empty() -> ()", &symfast::cpu_cache_empty);
+
+  // ---- jet ops, pointwise family (csrc/{cpu,cuda}/jet_pointwise.*) ----
+  // Second-order jets along K directions: (x, x1, x2) with x1, x2 of shape
+  // [K, *x.shape] (a missing tangent counts as zero; at least one is given, so
+  // that K is known) map to (y, y1, y2) with
+  //   y1 = f'(x) x1,   y2 = f'(x) x2 + f''(x)[x1, x1],
+  // in one pass. kind: gelu (erf), gelu_tanh, silu, tanh, sigmoid, relu,
+  // softplus; beta and threshold are softplus's (linear where beta*x > threshold).
+  m.def(
+      "jet_activation(Tensor x, Tensor? x1, Tensor? x2, str kind, float beta=1.0, "
+      "float threshold=20.0) -> (Tensor, Tensor, Tensor)");
+  // Jet of dcs: theta = m ? w*u : v,
+  //   y1 = m ? w1 u + w u1 : v1,   y2 = m ? w2 u + 2 w1 u1 + w u2 : v2.
+  m.def(
+      "jet_dcs(Tensor w, Tensor u, Tensor? v, Tensor? mask, Tensor? w1, Tensor? u1, "
+      "Tensor? v1, Tensor? w2, Tensor? u2, Tensor? v2) -> (Tensor, Tensor, Tensor)");
+  // Jet of dcs_group: theta = w * s (s broadcast along dim), s1, s2 of shape [K, G],
+  //   y1 = w1 s + w s1,   y2 = w2 s + 2 w1 s1 + w s2.
+  m.def(
+      "jet_dcs_group(Tensor w, Tensor s, int dim, Tensor? w1, Tensor? s1, Tensor? w2, "
+      "Tensor? s2) -> (Tensor, Tensor, Tensor)");
+  // ---- end of the jet ops, pointwise family ----
 }

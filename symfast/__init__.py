@@ -12,6 +12,7 @@ from .ops.cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
 from .ops.checks import DeviceMismatchError
 from .ops.dcs import dcs
 from .ops.dcs_group import dcs_group
+from .ops import jet_pointwise as _jet_pointwise  # noqa: F401  (registers the jet ops' fake kernels and autograd)
 from .collapse import (
     approx_critical_learning_rate,
     critical_learning_rate,

@@ -164,3 +164,183 @@ def dcs_group_jvp(
     if s_dot is not None:
         out = out + w.to(acc) * _gate_view(s_dot, w, dim).to(acc)
     return out.to(w.dtype)
+
+
+# ------------------------------------------------- jet ops, pointwise family
+# A second-order jet of x along K directions is (x, x1, x2): x1 and x2, of shape
+# [K, *x.shape], are the first and second derivatives in t of x(theta + t n_k).
+# A jet op maps it to (y, y1, y2) with y1 = f'(x) x1 and
+# y2 = f'(x) x2 + f''(x)[x1, x1]. A missing tangent (None) counts as zero; at
+# least one must be given, since it fixes K. Everything is computed in the
+# accumulation type (float for half types) and rounded once, as the kernels do.
+
+ACTIVATION_KINDS = ("gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "relu", "softplus")
+
+_SQRT1_2 = 0.7071067811865476  # 1/sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2 pi)
+_GELU_TANH_C = 0.7978845608028654  # sqrt(2/pi)
+_GELU_TANH_A = 0.044715
+
+
+def _jet_directions(op: str, names_and_tangents) -> int:
+    for _, t in names_and_tangents:
+        if t is not None:
+            return t.shape[0]
+    names = ", ".join(name for name, _ in names_and_tangents)
+    raise ValueError(f"{op}: at least one of {names} must be given (a tangent fixes the number of directions K)")
+
+
+def _sech2(x: torch.Tensor) -> torch.Tensor:
+    """1 - tanh(x)^2 as 4 sigma(2x) sigma(-2x), which keeps its relative accuracy where tanh(x)
+    rounds to +-1 and 1 - tanh^2 would cancel to 0."""
+    return 4 * torch.sigmoid(2 * x) * torch.sigmoid(-2 * x)
+
+
+def _activation_derivatives(
+    x: torch.Tensor, kind: str, beta: float, threshold: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f(x), f'(x) and f''(x) in closed form, for x in the accumulation type.
+
+    Sigmoids are written as the pair sigma(x), sigma(-x) rather than sigma and
+    1 - sigma, which keeps sigma' = sigma(x) sigma(-x) accurate in both tails;
+    likewise 1 - tanh^2 (_sech2).
+    """
+    if kind == "gelu":  # x Phi(x)
+        cdf = 0.5 * torch.erfc(-x * _SQRT1_2)  # not 1 + erf: it cancels for x << 0
+        pdf = torch.exp(-0.5 * (x * x)) * _INV_SQRT_2PI
+        return x * cdf, cdf + x * pdf, pdf * (2 - x * x)
+    if kind == "gelu_tanh":  # x (1 + tanh(c (x + a x^3))) / 2
+        # (1 + tanh(u)) / 2 = sigma(2u), which does not cancel for x << 0
+        u = _GELU_TANH_C * (x + _GELU_TANH_A * (x * x * x))
+        half_1pt, t, sech2 = torch.sigmoid(2 * u), torch.tanh(u), _sech2(u)
+        du = _GELU_TANH_C * (1 + 3 * _GELU_TANH_A * (x * x))
+        ddu = (_GELU_TANH_C * 6 * _GELU_TANH_A) * x
+        half_x = 0.5 * x
+        return x * half_1pt, half_1pt + half_x * sech2 * du, sech2 * (du + half_x * (ddu - 2 * t * du * du))
+    if kind in ("silu", "sigmoid"):
+        sp, sm = torch.sigmoid(x), torch.sigmoid(-x)
+        if kind == "sigmoid":
+            return sp, sp * sm, sp * sm * (sm - sp)
+        return x * sp, sp * (1 + x * sm), sp * sm * (2 + x * (sm - sp))
+    if kind == "tanh":
+        t, sech2 = torch.tanh(x), _sech2(x)
+        return t, sech2, -2 * t * sech2
+    if kind == "relu":  # f'(0) = 0, as torch's relu backward has it
+        on = x > 0
+        return torch.relu(x), on.to(x.dtype), torch.zeros_like(x)
+    if kind == "softplus":  # log(1 + exp(beta x)) / beta, linear where beta x > threshold
+        bx = x * beta
+        linear = bx > threshold
+        sp, sm = torch.sigmoid(bx), torch.sigmoid(-bx)
+        f = torch.where(linear, x, torch.log1p(torch.exp(bx)) / beta)
+        d1 = torch.where(linear, torch.ones_like(x), sp)
+        d2 = torch.where(linear, torch.zeros_like(x), beta * sp * sm)
+        return f, d1, d2
+    raise ValueError(f"symfast.jet_activation: kind must be one of {', '.join(ACTIVATION_KINDS)}, got {kind!r}")
+
+
+def jet_activation(
+    x: torch.Tensor,
+    x1: Optional[torch.Tensor],
+    x2: Optional[torch.Tensor],
+    kind: str,
+    beta: float = 1.0,
+    threshold: float = 20.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Jet of an activation: y = f(x), y1 = f'(x) x1, y2 = f'(x) x2 + f''(x) x1^2.
+
+    relu is a select (y1 = x1 where x > 0, else 0; y2 likewise from x2), so a
+    non-finite tangent where relu is flat gives 0, not 0 * inf = nan.
+    """
+    K = _jet_directions("symfast.jet_activation", (("x1", x1), ("x2", x2)))
+    acc = _acc_dtype(x.dtype)
+    f, d1, d2 = _activation_derivatives(x.to(acc), kind, beta, threshold)
+    shape = (K,) + tuple(x.shape)
+    zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    if kind == "relu":
+        on = x > 0
+        y1 = torch.where(on, x1, 0) if x1 is not None else zeros
+        y2 = torch.where(on, x2, 0) if x2 is not None else zeros
+        return torch.relu(x), y1.expand(shape).contiguous(), y2.expand(shape).contiguous()
+    y1 = (d1 * x1.to(acc)).to(x.dtype) if x1 is not None else zeros
+    if x2 is not None and x1 is not None:
+        y2 = d1 * x2.to(acc) + d2 * (x1.to(acc) * x1.to(acc))
+    elif x2 is not None:
+        y2 = d1 * x2.to(acc)
+    else:
+        y2 = d2 * (x1.to(acc) * x1.to(acc))
+    return f.to(x.dtype), y1, y2.to(x.dtype)
+
+
+def _sum_of_products(shape, acc: torch.dtype, device, terms) -> torch.Tensor:
+    """0 + a_1 b_1 + a_2 b_2 + ... in the accumulation type, skipping terms with
+    a missing factor; the same order of additions as the kernels."""
+    out = torch.zeros(shape, dtype=acc, device=device)
+    for scale, a, b in terms:
+        if a is None or b is None:
+            continue
+        prod = a.to(acc) * b.to(acc)
+        out = out + (prod * scale if scale != 1 else prod)
+    return out
+
+
+def jet_dcs(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    v: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    w1: Optional[torch.Tensor],
+    u1: Optional[torch.Tensor],
+    v1: Optional[torch.Tensor],
+    w2: Optional[torch.Tensor],
+    u2: Optional[torch.Tensor],
+    v2: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Jet of dcs: theta = m ? w u : v, and
+    y1 = m ? w1 u + w u1 : v1,  y2 = m ? w2 u + 2 w1 u1 + w u2 : v2.
+
+    v, v1 and v2 exist only with a mask (mask=None means theta = w u).
+    """
+    op = "symfast.jet_dcs"
+    K = _jet_directions(op, (("w1", w1), ("u1", u1), ("v1", v1), ("w2", w2), ("u2", u2), ("v2", v2)))
+    if mask is None and (v1 is not None or v2 is not None):
+        raise ValueError(f"{op}: v1/v2 were given without a mask; with mask=None dcs has no v input")
+    acc, shape = _acc_dtype(w.dtype), (K,) + tuple(w.shape)
+    y = dcs(w, u, v, mask)
+    on1 = _sum_of_products(shape, acc, w.device, [(1, w1, u), (1, w, u1)]).to(w.dtype)
+    on2 = _sum_of_products(shape, acc, w.device, [(1, w2, u), (2, w1, u1), (1, w, u2)]).to(w.dtype)
+    if mask is None:
+        return y, on1, on2
+    m = _bool_mask(mask)
+    y1 = torch.where(m, on1, v1 if v1 is not None else torch.zeros((), dtype=w.dtype, device=w.device))
+    y2 = torch.where(m, on2, v2 if v2 is not None else torch.zeros((), dtype=w.dtype, device=w.device))
+    return y, y1, y2
+
+
+def jet_dcs_group(
+    w: torch.Tensor,
+    s: torch.Tensor,
+    dim: int,
+    w1: Optional[torch.Tensor],
+    s1: Optional[torch.Tensor],
+    w2: Optional[torch.Tensor],
+    s2: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Jet of dcs_group: theta = w * s (s broadcast along dim), and
+    y1 = w1 s + w s1,  y2 = w2 s + 2 w1 s1 + w s2, with s1, s2 of shape [K, G]."""
+    K = _jet_directions("symfast.jet_dcs_group", (("w1", w1), ("s1", s1), ("w2", w2), ("s2", s2)))
+    dim = dim % w.dim()
+    acc, shape = _acc_dtype(w.dtype), (K,) + tuple(w.shape)
+
+    def gates(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """[K, G] as a tensor that broadcasts along dim + 1 of [K, *w.shape]."""
+        if t is None:
+            return None
+        view = [K] + [1] * w.dim()
+        view[dim + 1] = -1
+        return t.reshape(view)
+
+    sv = _gate_view(s, w, dim)
+    y1 = _sum_of_products(shape, acc, w.device, [(1, w1, sv), (1, w, gates(s1))])
+    y2 = _sum_of_products(shape, acc, w.device, [(1, w2, sv), (2, w1, gates(s1)), (1, w, gates(s2))])
+    return dcs_group(w, s, dim), y1.to(w.dtype), y2.to(w.dtype)

@@ -1,0 +1,357 @@
+// CPU kernels of the pointwise jet ops: jet_activation, jet_dcs, jet_dcs_group.
+//
+// Each op reads (primal, first and second tangents) and writes (y, y1, y2) in
+// one pass. The tangents have K directions, [K, *S], and are mostly what the
+// pass moves, so the loops are blocked: for kBlock elements of the primal the
+// per-element quantities (f, f', f'' of an activation; w, u, the mask; the
+// gate of each element) are computed once into small arrays, then applied to
+// the same kBlock elements of each of the K directions. Each of those inner
+// loops is a flat, contiguous stream that the compiler vectorizes, and the
+// arrays stay in L1. Which tangents are present is tested once per block and
+// direction, outside the element loops, so no kernel is compiled per
+// combination of present tangents.
+//
+// Operands are made contiguous first (.contiguous(): no copy when they already
+// are; a strided view costs one extra read and write of that operand, and a
+// mask that broadcasts is expanded to w's numel, one byte per element), so that
+// one flat 64-bit index addresses all of them.
+//
+// Numerics: half types compute in float (at::opmath_type) and round once. jet_dcs and
+// jet_dcs_group sum their products in the order of symfast/reference.py (from
+// +0, term by term; setup.py's -ffp-contract=off forbids FMAs), so they equal
+// the reference bit for bit. jet_activation evaluates the closed forms of
+// jet_activation_math.h, which differ from the reference only by the last
+// bits of exp/erf/tanh.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common.h"
+#include "../jet_activation_math.h"
+#include "../jet_pointwise_checks.h"
+#include "loop_hints.h"
+#include "output_cache.h"
+
+namespace symfast {
+namespace {
+
+// Primal elements per block: the per-element arrays (a few of them, 8 bytes
+// per element at most) stay well inside L1.
+constexpr int64_t kBlock = 256;
+
+std::vector<int64_t> jet_sizes(int64_t k, at::IntArrayRef s) {
+  std::vector<int64_t> out{k};
+  out.insert(out.end(), s.begin(), s.end());
+  return out;
+}
+
+// Primal elements per at::parallel_for task: kGrainSize elements of output
+// in all, each primal element carrying 1 + 2K of them.
+int64_t jet_grain(int64_t k) { return std::max<int64_t>(kBlock, kGrainSize / (1 + 2 * k)); }
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// ------------------------------------------------------------ jet_activation
+template <typename T, Activation A>
+void activation_range(const T* x, const T* x1, const T* x2, T* y, T* y1, T* y2, int64_t n,
+                      int64_t k_dirs, int64_t begin, int64_t end, at::opmath_type<T> beta,
+                      at::opmath_type<T> threshold) {
+  using acc_t = at::opmath_type<T>;
+  acc_t d1[kBlock], d2[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t len = std::min(kBlock, end - b);
+    for (int64_t i = 0; i < len; ++i) {
+      const auto d = activation_derivatives<A, acc_t>(static_cast<acc_t>(x[b + i]), beta, threshold);
+      y[b + i] = static_cast<T>(d.f);
+      d1[i] = d.d1;
+      d2[i] = d.d2;
+    }
+    for (int64_t k = 0; k < k_dirs; ++k) {
+      const int64_t off = k * n + b;
+      const T* __restrict__ t1 = x1 ? x1 + off : nullptr;
+      const T* __restrict__ t2 = x2 ? x2 + off : nullptr;
+      T* __restrict__ o1 = y1 + off;
+      T* __restrict__ o2 = y2 + off;
+      if constexpr (A == Activation::kRelu) {
+        // A select, as in the reference: a non-finite tangent where relu is
+        // flat gives 0, not 0 * inf.
+        SYMFAST_NO_LOOP_DEPENDENCIES
+        for (int64_t i = 0; i < len; ++i) {
+          o1[i] = (t1 && d1[i] != acc_t(0)) ? t1[i] : T(0);
+          o2[i] = (t2 && d1[i] != acc_t(0)) ? t2[i] : T(0);
+        }
+        continue;
+      }
+      if (t1) {
+        SYMFAST_NO_LOOP_DEPENDENCIES
+        for (int64_t i = 0; i < len; ++i) o1[i] = static_cast<T>(d1[i] * static_cast<acc_t>(t1[i]));
+      } else {
+        std::fill(o1, o1 + len, T(0));
+      }
+      if (t1 && t2) {
+        SYMFAST_NO_LOOP_DEPENDENCIES
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t a = static_cast<acc_t>(t1[i]);
+          o2[i] = static_cast<T>(d1[i] * static_cast<acc_t>(t2[i]) + d2[i] * (a * a));
+        }
+      } else if (t2) {
+        SYMFAST_NO_LOOP_DEPENDENCIES
+        for (int64_t i = 0; i < len; ++i) o2[i] = static_cast<T>(d1[i] * static_cast<acc_t>(t2[i]));
+      } else {
+        SYMFAST_NO_LOOP_DEPENDENCIES
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t a = static_cast<acc_t>(t1[i]);
+          o2[i] = static_cast<T>(d2[i] * (a * a));
+        }
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_activation_cpu(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& x1_in,
+    const c10::optional<at::Tensor>& x2_in, c10::string_view kind, double beta, double threshold) {
+  // Plain variables, not a structured binding: lambdas below capture them.
+  const auto checked = check_jet_activation_args(x_in, x1_in, x2_in, kind, beta);
+  const int64_t k_dirs = checked.first;
+  const Activation act = checked.second;
+  const at::Tensor x = x_in.contiguous(), x1 = contiguous_or_undefined(x1_in),
+                   x2 = contiguous_or_undefined(x2_in);
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  const auto js = jet_sizes(k_dirs, x.sizes());
+  at::Tensor y1 = empty_output(js, x.options()), y2 = empty_output(js, x.options());
+  const int64_t n = x.numel();
+  if (n == 0) return {y, y1, y2};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "symfast_jet_activation_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* x1p = data_or_null<scalar_t>(x1);
+    const scalar_t* x2p = data_or_null<scalar_t>(x2);
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    scalar_t* y1p = y1.mutable_data_ptr<scalar_t>();
+    scalar_t* y2p = y2.mutable_data_ptr<scalar_t>();
+    const acc_t b = static_cast<acc_t>(beta), th = static_cast<acc_t>(threshold);
+    activation_switch(act, [&](auto tag) {
+      constexpr Activation A = decltype(tag)::value;
+      at::parallel_for(0, n, jet_grain(k_dirs), [&](int64_t begin, int64_t end) {
+        activation_range<scalar_t, A>(xp, x1p, x2p, yp, y1p, y2p, n, k_dirs, begin, end, b, th);
+      });
+    });
+  });
+  return {y, y1, y2};
+}
+
+// ------------------------------------------------------------------ jet_dcs
+// acc[i] += a[i] * b[i] (scaled by 2 when TWICE), skipped by the caller when a
+// factor is missing. a or b may be a per-element primal (index i of the
+// block) or a tangent row (the same index within direction k).
+template <typename T, bool TWICE = false>
+C10_ALWAYS_INLINE void add_products(at::opmath_type<T>* __restrict__ acc, const T* __restrict__ a,
+                                    const T* __restrict__ b, int64_t len) {
+  using acc_t = at::opmath_type<T>;
+  SYMFAST_NO_LOOP_DEPENDENCIES
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t p = static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
+    acc[i] += TWICE ? acc_t(2) * p : p;
+  }
+}
+
+// out[i] = m[i] ? acc[i] : other[i] (0 without other); out[i] = acc[i] without a mask.
+template <typename T>
+C10_ALWAYS_INLINE void store_selected(T* __restrict__ out, const at::opmath_type<T>* __restrict__ acc,
+                                      const uint8_t* __restrict__ m, const T* __restrict__ other,
+                                      int64_t len) {
+  if (m == nullptr) {
+    SYMFAST_NO_LOOP_DEPENDENCIES
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(acc[i]);
+  } else if (other == nullptr) {
+    SYMFAST_NO_LOOP_DEPENDENCIES
+    for (int64_t i = 0; i < len; ++i) out[i] = m[i] ? static_cast<T>(acc[i]) : T(0);
+  } else {
+    SYMFAST_NO_LOOP_DEPENDENCIES
+    for (int64_t i = 0; i < len; ++i) out[i] = m[i] ? static_cast<T>(acc[i]) : other[i];
+  }
+}
+
+struct DcsJetPtrs {
+  const void *w, *u, *v, *w1, *u1, *v1, *w2, *u2, *v2;
+  const uint8_t* m;
+  void *y, *y1, *y2;
+};
+
+template <typename T>
+void jet_dcs_range(const DcsJetPtrs& p, int64_t n, int64_t k_dirs, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<T>;
+  auto in = [](const void* q) { return static_cast<const T*>(q); };
+  const T *w = in(p.w), *u = in(p.u), *v = in(p.v), *w1 = in(p.w1), *u1 = in(p.u1),
+          *v1 = in(p.v1), *w2 = in(p.w2), *u2 = in(p.u2), *v2 = in(p.v2);
+  T* y = static_cast<T*>(p.y);
+  T* y1 = static_cast<T*>(p.y1);
+  T* y2 = static_cast<T*>(p.y2);
+  acc_t acc[kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t len = std::min(kBlock, end - b);
+    const uint8_t* m = p.m ? p.m + b : nullptr;
+    // theta = m ? w u : v
+    SYMFAST_NO_LOOP_DEPENDENCIES
+    for (int64_t i = 0; i < len; ++i) {
+      acc[i] = static_cast<acc_t>(w[b + i]) * static_cast<acc_t>(u[b + i]);
+    }
+    store_selected<T>(y + b, acc, m, v ? v + b : nullptr, len);
+    for (int64_t k = 0; k < k_dirs; ++k) {
+      const int64_t off = k * n + b;
+      // y1 = m ? w1 u + w u1 : v1
+      std::fill(acc, acc + len, acc_t(0));
+      if (w1) add_products<T>(acc, w1 + off, u + b, len);
+      if (u1) add_products<T>(acc, w + b, u1 + off, len);
+      store_selected<T>(y1 + off, acc, m, v1 ? v1 + off : nullptr, len);
+      // y2 = m ? w2 u + 2 w1 u1 + w u2 : v2
+      std::fill(acc, acc + len, acc_t(0));
+      if (w2) add_products<T>(acc, w2 + off, u + b, len);
+      if (w1 && u1) add_products<T, true>(acc, w1 + off, u1 + off, len);
+      if (u2) add_products<T>(acc, w + b, u2 + off, len);
+      store_selected<T>(y2 + off, acc, m, v2 ? v2 + off : nullptr, len);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_cpu(
+    const at::Tensor& w_in, const at::Tensor& u_in, const c10::optional<at::Tensor>& v_in,
+    const c10::optional<at::Tensor>& mask_in, const c10::optional<at::Tensor>& w1_in,
+    const c10::optional<at::Tensor>& u1_in, const c10::optional<at::Tensor>& v1_in,
+    const c10::optional<at::Tensor>& w2_in, const c10::optional<at::Tensor>& u2_in,
+    const c10::optional<at::Tensor>& v2_in) {
+  const auto checked =
+      check_jet_dcs_args(w_in, u_in, v_in, mask_in, w1_in, u1_in, v1_in, w2_in, u2_in, v2_in);
+  const int64_t k_dirs = checked.first;
+  const c10::optional<at::Tensor>& mask = checked.second;
+  const at::Tensor w = w_in.contiguous(), u = u_in.contiguous(), v = contiguous_or_undefined(v_in),
+                   w1 = contiguous_or_undefined(w1_in), u1 = contiguous_or_undefined(u1_in),
+                   v1 = contiguous_or_undefined(v1_in), w2 = contiguous_or_undefined(w2_in),
+                   u2 = contiguous_or_undefined(u2_in), v2 = contiguous_or_undefined(v2_in);
+  const at::Tensor m = mask.has_value() ? mask->expand(w.sizes()).contiguous() : at::Tensor();
+  at::Tensor y = empty_output(w.sizes(), w.options());
+  const auto js = jet_sizes(k_dirs, w.sizes());
+  at::Tensor y1 = empty_output(js, w.options()), y2 = empty_output(js, w.options());
+  const int64_t n = w.numel();
+  if (n == 0) return {y, y1, y2};
+
+  auto ptr = [](const at::Tensor& t) -> const void* { return t.defined() ? t.const_data_ptr() : nullptr; };
+  const DcsJetPtrs p{ptr(w), ptr(u), ptr(v), ptr(w1), ptr(u1), ptr(v1), ptr(w2), ptr(u2), ptr(v2),
+                     m.defined() ? static_cast<const uint8_t*>(m.const_data_ptr()) : nullptr,
+                     y.mutable_data_ptr(), y1.mutable_data_ptr(), y2.mutable_data_ptr()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "symfast_jet_dcs_cpu", [&] {
+    at::parallel_for(0, n, jet_grain(k_dirs), [&](int64_t begin, int64_t end) {
+      jet_dcs_range<scalar_t>(p, n, k_dirs, begin, end);
+    });
+  });
+  return {y, y1, y2};
+}
+
+// ------------------------------------------------------------ jet_dcs_group
+// w is [outer, G, inner] (G = w.shape[dim]); element i has group
+// (i / inner) % G. The gates of a block's elements are gathered once per
+// block and direction into a contiguous array, so the arithmetic loops are
+// the same flat streams as jet_dcs's.
+template <typename T>
+void jet_dcs_group_range(const T* w, const T* s, const T* w1, const T* s1, const T* w2,
+                         const T* s2, T* y, T* y1, T* y2, int64_t n, int64_t groups, int64_t inner,
+                         int64_t k_dirs, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<T>;
+  int64_t g_of[kBlock];
+  T gate[kBlock], gate1[kBlock], gate2[kBlock];
+  acc_t acc[kBlock];
+  auto gather = [&](T* dst, const T* src, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) dst[i] = src[g_of[i]];
+  };
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t len = std::min(kBlock, end - b);
+    // Group of each element, stepping (group, position in group) instead of dividing.
+    int64_t g = (b / inner) % groups, j = b % inner;
+    for (int64_t i = 0; i < len; ++i) {
+      g_of[i] = g;
+      if (++j == inner) {
+        j = 0;
+        if (++g == groups) g = 0;
+      }
+    }
+    gather(gate, s, len);
+    SYMFAST_NO_LOOP_DEPENDENCIES
+    for (int64_t i = 0; i < len; ++i) {
+      y[b + i] = static_cast<T>(static_cast<acc_t>(w[b + i]) * static_cast<acc_t>(gate[i]));
+    }
+    for (int64_t k = 0; k < k_dirs; ++k) {
+      const int64_t off = k * n + b;
+      if (s1) gather(gate1, s1 + k * groups, len);
+      if (s2) gather(gate2, s2 + k * groups, len);
+      // y1 = w1 s + w s1
+      std::fill(acc, acc + len, acc_t(0));
+      if (w1) add_products<T>(acc, w1 + off, gate, len);
+      if (s1) add_products<T>(acc, w + b, gate1, len);
+      SYMFAST_NO_LOOP_DEPENDENCIES
+      for (int64_t i = 0; i < len; ++i) y1[off + i] = static_cast<T>(acc[i]);
+      // y2 = w2 s + 2 w1 s1 + w s2
+      std::fill(acc, acc + len, acc_t(0));
+      if (w2) add_products<T>(acc, w2 + off, gate, len);
+      if (w1 && s1) add_products<T, true>(acc, w1 + off, gate1, len);
+      if (s2) add_products<T>(acc, w + b, gate2, len);
+      SYMFAST_NO_LOOP_DEPENDENCIES
+      for (int64_t i = 0; i < len; ++i) y2[off + i] = static_cast<T>(acc[i]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_group_cpu(
+    const at::Tensor& w_in, const at::Tensor& s_in, int64_t dim_in,
+    const c10::optional<at::Tensor>& w1_in, const c10::optional<at::Tensor>& s1_in,
+    const c10::optional<at::Tensor>& w2_in, const c10::optional<at::Tensor>& s2_in) {
+  const auto checked = check_jet_dcs_group_args(w_in, s_in, dim_in, w1_in, s1_in, w2_in, s2_in);
+  const int64_t k_dirs = checked.first, dim = checked.second;
+  const at::Tensor w = w_in.contiguous(), s = s_in.contiguous(),
+                   w1 = contiguous_or_undefined(w1_in), s1 = contiguous_or_undefined(s1_in),
+                   w2 = contiguous_or_undefined(w2_in), s2 = contiguous_or_undefined(s2_in);
+  at::Tensor y = empty_output(w.sizes(), w.options());
+  const auto js = jet_sizes(k_dirs, w.sizes());
+  at::Tensor y1 = empty_output(js, w.options()), y2 = empty_output(js, w.options());
+  const int64_t n = w.numel();
+  if (n == 0) return {y, y1, y2};
+  const int64_t groups = w.size(dim);
+  int64_t inner = 1;
+  for (int64_t d = dim + 1; d < w.dim(); ++d) inner *= w.size(d);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "symfast_jet_dcs_group_cpu", [&] {
+    const scalar_t *wp = w.const_data_ptr<scalar_t>(), *sp = s.const_data_ptr<scalar_t>(),
+                   *w1p = data_or_null<scalar_t>(w1), *s1p = data_or_null<scalar_t>(s1),
+                   *w2p = data_or_null<scalar_t>(w2), *s2p = data_or_null<scalar_t>(s2);
+    scalar_t *yp = y.mutable_data_ptr<scalar_t>(), *y1p = y1.mutable_data_ptr<scalar_t>(),
+             *y2p = y2.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, jet_grain(k_dirs), [&](int64_t begin, int64_t end) {
+      jet_dcs_group_range<scalar_t>(wp, sp, w1p, s1p, w2p, s2p, yp, y1p, y2p, n, groups, inner,
+                                    k_dirs, begin, end);
+    });
+  });
+  return {y, y1, y2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(symfast, CPU, m) {
+  m.impl("jet_activation", &jet_activation_cpu);
+  m.impl("jet_dcs", &jet_dcs_cpu);
+  m.impl("jet_dcs_group", &jet_dcs_group_cpu);
+}
+
+}  // namespace symfast
