@@ -67,4 +67,30 @@ TORCH_LIBRARY(symfast, m) {
   m.def("cpu_cache_info() -> int[]", &symfast::cpu_cache_info);
   m.def("cpu_cache_set_limit(int bytes) -> ()", &symfast::cpu_cache_set_limit);
   m.def("cpu_cache_empty() -> ()", &symfast::cpu_cache_empty);
+
+  // ---- jet row ops (csrc/cpu/jet_rows.cpp, csrc/cuda/jet_rows.cu; twins in symfast/reference.py)
+  // A second-order jet of x along K directions is (x, x1, x2), x1 and x2 the
+  // first and second t-derivatives of x(theta + t n_k) stacked with a leading
+  // K: shape (K, *x.shape). Each op reads (x, x1, x2) and writes (y, y1, y2) in
+  // one pass, y1 = f'(x) x1 and y2 = f'(x) x2 + f''(x)[x1, x1]; y1 and y2 are
+  // (K, *y.shape). A missing tangent counts as zero; at least one must be given
+  // (K is read from it). Rows are the normalized dims or the softmax dim.
+  //
+  // F.layer_norm; weight and bias may carry their own jets, (K, *normalized_shape).
+  m.def(
+      "jet_layer_norm(Tensor x, Tensor? x1, Tensor? x2, int[] normalized_shape, Tensor? weight, "
+      "Tensor? bias, Tensor? weight1, Tensor? bias1, Tensor? weight2, Tensor? bias2, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  // y = x * rsqrt(mean(x^2, normalized dims) + eps) * weight (F.rms_norm).
+  m.def(
+      "jet_rms_norm(Tensor x, Tensor? x1, Tensor? x2, int[] normalized_shape, Tensor? weight, "
+      "Tensor? weight1, Tensor? weight2, float eps) -> (Tensor, Tensor, Tensor)");
+  // softmax (log=False) or log_softmax (log=True) along dim.
+  m.def("jet_softmax(Tensor x, Tensor? x1, Tensor? x2, int dim, bool log) -> (Tensor, Tensor, Tensor)");
+  // Per-sample cross-entropy of logits z (N, C) and class indices target (N,)
+  // (reduction='none'): loss (N,), l1 and l2 (K, N); rows whose target is
+  // ignore_index give 0.
+  m.def(
+      "jet_cross_entropy(Tensor z, Tensor? z1, Tensor? z2, Tensor target, int ignore_index=-100) "
+      "-> (Tensor, Tensor, Tensor)");
 }
