@@ -36,8 +36,7 @@ inline void check_jet_primal(const char* op, const char* name, const at::Tensor&
                    " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
 }
 
-// t must have x's dtype and device and shape `base` (`what` names it, e.g.
-// "normalized_shape").
+// t must have the dtype and device of x (named xname in the message).
 inline void check_jet_like(const char* op, const char* name, const at::Tensor& t,
                            const at::Tensor& x, const char* xname) {
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of ",
