@@ -89,4 +89,26 @@ TORCH_LIBRARY(symfast, m) {
       "jet_dcs_group(Tensor w, Tensor s, int dim, Tensor? w1, Tensor? s1, Tensor? w2, "
       "Tensor? s2) -> (Tensor, Tensor, Tensor)");
   // ---- end of the jet ops, pointwise family ----
+
+  // ---- jet ops, row family (csrc/{cpu,cuda}/jet_rows.*) ----
+  // Jets as above; a row is the normalized dims or the softmax dim.
+  //
+  // F.layer_norm; weight and bias may carry their own jets, (K, *normalized_shape).
+  m.def(
+      "jet_layer_norm(Tensor x, Tensor? x1, Tensor? x2, int[] normalized_shape, Tensor? weight, "
+      "Tensor? bias, Tensor? weight1, Tensor? bias1, Tensor? weight2, Tensor? bias2, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  // y = x * rsqrt(mean(x^2, normalized dims) + eps) * weight (F.rms_norm).
+  m.def(
+      "jet_rms_norm(Tensor x, Tensor? x1, Tensor? x2, int[] normalized_shape, Tensor? weight, "
+      "Tensor? weight1, Tensor? weight2, float eps) -> (Tensor, Tensor, Tensor)");
+  // softmax (log=False) or log_softmax (log=True) along dim.
+  m.def("jet_softmax(Tensor x, Tensor? x1, Tensor? x2, int dim, bool log) -> (Tensor, Tensor, Tensor)");
+  // Per-sample cross-entropy of logits z (N, C) and class indices target (N,)
+  // (reduction='none'): loss (N,), l1 and l2 (K, N); rows whose target is
+  // ignore_index give 0.
+  m.def(
+      "jet_cross_entropy(Tensor z, Tensor? z1, Tensor? z2, Tensor target, int ignore_index=-100) "
+      "-> (Tensor, Tensor, Tensor)");
+  // ---- end of the jet ops, row family ----
 }

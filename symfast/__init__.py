@@ -31,6 +31,7 @@ from .curvature import (
 )
 from .monitor import CollapseMonitor
 from .symmetry import Mirror, find_symmetries, stationary_report, verify
+from .ops import jet_rows as _jet_rows  # noqa: F401  (registers the jet row ops' fake kernels and autograd)
 
 __all__ = [
     "dcs",

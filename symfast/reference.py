@@ -344,3 +344,216 @@ def jet_dcs_group(
     y1 = _sum_of_products(shape, acc, w.device, [(1, w1, sv), (1, w, gates(s1))])
     y2 = _sum_of_products(shape, acc, w.device, [(1, w2, sv), (2, w1, gates(s1)), (1, w, gates(s2))])
     return dcs_group(w, s, dim), y1.to(w.dtype), y2.to(w.dtype)
+
+# ------------------------------------------------------------ jet row ops
+# Second-order jets (x, x1, x2) along K directions: x1 and x2 are the first and
+# second t-derivatives of x(theta + t n_k), stacked with a leading K. A jet op
+# returns (y, y1, y2) with y1 = f'(x) x1 and y2 = f'(x) x2 + f''(x)[x1, x1];
+# a missing tangent counts as zero. The row ops act on rows (the normalized
+# dims, or the softmax dim), compute in float for half types (_acc_dtype) and
+# round once, as the kernels do. The argument checks live in
+# symfast.ops.jet_rows (shared with the fake kernels); these twins assume
+# valid input.
+
+
+def _jet_k(*tangents: Optional[torch.Tensor]) -> int:
+    """K, the number of directions: the leading size of the first given tangent."""
+    for t in tangents:
+        if t is not None:
+            return t.shape[0]
+    raise ValueError("a jet op needs at least one tangent: K, the number of directions, is read from it")
+
+
+def _up(t: Optional[torch.Tensor], acc: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(acc)
+
+
+def _jet_normalize(x, x1, x2, nd: int, eps: float, center: bool):
+    """Jet of x_hat = u / sigma over the last nd dims, where u = x - mean(x)
+    (center) or u = x, and sigma = sqrt(mean(u^2) + eps).
+
+    Differentiating u = x_hat * sigma and sigma^2 = mean(u^2) + eps twice along t,
+    with u1, u2 the tangents of u (x1, x2, centered when center):
+
+        sigma'  = mean(x_hat u1)
+        sigma'' = (mean(u1^2) - sigma'^2) / sigma + mean(x_hat u2)
+        x_hat'  = (u1 - x_hat sigma') / sigma
+        x_hat'' = (u2 - 2 x_hat' sigma' - x_hat sigma'') / sigma
+
+    x is (*S) and x1, x2 are (K, *S) or None (zero). Returns x_hat, x_hat', x_hat''.
+    """
+    dims = tuple(range(-nd, 0))
+
+    def mean(t):
+        return t.mean(dim=dims, keepdim=True)
+
+    def tangent(t):
+        if t is None:
+            return torch.zeros_like(x).unsqueeze(0)
+        return t - mean(t) if center else t
+
+    u = x - mean(x) if center else x
+    sigma = (mean(u * u) + eps).sqrt()
+    xh = u / sigma
+    u1, u2 = tangent(x1), tangent(x2)
+    d1 = mean(xh * u1)
+    d2 = (mean(u1 * u1) - d1 * d1) / sigma + mean(xh * u2)
+    xh1 = (u1 - xh * d1) / sigma
+    xh2 = (u2 - 2 * xh1 * d1 - xh * d2) / sigma
+    return xh, xh1, xh2
+
+
+def _jet_scale_shift(xh, xh1, xh2, k, weight, bias, weight1, bias1, weight2, bias2):
+    """y = x_hat * weight + bias with weight and bias carrying their own jets:
+    y1 = x_hat1 w + x_hat w1 + b1,  y2 = x_hat2 w + 2 x_hat1 w1 + x_hat w2 + b2.
+    weight/bias are (*normalized_shape), their jets (K, 1, ..., 1, *normalized_shape)."""
+    y = xh if weight is None else xh * weight
+    y1 = xh1 if weight is None else xh1 * weight
+    y2 = xh2 if weight is None else xh2 * weight
+    if weight1 is not None:
+        y1 = y1 + xh * weight1
+        y2 = y2 + 2 * xh1 * weight1
+    if weight2 is not None:
+        y2 = y2 + xh * weight2
+    if bias is not None:
+        y = y + bias
+    if bias1 is not None:
+        y1 = y1 + bias1
+    if bias2 is not None:
+        y2 = y2 + bias2
+    shape = (k,) + tuple(xh.shape)
+    return y, y1.expand(shape), y2.expand(shape)
+
+
+def _per_direction(t: Optional[torch.Tensor], acc: torch.dtype, lead: int) -> Optional[torch.Tensor]:
+    """A weight jet (K, *normalized_shape) as (K, 1, ..., 1, *normalized_shape): broadcasts against (K, *x.shape)."""
+    if t is None:
+        return None
+    return t.to(acc).reshape(t.shape[:1] + (1,) * lead + t.shape[1:])
+
+
+def jet_layer_norm(
+    x: torch.Tensor,
+    x1: Optional[torch.Tensor],
+    x2: Optional[torch.Tensor],
+    normalized_shape,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    weight1: Optional[torch.Tensor],
+    bias1: Optional[torch.Tensor],
+    weight2: Optional[torch.Tensor],
+    bias2: Optional[torch.Tensor],
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Jet of F.layer_norm(x, normalized_shape, weight, bias, eps) with u = x - mean(x)
+    (see _jet_normalize), weight and bias carrying their own jets (see _jet_scale_shift)."""
+    k = _jet_k(x1, x2, weight1, weight2, bias1, bias2)
+    acc = _acc_dtype(x.dtype)
+    nd = len(normalized_shape)
+    lead = x.dim() - nd
+    xh, xh1, xh2 = _jet_normalize(x.to(acc), _up(x1, acc), _up(x2, acc), nd, eps, center=True)
+    ys = _jet_scale_shift(xh, xh1, xh2, k, _up(weight, acc), _up(bias, acc),
+                          _per_direction(weight1, acc, lead), _per_direction(bias1, acc, lead),
+                          _per_direction(weight2, acc, lead), _per_direction(bias2, acc, lead))
+    return tuple(y.to(x.dtype).contiguous() for y in ys)
+
+
+def jet_rms_norm(
+    x: torch.Tensor,
+    x1: Optional[torch.Tensor],
+    x2: Optional[torch.Tensor],
+    normalized_shape,
+    weight: Optional[torch.Tensor],
+    weight1: Optional[torch.Tensor],
+    weight2: Optional[torch.Tensor],
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Jet of y = x * rsqrt(mean(x^2) + eps) * weight over the normalized dims
+    (F.rms_norm): _jet_normalize with u = x (no centering)."""
+    k = _jet_k(x1, x2, weight1, weight2)
+    acc = _acc_dtype(x.dtype)
+    nd = len(normalized_shape)
+    lead = x.dim() - nd
+    xh, xh1, xh2 = _jet_normalize(x.to(acc), _up(x1, acc), _up(x2, acc), nd, eps, center=False)
+    ys = _jet_scale_shift(xh, xh1, xh2, k, _up(weight, acc), None, _per_direction(weight1, acc, lead), None,
+                          _per_direction(weight2, acc, lead), None)
+    return tuple(y.to(x.dtype).contiguous() for y in ys)
+
+
+def _softmax_jet(z, z1, z2, dim: int):
+    """s = softmax(z) and the centered tangents a_j = z_j - <s, z_j> (zero where z_j is None),
+    with e = <s, a1^2>, the variance of z1 under s: s' = s a1, (log s)' = a1 and
+    s'' = s (a1^2 + a2 - e), (log s)'' = a2 - e."""
+    s = torch.softmax(z, dim)
+    d = dim % z.dim() + 1  # dim in the (K, *S) tangents
+
+    def centered(t):
+        if t is None:
+            return torch.zeros_like(z).unsqueeze(0)
+        return t - (s * t).sum(d, keepdim=True)
+
+    a1, a2 = centered(z1), centered(z2)
+    e = (s * a1 * a1).sum(d, keepdim=True)
+    return s, a1, a2, e
+
+
+def jet_softmax(
+    x: torch.Tensor,
+    x1: Optional[torch.Tensor],
+    x2: Optional[torch.Tensor],
+    dim: int,
+    log: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Jet of softmax(x, dim) (log=False) or log_softmax(x, dim) (log=True), see _softmax_jet."""
+    k = _jet_k(x1, x2)
+    acc = _acc_dtype(x.dtype)
+    z = x.to(acc)
+    if z.dim() == 0:  # torch treats a 0-d tensor as one row of one element
+        ys = jet_softmax(x.reshape(1), None if x1 is None else x1.reshape(k, 1),
+                         None if x2 is None else x2.reshape(k, 1), 0, log)
+        return ys[0].reshape(()), ys[1].reshape(k), ys[2].reshape(k)
+    s, a1, a2, e = _softmax_jet(z, _up(x1, acc), _up(x2, acc), dim % z.dim())
+    if log:
+        ys = (torch.log_softmax(z, dim), a1, a2 - e)
+    else:
+        ys = (s, s * a1, s * (a1 * a1 + a2 - e))
+    shape = (k,) + tuple(x.shape)
+    return ys[0].to(x.dtype).contiguous(), ys[1].expand(shape).to(x.dtype).contiguous(), \
+        ys[2].expand(shape).to(x.dtype).contiguous()
+
+
+def jet_cross_entropy(
+    z: torch.Tensor,
+    z1: Optional[torch.Tensor],
+    z2: Optional[torch.Tensor],
+    target: torch.Tensor,
+    ignore_index: int = -100,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Jet of the per-sample loss F.cross_entropy(z, target, reduction='none'), z (N, C):
+
+        loss = logsumexp(z) - z[t],  l1 = <s, z1> - z1[t],
+        l2 = <s, z2> - z2[t] + <s, z1^2> - <s, z1>^2        (s = softmax(z)),
+
+    the last two terms being the variance of z1 under s. Rows whose target is
+    ignore_index give 0, 0, 0."""
+    k = _jet_k(z1, z2)
+    acc = _acc_dtype(z.dtype)
+    zz = z.to(acc)
+    keep = target != ignore_index
+    t = torch.where(keep, target, torch.zeros_like(target)).unsqueeze(-1)  # any valid index where ignored
+
+    def pick(v):  # v[..., n, t_n]; with C = 0 every row is ignored
+        if v.shape[-1] == 0:
+            return v.sum(-1)
+        return v.gather(-1, t.expand(v.shape[:-1] + (1,))).squeeze(-1)
+
+    s, a1, a2, e = _softmax_jet(zz, _up(z1, acc), _up(z2, acc), 1)
+    loss = torch.logsumexp(zz, 1) - pick(zz)
+    zero = torch.zeros((k,) + tuple(zz.shape), dtype=acc, device=z.device)
+    s_dot = lambda v: (s * v).sum(-1)  # noqa: E731
+    l1 = zero.sum(-1) if z1 is None else s_dot(z1.to(acc)) - pick(z1.to(acc))
+    l2 = e.squeeze(-1).expand(k, zz.shape[0])
+    if z2 is not None:
+        l2 = l2 + s_dot(z2.to(acc)) - pick(z2.to(acc))
+    outs = (torch.where(keep, loss, 0), torch.where(keep, l1, 0), torch.where(keep, l2, 0))
+    return tuple(o.to(z.dtype).contiguous() for o in outs)
