@@ -31,7 +31,7 @@ struct JetDirections {
   const char* from = nullptr;
 };
 
-inline void check_jet_primal(const char* op, const char* name, const at::Tensor& x) {
+inline void check_row_primal(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op, ": ", name,
                    " must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
 }
@@ -101,7 +101,7 @@ inline int64_t check_jet_layer_norm_args(
     const c10::optional<at::Tensor>& bias1, const c10::optional<at::Tensor>& weight2,
     const c10::optional<at::Tensor>& bias2) {
   constexpr const char* op = "symfast.jet_layer_norm";
-  check_jet_primal(op, "x", x);
+  check_row_primal(op, "x", x);
   check_normalized_shape(op, x, ns);
   check_jet_param(op, "weight", weight, x, ns);
   check_jet_param(op, "bias", bias, x, ns);
@@ -126,7 +126,7 @@ inline int64_t check_jet_rms_norm_args(const at::Tensor& x, const c10::optional<
                                        const c10::optional<at::Tensor>& weight1,
                                        const c10::optional<at::Tensor>& weight2) {
   constexpr const char* op = "symfast.jet_rms_norm";
-  check_jet_primal(op, "x", x);
+  check_row_primal(op, "x", x);
   check_normalized_shape(op, x, ns);
   check_jet_param(op, "weight", weight, x, ns);
   JetDirections dirs;
@@ -145,7 +145,7 @@ inline int64_t check_jet_rms_norm_args(const at::Tensor& x, const c10::optional<
 inline int64_t check_jet_softmax_args(const at::Tensor& x, const c10::optional<at::Tensor>& x1,
                                       const c10::optional<at::Tensor>& x2, int64_t dim) {
   constexpr const char* op = "symfast.jet_softmax";
-  check_jet_primal(op, "x", x);
+  check_row_primal(op, "x", x);
   const int64_t nd = std::max<int64_t>(x.dim(), 1);
   TORCH_CHECK_INDEX(dim >= -nd && dim < nd, op, ": dim must be in the range [", -nd, ", ", nd - 1,
                     "] for x with ", x.dim(), " dimension", x.dim() == 1 ? "" : "s", ", got ", dim);
@@ -161,7 +161,7 @@ inline int64_t check_jet_cross_entropy_args(const at::Tensor& z, const c10::opti
                                             const c10::optional<at::Tensor>& z2,
                                             const at::Tensor& target) {
   constexpr const char* op = "symfast.jet_cross_entropy";
-  check_jet_primal(op, "z", z);
+  check_row_primal(op, "z", z);
   TORCH_CHECK_VALUE(z.dim() == 2, op, ": z must have shape (N, C), got ", tuple_str(z.sizes()));
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op,
                    ": target must hold int64 class indices, got ", target.scalar_type());
