@@ -23,6 +23,7 @@ from .checks import (
     describe,
 )
 from .exact import ExactMode, wrap_errors
+from . import replay
 from .jets import JetFallback, JetMode
 from .per_sample import Samples, single_sample_loss, split_batch
 
@@ -222,10 +223,10 @@ def per_sample_curvatures(
         if method == "fast" and (chunk_size is None or chunk_size == 1 or K == 1):
             try:
                 exact = _fast_mode(op, batch_chunk_size is not None)
+                # traced once per program, then replayed (see .replay)
                 return _over_batch(
-                    op, lambda part: torch.stack(
-                        [_jet_curvature(op, loss_fn, params, _direction(directions, k), part, exact)
-                         for k in range(K)], dim=1),
+                    op, lambda part: replay.jet_derivatives(_jet_derivatives, op, loss_fn, params, directions, part,
+                                                            exact, remember=(JetFallback,))[2],
                     batch, batch_chunk_size)
             except JetFallback:
                 pass  # something the jets do not handle: nested forward mode below
@@ -237,6 +238,16 @@ def per_sample_curvatures(
             return _over_batch(op, on, batch, batch_chunk_size)
     except NotImplementedError as exc:
         raise wrap_errors(op, exc) from exc
+
+
+# ------------------------------------------------- replay call site
+def _jet_derivatives(op, loss_fn, params, directions, part, exact, *, second=True):
+    """The K-direction jet program with the signature of the engine's ``jet_derivatives``, built on
+    the per-direction ``_jet_curvature``: only ``h`` is filled in (losses and g are None)."""
+    K = next(iter(directions.values())).shape[0]
+    h = [_jet_curvature(op, loss_fn, params, _direction(directions, k), part, exact) for k in range(K)]
+    return None, None, torch.stack(h, dim=1)
+# ------------------------------------------------- end of the replay call site
 
 
 def _jet_curvature(op: str, loss_fn: LossFn, params: Dict[str, Tensor], n: Dict[str, Tensor], part: Any,
@@ -462,4 +473,6 @@ def functional_loss(
             out = out + gamma * sum((v * v).sum() for v in p.values())
         return out
 
+    # what loss_fn reads besides its arguments, for the replay cache's key (see .replay)
+    setattr(loss_fn, replay.STATE_ATTR, lambda: replay.module_state(module, loss))
     return loss_fn, params
