@@ -9,6 +9,8 @@ import torch
 import torch.func as tf
 from torch import Tensor
 
+from ..curvature.api import per_sample_hvp
+from ..curvature.checks import UnsupportedOpError
 from ..curvature.per_sample import hvp, map_samples, per_sample_losses, single_sample_loss
 from .layout import Params, flat_values, tree_dot, tree_norm, tree_randn_like, tree_scale
 from .mirror import Mirror, check_mirror_fits
@@ -106,8 +108,11 @@ def stationary_report(
         params: dict of tensors (or a flat tensor) in the mirror's layout.
         n_pairs: random (m, n) pairs for the Hessian block check.
         eigen: True, False or ``"auto"`` (when ``k <= max_eigen_rank``).
-        per_sample_hessian: also check the block per sample (``[B, n_pairs]``; B more HVPs each).
-        chunk_size: samples per vmap chunk (bounds the ``[chunk, D]`` per-sample gradients).
+        per_sample_hessian: also check the block per sample (``[B, n_pairs]``): nested forward
+            mode on the whole batch (:func:`symfast.per_sample_hvp` with ``onto``), or, for a
+            model the curvature engine refuses, one HVP per sample.
+        chunk_size: samples per vmap chunk. The per-sample gradients are reduced to
+            ``|O^T g_i|`` and ``|g_i|`` chunk by chunk: at most ``[chunk, D]`` exists at a time.
     """
     op = "stationary_report"
     check_mirror_fits(op, mirror, params)
@@ -121,11 +126,22 @@ def stationary_report(
     methods: Dict[str, str] = {}
     dtype = losses.dtype
 
-    # ---- part 1
+    # ---- part 1: per-sample gradients a chunk at a time, reduced to |O^T g_i| and |g_i| at once
+    # (never the [B, D] matrix: its copies and float64 conversions cost more than the gradients)
     one = single_sample_loss(loss_fn, samples)
-    grads, methods["per_sample_grad"] = map_samples(op, tf.grad(one), params, samples, chunk_size)
-    gcond = mirror.condition(grads, batch_dims=1) if isinstance(grads, Mapping) else mirror.condition(grads)
-    gflat = torch.cat([v.reshape(B, -1) for v in grads.values()], 1) if isinstance(grads, Mapping) else grads.reshape(B, -1)
+    gcond_parts, gnorm_parts, paths = [], [], []
+    for part in samples.chunks(chunk_size):
+        grads, path = map_samples(op, tf.grad(one), params, part)
+        paths.append(path)
+        gcond = mirror.condition(grads, batch_dims=1) if isinstance(grads, Mapping) else mirror.condition(grads)
+        gcond_parts.append(gcond.double().norm(dim=-1))
+        leaves = list(grads.values()) if isinstance(grads, Mapping) else [grads]
+        # norms in the gradients' dtype (a cast of the whole chunk to float64 costs more than the gradients)
+        sq = sum(torch.linalg.vector_norm(v.reshape(part.size, -1), dim=1).double() ** 2 for v in leaves)
+        gnorm_parts.append(sq.sqrt())
+        del grads, leaves
+    methods["per_sample_grad"] = next((p for p in paths if p != "vmap"), "vmap")
+    grad_condition, grad_norm = torch.cat(gcond_parts), torch.cat(gnorm_parts)
     cond = mirror.condition(params).double().norm().item()
     tnorm = flat_values(params).double().norm().item()
 
@@ -154,9 +170,8 @@ def stationary_report(
         blocks.append(tree_dot(m, Hn).abs().double())
         scales.append(tree_norm(Hn).double())
         if per_sample_hessian:
-            def per_sample_block(p, *sample, n=n, m=m):  # m^T H(x_i) n
-                return tree_dot(m, hvp(lambda q: one(q, *sample), p, n, op)[0])
-            vals, methods["per_sample_hessian"] = map_samples(op, per_sample_block, params, samples, chunk_size)
+            vals, methods["per_sample_hessian"] = _per_sample_block(op, loss_fn, one, params, samples, batch, m, n,
+                                                                    chunk_size)
             per_blocks.append(vals.abs().double())
     methods["hvp"] = hvp_method or "none needed for the block check (ker O^T = {0})"
 
@@ -188,8 +203,8 @@ def stationary_report(
         condition_norm=cond,
         theta_norm=tnorm,
         on_condition=cond <= eps_rel * max(tnorm, 1e-30) or cond == 0.0,
-        grad_condition=gcond.double().norm(dim=-1),
-        grad_norm=gflat.double().norm(dim=-1),
+        grad_condition=grad_condition,
+        grad_norm=grad_norm,
         mean_grad_condition=mean_grad_condition,
         hessian_block=torch.stack(blocks),
         hessian_scale=torch.stack(scales),
@@ -201,6 +216,30 @@ def stationary_report(
         verification=ver,
         methods=methods,
     )
+
+
+def _per_sample_block(op, loss_fn, one, params, samples, batch, m, n, chunk_size):
+    """``[B]`` values of m^T H(x_i) n, and how they were computed.
+
+    Nested forward mode on the whole batch (:func:`symfast.curvature.per_sample_hvp` with ``onto``:
+    a few passes of the batch, no per-sample parameter-sized tensor); where the curvature engine
+    refuses the model (an op it cannot differentiate exactly twice in forward mode), one
+    Hessian-vector product per sample instead.
+    """
+    if isinstance(params, Mapping):
+        lf, p, nn_, mm = loss_fn, params, n, {k: v.unsqueeze(0) for k, v in m.items()}
+    else:  # a flat parameter vector: the engine wants a dict
+        lf, p, nn_, mm = (lambda q, b: loss_fn(q["theta"], b)), {"theta": params}, {"theta": n}, {"theta": m[None]}
+    try:
+        vals = per_sample_hvp(lf, p, nn_, batch, onto=mm)[:, 0]
+        return vals, "per_sample_hvp(onto) (nested forward mode on the batch)"
+    except (UnsupportedOpError, NotImplementedError):
+        pass
+
+    def per_sample_block(q, *sample):  # m^T H(x_i) n
+        return tree_dot(m, hvp(lambda r: one(r, *sample), q, n, op)[0])
+
+    return map_samples(op, per_sample_block, params, samples, chunk_size)
 
 
 def _basis_like(mirror: Mirror, params: Mapping[str, Tensor]) -> Tensor:
