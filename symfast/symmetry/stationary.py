@@ -181,13 +181,7 @@ def stationary_report(
     evals = evecs = resid = None
     note = ""
     if do_eigen:
-        HO = []
-        for j in range(k):
-            e = torch.zeros(k, dtype=dtype)
-            e[j] = 1
-            col, methods["eigen_hvp"] = hvp(mean_loss, params, mirror.expand(e, like=params), op)
-            HO.append(flat_values(col).double())
-        HO = torch.stack(HO, 1)  # [D, k]
+        HO, methods["eigen_hvp"] = _hvp_columns(op, mean_loss, params, mirror, dtype, chunk_size)  # [D, k]
         Ob = mirror.basis.double() if isinstance(params, Tensor) else _basis_like(mirror, params)
         A = Ob.T @ HO
         evals, V = torch.linalg.eigh((A + A.T) / 2)
@@ -216,6 +210,35 @@ def stationary_report(
         verification=ver,
         methods=methods,
     )
+
+
+def _hvp_columns(op, mean_loss, params, mirror, dtype, chunk_size):
+    """H O as a float64 ``[D, k]`` matrix, and how: the k Hessian-vector products vmapped over the
+    directions (``chunk_size`` at a time: one pass of the batch per chunk, not per direction), or
+    one at a time where vmap cannot batch the model."""
+    k = mirror.rank
+    eye = torch.eye(k, dtype=dtype)
+    cols = [mirror.expand(eye[j], like=params) for j in range(k)]
+    try:
+        out = []
+        step = k if chunk_size is None else chunk_size
+        for s in range(0, k, step):
+            part = cols[s:s + step]
+            stacked = torch.stack(part) if isinstance(params, Tensor) else \
+                {name: torch.stack([c[name] for c in part]) for name in params}
+            hv = tf.vmap(lambda v: tf.jvp(tf.grad(mean_loss), (params,), (v,))[1])(stacked)
+            flat = hv.reshape(len(part), -1) if isinstance(hv, Tensor) else \
+                torch.cat([hv[name].reshape(len(part), -1) for name in params], 1)
+            out.append(flat.double())
+        return torch.cat(out).T, "jvp(grad), vmapped over the directions"
+    except (RuntimeError, NotImplementedError):
+        pass  # no batching or forward rule for an op of the model: one product at a time below
+    path = ""
+    HO = []
+    for c in cols:
+        col, path = hvp(mean_loss, params, c, op)
+        HO.append(flat_values(col).double())
+    return torch.stack(HO, 1), path
 
 
 def _per_sample_block(op, loss_fn, one, params, samples, batch, m, n, chunk_size):
