@@ -154,19 +154,24 @@ def stationary_report(
     # ---- part 2: block check
     g = torch.Generator().manual_seed(seed)
     blocks, scales, per_blocks = [], [], []
-    hvp_method = ""
+    pairs = []  # (m, n) per pair, drawn in a fixed order from the seeded generator
     for _ in range(n_pairs):
         z = torch.randn(mirror.rank, generator=g, dtype=torch.float64)
         n = mirror.expand(z.to(dtype), like=params)
         n = tree_scale(n, 1.0 / tree_norm(n))
         m = mirror.symmetric_solution(tree_randn_like(params, g))
         mn = tree_norm(m)
-        if mn.item() == 0:  # im O is everything: ker O^T = {0}
+        pairs.append(None if mn.item() == 0 else (tree_scale(m, 1.0 / mn), n))  # None: ker O^T = {0}
+    live = [p for p in pairs if p is not None]
+    Hns, hvp_method = _hvps(op, mean_loss, params, [n for _, n in live], chunk_size) if live else ([], "")
+    Hn_of = iter(Hns)
+    for pair in pairs:
+        if pair is None:  # im O is everything: ker O^T = {0}
             blocks.append(torch.zeros((), dtype=torch.float64))
             scales.append(torch.zeros((), dtype=torch.float64))
             continue
-        m = tree_scale(m, 1.0 / mn)
-        Hn, hvp_method = hvp(mean_loss, params, n, op)
+        m, n = pair
+        Hn = next(Hn_of)
         blocks.append(tree_dot(m, Hn).abs().double())
         scales.append(tree_norm(Hn).double())
         if per_sample_hessian:
@@ -212,33 +217,40 @@ def stationary_report(
     )
 
 
-def _hvp_columns(op, mean_loss, params, mirror, dtype, chunk_size):
-    """H O as a float64 ``[D, k]`` matrix, and how: the k Hessian-vector products vmapped over the
-    directions (``chunk_size`` at a time: one pass of the batch per chunk, not per direction), or
-    one at a time where vmap cannot batch the model."""
-    k = mirror.rank
-    eye = torch.eye(k, dtype=dtype)
-    cols = [mirror.expand(eye[j], like=params) for j in range(k)]
+def _hvps(op, f, params, vs, chunk_size):
+    """``[H v for v in vs]`` for the scalar ``f`` at ``params``, and the path of :func:`hvp`.
+
+    The products are vmapped over the directions, ``chunk_size`` at a time (one batched pass per
+    chunk instead of one pass per direction); where vmap cannot batch the model, one at a time.
+    """
     try:
         out = []
-        step = k if chunk_size is None else chunk_size
-        for s in range(0, k, step):
-            part = cols[s:s + step]
-            stacked = torch.stack(part) if isinstance(params, Tensor) else \
-                {name: torch.stack([c[name] for c in part]) for name in params}
-            hv = tf.vmap(lambda v: tf.jvp(tf.grad(mean_loss), (params,), (v,))[1])(stacked)
-            flat = hv.reshape(len(part), -1) if isinstance(hv, Tensor) else \
-                torch.cat([hv[name].reshape(len(part), -1) for name in params], 1)
-            out.append(flat.double())
-        return torch.cat(out).T, "jvp(grad), vmapped over the directions"
+        step = len(vs) if chunk_size is None else chunk_size
+        for s in range(0, len(vs), step):
+            part = vs[s:s + step]
+            if isinstance(params, Tensor):
+                hv = tf.vmap(lambda v: tf.jvp(tf.grad(f), (params,), (v,))[1])(torch.stack(part))
+                out += list(hv.unbind(0))
+            else:
+                stacked = {name: torch.stack([v[name] for v in part]) for name in params}
+                hv = tf.vmap(lambda v: tf.jvp(tf.grad(f), (params,), (v,))[1])(stacked)
+                out += [{name: hv[name][i] for name in params} for i in range(len(part))]
+        return out, "jvp(grad)"
     except (RuntimeError, NotImplementedError):
-        pass  # no batching or forward rule for an op of the model: one product at a time below
-    path = ""
-    HO = []
-    for c in cols:
-        col, path = hvp(mean_loss, params, c, op)
-        HO.append(flat_values(col).double())
-    return torch.stack(HO, 1), path
+        pass  # an op vmap or forward mode cannot batch: hvp below takes its own exact path
+    out, path = [], ""
+    for v in vs:
+        hv, path = hvp(f, params, v, op)
+        out.append(hv)
+    return out, path
+
+
+def _hvp_columns(op, mean_loss, params, mirror, dtype, chunk_size):
+    """H O as a float64 ``[D, k]`` matrix (k Hessian-vector products, see :func:`_hvps`), and the path."""
+    eye = torch.eye(mirror.rank, dtype=dtype)
+    cols, path = _hvps(op, mean_loss, params, [mirror.expand(eye[j], like=params) for j in range(mirror.rank)],
+                       chunk_size)
+    return torch.stack([flat_values(c).double() for c in cols], 1), path
 
 
 def _per_sample_block(op, loss_fn, one, params, samples, batch, m, n, chunk_size):
