@@ -31,10 +31,11 @@ program (the same numbers, at the eager cost):
   eagerly, as before. Declare its state with :func:`replayable` (``state=lambda: ()`` for a pure
   function of its arguments) to opt in.
 
-A failure while tracing that the eager program does not have (an op the tracer cannot follow)
-also marks the key eager, with a warning. Errors the program raises itself propagate; those of
-the types given in ``remember`` (the jets' "cannot follow this model" signal) are remembered per
-key and re-raised without running the program again, since they depend on the program only.
+A failure while tracing is settled by running the program eagerly on the same call. If the eager
+run succeeds, the tracer was at fault: the key is marked eager, with a warning. If it fails, the
+error propagates; errors of the types given in ``remember`` (the jets' "cannot follow this model"
+signal) are remembered per key and re-raised without running the program again, since they
+depend on the program only.
 
 When to trace
 -------------
@@ -387,14 +388,16 @@ class ReplayCache:
         try:
             with _one_fake_mode():
                 graph = make_fx(traced, tracing_mode="real")(*flat)
-        except remember as exc:
-            if "found" not in record:
-                self._store(loss_fn, key, _Entry(error=exc.with_traceback(None)))
-            raise
         except Exception as exc:  # noqa: BLE001 - the eager run decides whose failure it is
             # The tracer refuses to read values of traced tensors, so a value read usually ends here.
-            # Run eagerly: an error of the program itself is raised again, and then nothing is cached.
-            out = program(op, loss_fn, params, directions, batch, exact, second=second)
+            # Run eagerly: an error of the program itself is raised again (remembered if its type is
+            # in `remember` and no value was read on the way), and then no graph is cached.
+            try:
+                out = program(op, loss_fn, params, directions, batch, exact, second=second)
+            except remember as eager_exc:
+                if "found" not in record:
+                    self._store(loss_fn, key, _Entry(error=eager_exc.with_traceback(None)))
+                raise
             with self._lock:
                 self.eager += 1
             if "found" in record:

@@ -279,7 +279,28 @@ def test_jet_fallback_is_remembered_per_key():
     for _ in range(3):
         with pytest.raises(JetFallback, match="in-place op"):
             cache(*args, remember=(JetFallback,))
-    assert len(calls) == 1
+    assert len(calls) == 2  # traced, confirmed by one eager run, then never run again
+
+
+def test_a_failure_of_the_tracer_alone_runs_eagerly():
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    def traced_badly(op, loss_fn, params, directions, batch, exact, *, second=True):
+        if get_proxy_mode() is not None:
+            raise JetFallback("only while tracing")
+        return _jvp_program(op, loss_fn, params, directions, batch, exact, second=second)
+
+    cache = replay.ReplayCache(trace_after=0)
+    fn = replay.replayable(_pure)
+    p = {"w": _randn(3, 2), "v": _randn(3, seed=5)}
+    args = ("op", fn, p, _dirs(p, 1), (_randn(2, 3), 1.0), None)
+    with pytest.warns(PerSamplePathWarning, match="tracing failed"):
+        first = cache(traced_badly, *args, remember=(JetFallback,))
+    again = cache(traced_badly, *args, remember=(JetFallback,))
+    assert cache.info().last_path.startswith("eager: tracing failed") and cache.info().traces == 1
+    for a, b, w in zip(first, again, _jvp_program(*args)):
+        _exact(a, w)
+        _exact(b, w)
 
 
 def test_model_the_jets_cannot_follow_falls_back_with_the_same_numbers(cache):
