@@ -227,7 +227,7 @@ def _torch_func_vmap(model, loss, params, dirs, x, y) -> Callable[[], torch.Tens
     return run
 
 
-def _vmap_baseline(key, model, loss, loss_fn, params, dirs, x, y):
+def _vmap_baseline(model, loss, loss_fn, params, dirs, x, y):
     """(callable, name) of the first vmap recipe that runs on this model, or (None, why)."""
     plain = _torch_func_vmap(model, loss, params, dirs, x, y)
     tries = [("torch.func", plain),
@@ -287,7 +287,7 @@ def test_curvature(benchmark, threads, case: Case, dtype_name: str, device: str,
         model.zero_grad(set_to_none=True)
 
     if impl == "vmap":
-        fn, name = _vmap_baseline(key, model, loss, loss_fn, params, dirs, x, y)
+        fn, name = _vmap_baseline(model, loss, loss_fn, params, dirs, x, y)
         if fn is None:
             _VMAP_BROKEN[key] = name
             pytest.skip(f"no vmap recipe runs on this model: {name}")
@@ -305,7 +305,7 @@ def test_curvature(benchmark, threads, case: Case, dtype_name: str, device: str,
         return
     benchmark.extra_info["path"] = replay.cache_info().last_path
     fns = {"fwdbwd": fwdbwd, "symfast": symfast_call}
-    vfn, vname = _vmap_baseline(key, model, loss, loss_fn, params, dirs, x, y) if key not in _VMAP_BROKEN else (None, "")
+    vfn = None if key in _VMAP_BROKEN else _vmap_baseline(model, loss, loss_fn, params, dirs, x, y)[0]
     if vfn is not None:
         # the same quantity as the baseline. The paths sum in different orders, and along random
         # directions the curvature of a deep model cancels heavily (tiny Llama, float64: fast,
