@@ -113,10 +113,12 @@ def test_bad_directions_never_reach_loss_fn(bad, match, api):
     assert calls == []
 
 
-def test_scalar_loss_is_the_same_error_on_every_call():
-    # the fast path traces a program it has seen before: the loss_fn's own error must come out
-    # unchanged, not as a tracing failure
-    from symfast.curvature import functional_loss
+def test_scalar_loss_is_the_same_error_on_every_call(monkeypatch):
+    # the fast path traces a program it has seen before (here: at once): the loss_fn's own error
+    # must come out unchanged, not as a tracing failure
+    from symfast.curvature import functional_loss, replay
+
+    monkeypatch.setattr(replay, "_DEFAULT", replay.ReplayCache(trace_after=0))
 
     model = torch.nn.Linear(3, 2).to(DT)
     loss_fn, params = functional_loss(model, lambda out, y: out.pow(2).mean())
@@ -127,3 +129,4 @@ def test_scalar_loss_is_the_same_error_on_every_call():
         for _ in range(3):
             with pytest.raises(ValueError, match=r"it must return per-sample losses"):
                 per_sample_curvatures(loss_fn, params, dirs, (x, None))
+    assert replay.cache_info().traces == 3  # every call traced, and failed as the eager call would

@@ -64,10 +64,12 @@ def test_replay_equals_eager_and_reference_and_is_traced_once():
     eager = _eager(loss_fn, params, dirs, batch)
     outs, paths = [], []
     before = replay.cache_info().traces
-    for _ in range(3):  # default: eager on the first sighting, traced on the second, replayed after
+    n = replay.DEFAULT_TRACE_AFTER
+    for _ in range(n + 2):  # default: eager the first n times, traced on the next call, replayed after
         outs.append(per_sample_curvatures(loss_fn, params, dirs, batch))
         paths.append(replay.cache_info().last_path)
-    assert paths[0].startswith("eager: seen 1") and paths[1:] == ["trace", "replay"]
+    assert [p.split(",")[0] for p in paths[:n]] == [f"eager: seen {i + 1} time(s)" for i in range(n)]
+    assert paths[n:] == ["trace", "replay"]
     assert replay.cache_info().traces == before + 1
     for out in outs:
         _exact(out, eager)
@@ -75,6 +77,22 @@ def test_replay_equals_eager_and_reference_and_is_traced_once():
     torch.testing.assert_close(outs[-1], ref, rtol=1e-9, atol=1e-12)
     replay.clear_cache()
     assert replay.cache_info().size == 0
+
+
+def test_configure_bounds_the_default_cache(monkeypatch):
+    monkeypatch.setattr(replay, "_DEFAULT", replay.ReplayCache())
+    fn = replay.replayable(_pure)
+    p = {"w": _randn(3, 2), "v": _randn(3, seed=5)}
+    for B in (2, 3, 4):
+        replay.jet_derivatives(_jvp_program, "op", fn, p, _dirs(p, 1), (_randn(B, 3), 1.0), None, second=False)
+    assert replay.cache_info().size == 3  # three keys seen once (not traced yet)
+    replay.configure(maxsize=1, trace_after=0)
+    info = replay.cache_info()
+    assert (info.size, info.maxsize) == (1, 1)
+    replay.jet_derivatives(_jvp_program, "op", fn, p, _dirs(p, 1), (_randn(5, 3), 1.0), None, second=False)
+    assert replay.cache_info().last_path == "trace"
+    with pytest.raises(ValueError, match="maxsize must be a non-negative int, got -1"):
+        replay.configure(maxsize=-1)
 
 
 def _jvp_program(op, loss_fn, params, directions, batch, exact, *, second=True):
