@@ -4,6 +4,7 @@
     python benchmarks/report.py -k "16M and float32"  # only some cases (pytest -k)
     python benchmarks/report.py -k "cuda and (64M or 256M)"   # the GPU targets (CUDA only)
     python benchmarks/report.py --bench group         # the dcs_group benchmark (test_group.py)
+    python benchmarks/report.py --bench curvature     # per-sample curvature and stationary_report
     python benchmarks/report.py --json raw.json       # from `pytest benchmarks --benchmark-json=raw.json`
     python benchmarks/report.py --markdown            # the table in README form
 
@@ -38,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 IMPLS = ("symfast", "eager", "compiled", "copy")
 # --bench: the benchmark module, and the prefix of the record's default name.
-BENCHES = {"dcs": ("test_dcs.py", ""), "group": ("test_group.py", "group-")}
+BENCHES = {"dcs": ("test_dcs.py", ""), "group": ("test_group.py", "group-"),
+           "curvature": ("test_bench_curvature.py", "curvature-")}
 TARGET_PCT_OF_COPY = 80.0
 TARGET_VS_COMPILED = 1.1
 TARGET_MIN_NUMEL = 1 << 26  # 64M
@@ -127,6 +129,57 @@ def build_rows(raw: dict) -> List[dict]:
     return rows
 
 
+def build_curvature_rows(raw: dict) -> List[dict]:
+    """One row per curvature case (and per stationary_report case): medians and the ratios that the
+    benchmark recorded on its symfast / stationary_report entry."""
+    cases: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
+    for bench in raw.get("benchmarks", []):
+        x = bench.get("extra_info", {})
+        if x.get("bench") not in ("curvature", "stationary"):
+            continue
+        key = (x["bench"], x["case"], x.get("dtype"), x.get("threads"), x.get("device"))
+        cases[key][x["impl"]] = {"median_s": bench["stats"]["median"], "extra": x}
+    rows = []
+    for key in sorted(cases, key=lambda k: tuple(str(v) for v in k)):
+        kind, case, dtype, threads, device = key
+        impls = cases[key]
+        main = impls.get("symfast") or impls.get("stationary_report") or {"extra": {}}
+        x = main["extra"]
+        ms = {f"{i}_ms": impls[i]["median_s"] * 1e3 for i in impls}
+        rows.append({
+            "case": case if kind == "curvature" else f"stationary_report {case}", "dtype": dtype, "threads": threads,
+            "device": device, **ms,
+            "cost_per_direction": x.get("cost_per_direction", x.get("cost_vs_fwdbwd")),
+            "interleaved_cost_per_direction": x.get("interleaved_cost_per_direction"),
+            "speedup_vs_vmap": x.get("speedup_vs_vmap"),
+            "interleaved_speedup_vs_vmap": x.get("interleaved_speedup_vs_vmap"),
+            "vmap_impl": x.get("vmap_impl"), "path": x.get("path"),
+        })
+    return rows
+
+
+CURVATURE_COLUMNS = [
+    ("case", "case", "{}"), ("dtype", "dtype", "{}"), ("threads", "thr", "{}"), ("device", "device", "{}"),
+    ("fwdbwd_ms", "fwdbwd ms", "{:.2f}"), ("symfast_ms", "symfast ms", "{:.2f}"), ("vmap_ms", "vmap ms", "{:.2f}"),
+    ("stationary_report_ms", "report ms", "{:.1f}"),
+    ("cost_per_direction", "x fwdbwd/dir", "{:.2f}"), ("interleaved_cost_per_direction", "(interleaved)", "{:.2f}"),
+    ("speedup_vs_vmap", "x vmap", "{:.1f}"), ("interleaved_speedup_vs_vmap", "(interleaved)", "{:.1f}"),
+    ("path", "symfast path", "{}"),
+]
+
+
+def format_curvature_table(rows: List[dict], markdown: bool) -> str:
+    """The curvature rows; ``x fwdbwd/dir`` is symfast / (K x fwdbwd) (stationary_report: / fwdbwd)."""
+    head = [h for _, h, _ in CURVATURE_COLUMNS]
+    body = [[("-" if r.get(k) is None else f.format(r[k])) for k, _, f in CURVATURE_COLUMNS] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head)] + [fmt(b) for b in body])
+
+
 def targets_for(row: dict) -> Optional[dict]:
     """Verdicts of the GPU targets for a CUDA dcs forward+backward row of 64M elements or more, else None."""
     if not (row["device"].startswith("cuda") and row["op"] == "forward+backward" and row.get("mask") is not None
@@ -201,7 +254,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--raw-out", type=Path, help="also keep pytest-benchmark's own JSON here (when running)")
     p.add_argument("-k", dest="keyword", help="pytest -k expression selecting cases (when running)")
     p.add_argument("--bench", choices=sorted(BENCHES), default="dcs",
-                   help="which benchmark module to run: dcs (test_dcs.py, default) or group (test_group.py)")
+                   help="which benchmark module to run: dcs (test_dcs.py, default), group (test_group.py) "
+                        "or curvature (test_bench_curvature.py)")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
     args = p.parse_args(argv)
@@ -225,7 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from bench_utils import machine_description
 
         info = dict(machine_description(), note="described by report.py, not by the benchmark run")
-    rows = build_rows(raw)
+    curvature = args.bench == "curvature"
+    rows = build_curvature_rows(raw) if curvature else build_rows(raw)
     if not rows:
         raise SystemExit(f"report.py: no {args.bench} benchmarks in the results (check -k)")
 
@@ -254,8 +309,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"CPU taken by other processes during the run: {100 * foreign:.1f}% of the machine")
         if foreign > 0.05:
             print("warning: the machine was shared during the run; timings are noisy (rerun when idle)")
-    print(format_table(rows, args.markdown))
-    targets = format_targets(rows)
+    print(format_curvature_table(rows, args.markdown) if curvature else format_table(rows, args.markdown))
+    targets = "" if curvature else format_targets(rows)
     if targets:
         print("\n" + targets)
     print(f"\nwrote {out}")

@@ -24,6 +24,7 @@ from .checks import (
     describe,
 )
 from .exact import ExactMode, wrap_errors
+from . import replay
 from .jets import JetFallback, jet_derivatives
 from .per_sample import PerSamplePathWarning, Samples, single_sample_loss, split_batch
 
@@ -182,18 +183,27 @@ def _fast_jets(op: str, loss_fn: LossFn, params: Dict[str, Tensor], directions: 
     exact = _fast_mode(op, batch_chunk_size is not None)
     step = K if chunk_size is None else chunk_size
 
-    def checked(p: Dict[str, Tensor], b: Any) -> Tensor:
-        return check_losses(op, loss_fn(p, b))
-
     def on(part: Any) -> Tensor:
         outs = []
         for start in range(0, K, step):
             chunk = {name: d[start:start + step] for name, d in directions.items()}
-            _, g, h = jet_derivatives(op, checked, params, chunk, part, exact, second=second)
+            # traced once per key and replayed (see .replay); a JetFallback is remembered per key
+            _, g, h = replay.jet_derivatives(_checked_jets, op, loss_fn, params, chunk, part, exact,
+                                             second=second, remember=(JetFallback,))
             outs.append(h if second else g)
         return torch.cat(outs, dim=1)
 
     return _over_batch(op, on, batch, batch_chunk_size)
+
+
+def _checked_jets(op: str, loss_fn: LossFn, params: Dict[str, Tensor], directions: Dict[str, Tensor], part: Any,
+                  exact: ExactMode, *, second: bool):
+    """The jet program the replay traces: ``jet_derivatives`` with the losses' shape checked.
+
+    A module-level function, not a closure, so that the replay's key (which holds the program)
+    is the same object on every call."""
+    return jet_derivatives(op, lambda p, b: check_losses(op, loss_fn(p, b)), params, directions, part, exact,
+                           second=second)
 
 
 def _empty_result(op, loss_fn, params, batch) -> Tensor:
@@ -470,4 +480,6 @@ def functional_loss(
             out = out + gamma * sum((v * v).sum() for v in p.values())
         return out
 
+    # what loss_fn reads besides its arguments, for the replay cache's key (see .replay)
+    setattr(loss_fn, replay.STATE_ATTR, lambda: replay.module_state(module, loss))
     return loss_fn, params

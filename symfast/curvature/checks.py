@@ -50,7 +50,31 @@ def check_params(op: str, params: object) -> Dict[str, Tensor]:
         if not p.is_floating_point():
             raise TypeError(f"{op}: params[{name!r}] must be a floating tensor, got dtype {p.dtype}")
         out[name] = p
+    check_finite(op, "params", out)
     return out
+
+
+def check_finite(op: str, arg: str, tensors: Dict[str, Tensor]) -> None:
+    """Every entry finite; else a ValueError naming the tensor, its NaN and inf counts and the first bad index.
+
+    A non-finite parameter or direction makes every derivative NaN; saying so before any
+    computation beats a matrix of NaN. One host sync per device, not per tensor.
+    """
+    by_device: Dict[torch.device, list] = {}
+    for name, t in tensors.items():
+        if t.device.type != "meta":  # no values to check
+            by_device.setdefault(t.device, []).append((name, t, torch.isfinite(t).all()))
+    for items in by_device.values():
+        if bool(torch.stack([ok for _, _, ok in items]).all()):
+            continue
+        for name, t, ok in items:
+            if not bool(ok):
+                nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                first = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t))[0])
+                raise ValueError(
+                    f"{op}: {arg}[{name!r}] must be finite, got {nan} NaN and {inf} inf among its "
+                    f"{t.numel()} entries (first at index {first})"
+                )
 
 
 def check_directions(
@@ -101,6 +125,7 @@ def check_directions(
             raise DeviceMismatchError(
                 f"{op}: {arg}[{name!r}] must be on {p.device} like params[{name!r}], got {d.device}")
         out[name] = d
+    check_finite(op, arg, out)
     return out, (K if leading else 1)  # type: ignore[return-value]
 
 

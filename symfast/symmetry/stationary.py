@@ -9,6 +9,8 @@ import torch
 import torch.func as tf
 from torch import Tensor
 
+from ..curvature.api import per_sample_hvp
+from ..curvature.checks import UnsupportedOpError
 from ..curvature.per_sample import hvp, map_samples, per_sample_losses, single_sample_loss
 from .layout import Params, flat_values, tree_dot, tree_norm, tree_randn_like, tree_scale
 from .mirror import Mirror, check_mirror_fits
@@ -106,8 +108,11 @@ def stationary_report(
         params: dict of tensors (or a flat tensor) in the mirror's layout.
         n_pairs: random (m, n) pairs for the Hessian block check.
         eigen: True, False or ``"auto"`` (when ``k <= max_eigen_rank``).
-        per_sample_hessian: also check the block per sample (``[B, n_pairs]``; B more HVPs each).
-        chunk_size: samples per vmap chunk (bounds the ``[chunk, D]`` per-sample gradients).
+        per_sample_hessian: also check the block per sample (``[B, n_pairs]``): nested forward
+            mode on the whole batch (:func:`symfast.per_sample_hvp` with ``onto``), or, for a
+            model the curvature engine refuses, one HVP per sample.
+        chunk_size: samples per vmap chunk. The per-sample gradients are reduced to
+            ``|O^T g_i|`` and ``|g_i|`` chunk by chunk: at most ``[chunk, D]`` exists at a time.
     """
     op = "stationary_report"
     check_mirror_fits(op, mirror, params)
@@ -121,11 +126,22 @@ def stationary_report(
     methods: Dict[str, str] = {}
     dtype = losses.dtype
 
-    # ---- part 1
+    # ---- part 1: per-sample gradients a chunk at a time, reduced to |O^T g_i| and |g_i| at once
+    # (never the [B, D] matrix: its copies and float64 conversions cost more than the gradients)
     one = single_sample_loss(loss_fn, samples)
-    grads, methods["per_sample_grad"] = map_samples(op, tf.grad(one), params, samples, chunk_size)
-    gcond = mirror.condition(grads, batch_dims=1) if isinstance(grads, Mapping) else mirror.condition(grads)
-    gflat = torch.cat([v.reshape(B, -1) for v in grads.values()], 1) if isinstance(grads, Mapping) else grads.reshape(B, -1)
+    gcond_parts, gnorm_parts, paths = [], [], []
+    for part in samples.chunks(chunk_size):
+        grads, path = map_samples(op, tf.grad(one), params, part)
+        paths.append(path)
+        gcond = mirror.condition(grads, batch_dims=1) if isinstance(grads, Mapping) else mirror.condition(grads)
+        gcond_parts.append(gcond.double().norm(dim=-1))
+        leaves = list(grads.values()) if isinstance(grads, Mapping) else [grads]
+        # norms in the gradients' dtype (a cast of the whole chunk to float64 costs more than the gradients)
+        sq = sum(torch.linalg.vector_norm(v.reshape(part.size, -1), dim=1).double() ** 2 for v in leaves)
+        gnorm_parts.append(sq.sqrt())
+        del grads, leaves
+    methods["per_sample_grad"] = next((p for p in paths if p != "vmap"), "vmap")
+    grad_condition, grad_norm = torch.cat(gcond_parts), torch.cat(gnorm_parts)
     cond = mirror.condition(params).double().norm().item()
     tnorm = flat_values(params).double().norm().item()
 
@@ -138,25 +154,29 @@ def stationary_report(
     # ---- part 2: block check
     g = torch.Generator().manual_seed(seed)
     blocks, scales, per_blocks = [], [], []
-    hvp_method = ""
+    pairs = []  # (m, n) per pair, drawn in a fixed order from the seeded generator
     for _ in range(n_pairs):
         z = torch.randn(mirror.rank, generator=g, dtype=torch.float64)
         n = mirror.expand(z.to(dtype), like=params)
         n = tree_scale(n, 1.0 / tree_norm(n))
         m = mirror.symmetric_solution(tree_randn_like(params, g))
         mn = tree_norm(m)
-        if mn.item() == 0:  # im O is everything: ker O^T = {0}
+        pairs.append(None if mn.item() == 0 else (tree_scale(m, 1.0 / mn), n))  # None: ker O^T = {0}
+    live = [p for p in pairs if p is not None]
+    Hns, hvp_method = _hvps(op, mean_loss, params, [n for _, n in live], chunk_size) if live else ([], "")
+    Hn_of = iter(Hns)
+    for pair in pairs:
+        if pair is None:  # im O is everything: ker O^T = {0}
             blocks.append(torch.zeros((), dtype=torch.float64))
             scales.append(torch.zeros((), dtype=torch.float64))
             continue
-        m = tree_scale(m, 1.0 / mn)
-        Hn, hvp_method = hvp(mean_loss, params, n, op)
+        m, n = pair
+        Hn = next(Hn_of)
         blocks.append(tree_dot(m, Hn).abs().double())
         scales.append(tree_norm(Hn).double())
         if per_sample_hessian:
-            def per_sample_block(p, *sample, n=n, m=m):  # m^T H(x_i) n
-                return tree_dot(m, hvp(lambda q: one(q, *sample), p, n, op)[0])
-            vals, methods["per_sample_hessian"] = map_samples(op, per_sample_block, params, samples, chunk_size)
+            vals, methods["per_sample_hessian"] = _per_sample_block(op, loss_fn, one, params, samples, batch, m, n,
+                                                                    chunk_size)
             per_blocks.append(vals.abs().double())
     methods["hvp"] = hvp_method or "none needed for the block check (ker O^T = {0})"
 
@@ -166,13 +186,7 @@ def stationary_report(
     evals = evecs = resid = None
     note = ""
     if do_eigen:
-        HO = []
-        for j in range(k):
-            e = torch.zeros(k, dtype=dtype)
-            e[j] = 1
-            col, methods["eigen_hvp"] = hvp(mean_loss, params, mirror.expand(e, like=params), op)
-            HO.append(flat_values(col).double())
-        HO = torch.stack(HO, 1)  # [D, k]
+        HO, methods["eigen_hvp"] = _hvp_columns(op, mean_loss, params, mirror, dtype, chunk_size)  # [D, k]
         Ob = mirror.basis.double() if isinstance(params, Tensor) else _basis_like(mirror, params)
         A = Ob.T @ HO
         evals, V = torch.linalg.eigh((A + A.T) / 2)
@@ -188,8 +202,8 @@ def stationary_report(
         condition_norm=cond,
         theta_norm=tnorm,
         on_condition=cond <= eps_rel * max(tnorm, 1e-30) or cond == 0.0,
-        grad_condition=gcond.double().norm(dim=-1),
-        grad_norm=gflat.double().norm(dim=-1),
+        grad_condition=grad_condition,
+        grad_norm=grad_norm,
         mean_grad_condition=mean_grad_condition,
         hessian_block=torch.stack(blocks),
         hessian_scale=torch.stack(scales),
@@ -201,6 +215,66 @@ def stationary_report(
         verification=ver,
         methods=methods,
     )
+
+
+def _hvps(op, f, params, vs, chunk_size):
+    """``[H v for v in vs]`` for the scalar ``f`` at ``params``, and the path of :func:`hvp`.
+
+    The products are vmapped over the directions, ``chunk_size`` at a time (one batched pass per
+    chunk instead of one pass per direction); where vmap cannot batch the model, one at a time.
+    """
+    try:
+        out = []
+        step = len(vs) if chunk_size is None else chunk_size
+        for s in range(0, len(vs), step):
+            part = vs[s:s + step]
+            if isinstance(params, Tensor):
+                hv = tf.vmap(lambda v: tf.jvp(tf.grad(f), (params,), (v,))[1])(torch.stack(part))
+                out += list(hv.unbind(0))
+            else:
+                stacked = {name: torch.stack([v[name] for v in part]) for name in params}
+                hv = tf.vmap(lambda v: tf.jvp(tf.grad(f), (params,), (v,))[1])(stacked)
+                out += [{name: hv[name][i] for name in params} for i in range(len(part))]
+        return out, "jvp(grad)"
+    except (RuntimeError, NotImplementedError):
+        pass  # an op vmap or forward mode cannot batch: hvp below takes its own exact path
+    out, path = [], ""
+    for v in vs:
+        hv, path = hvp(f, params, v, op)
+        out.append(hv)
+    return out, path
+
+
+def _hvp_columns(op, mean_loss, params, mirror, dtype, chunk_size):
+    """H O as a float64 ``[D, k]`` matrix (k Hessian-vector products, see :func:`_hvps`), and the path."""
+    eye = torch.eye(mirror.rank, dtype=dtype)
+    cols, path = _hvps(op, mean_loss, params, [mirror.expand(eye[j], like=params) for j in range(mirror.rank)],
+                       chunk_size)
+    return torch.stack([flat_values(c).double() for c in cols], 1), path
+
+
+def _per_sample_block(op, loss_fn, one, params, samples, batch, m, n, chunk_size):
+    """``[B]`` values of m^T H(x_i) n, and how they were computed.
+
+    Nested forward mode on the whole batch (:func:`symfast.curvature.per_sample_hvp` with ``onto``:
+    a few passes of the batch, no per-sample parameter-sized tensor); where the curvature engine
+    refuses the model (an op it cannot differentiate exactly twice in forward mode), one
+    Hessian-vector product per sample instead.
+    """
+    if isinstance(params, Mapping):
+        lf, p, nn_, mm = loss_fn, params, n, {k: v.unsqueeze(0) for k, v in m.items()}
+    else:  # a flat parameter vector: the engine wants a dict
+        lf, p, nn_, mm = (lambda q, b: loss_fn(q["theta"], b)), {"theta": params}, {"theta": n}, {"theta": m[None]}
+    try:
+        vals = per_sample_hvp(lf, p, nn_, batch, onto=mm)[:, 0]
+        return vals, "per_sample_hvp(onto) (nested forward mode on the batch)"
+    except (UnsupportedOpError, NotImplementedError):
+        pass
+
+    def per_sample_block(q, *sample):  # m^T H(x_i) n
+        return tree_dot(m, hvp(lambda r: one(r, *sample), q, n, op)[0])
+
+    return map_samples(op, per_sample_block, params, samples, chunk_size)
 
 
 def _basis_like(mirror: Mirror, params: Mapping[str, Tensor]) -> Tensor:

@@ -1,0 +1,463 @@
+r"""Trace once, replay: the jet program as a cached ``torch.fx`` graph of aten ops.
+
+On a small model the fast path's cost is Python: every op of the forward pass goes through
+:class:`~symfast.curvature.jets.JetMode` (a ``TorchFunctionMode``), its pytree flattening and its
+side table of jets. For a given *program* — the same ``loss_fn`` in the same state, parameters and
+directions of the same names, shapes, dtypes and devices, a batch of the same structure and
+leaf shapes, the same global modes — that work is the same on every call. :class:`ReplayCache`
+traces the program once with ``make_fx(tracing_mode="real")`` (the graph calls aten ops directly:
+no mode, no pytree, no side table), keeps the ``GraphModule`` and replays it on later calls.
+
+What may be replayed
+--------------------
+A graph is a faithful copy of a call only if nothing the call computed depended on tensor
+*values* through Python. Three things can break that, and each sends the call to the eager
+program (the same numbers, at the eager cost):
+
+* **Values read into Python while tracing** (``.item()``, ``if tensor:``, ``torch.equal``,
+  ``.tolist()``, ``nonzero``/``masked_select``/boolean-mask indexing and other data-dependent
+  shapes): a graph would bake in the traced batch's branch or shape. A detector watches the trace;
+  when it sees such a read, the key is marked *eager* for good, a
+  :class:`~symfast.curvature.per_sample.PerSamplePathWarning` naming the op is issued once, and
+  the call runs eagerly.
+* **State the loss_fn reads outside its arguments** (a module's ``training`` flags, its frozen
+  parameters and buffers, hyper-parameters such as ``eps`` or ``negative_slope``, hooks). The
+  cache key includes a *state token*: ``loss_fn.replay_state()``, a hashable value that must
+  change whenever such state changes. :func:`symfast.curvature.functional_loss` attaches one
+  (:func:`module_state` of the module and the loss). A frozen tensor updated *in place* needs no
+  new token: the graph holds the tensor itself, not a copy of its values.
+* **An arbitrary loss_fn without a token.** Nothing tells the cache what such a function reads
+  (globals, closures, attributes of objects it captured), so it is never replayed: it runs
+  eagerly, as before. Declare its state with :func:`replayable` (``state=lambda: ()`` for a pure
+  function of its arguments) to opt in.
+
+A failure while tracing is settled by running the program eagerly on the same call. If the eager
+run succeeds, the tracer was at fault: the key is marked eager, with a warning. If it fails, the
+error propagates; errors of the types given in ``remember`` (the jets' "cannot follow this model"
+signal) are remembered per key and re-raised without running the program again, since they
+depend on the program only.
+
+When to trace
+-------------
+Tracing costs about as much as 15-20 eager calls (``make_fx`` records every aten op with its
+metadata; measured on the benchmark MLP and transformer block), and a replay saves 40-50% of an
+eager call on small models. A program is therefore run eagerly the first ``trace_after`` times its
+key is seen (default 16: the rent-or-buy rule, so that a program never costs more than about twice
+its cost with the best choice made in hindsight), traced on the next call and replayed from then
+on. A loop (training, a monitor) pays one trace per key; a few one-off calls pay nothing extra.
+:func:`configure` changes ``trace_after`` and ``maxsize`` of the default cache.
+
+The cache
+---------
+Entries are keyed on ``loss_fn`` weakly (an entry goes when its loss_fn is collected) and on
+everything else above; the cache holds at most ``maxsize`` entries, least recently used first
+out. :func:`clear_cache` empties the default cache, :func:`cache_info` reports its counters and
+the path of the last call (``"replay"``, ``"trace"`` or ``"eager: <reason>"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
+
+import torch
+from torch._guards import TracingContext, tracing
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .per_sample import PerSamplePathWarning
+
+__all__ = ["ReplayCache", "ReplayInfo", "replayable", "module_state", "jet_derivatives", "configure",
+           "clear_cache", "cache_info", "STATE_ATTR"]
+
+Tensor = torch.Tensor
+# jet_derivatives(op, loss_fn, params, directions, batch, exact, *, second) -> (losses, g, h)
+JetProgram = Callable[..., Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]
+
+STATE_ATTR = "replay_state"
+DEFAULT_MAXSIZE = 16
+DEFAULT_TRACE_AFTER = 16  # eager calls of a program before it is traced (see the module doc)
+
+
+# ====================================================== state tokens
+def replayable(loss_fn: Callable, state: Optional[Callable[[], Hashable]] = None) -> Callable:
+    """``loss_fn`` declared replayable: a wrapper with ``replay_state = state``.
+
+    ``state()`` must return a hashable value that changes whenever anything ``loss_fn`` reads
+    outside its arguments changes (``lambda: ()`` for a pure function of ``(params, batch)``).
+    Keep the returned function: the cache is keyed on it.
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"replayable: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if state is None:
+        state = tuple
+    elif not callable(state):
+        raise TypeError(f"replayable: state must be None or a callable returning a hashable token, "
+                        f"got {type(state).__name__}")
+
+    def wrapped(params, batch):
+        return loss_fn(params, batch)
+
+    setattr(wrapped, STATE_ATTR, state)
+    return wrapped
+
+
+_SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _simple(v: Any) -> bool:
+    return isinstance(v, _SIMPLE) or (isinstance(v, tuple) and all(isinstance(x, _SIMPLE) for x in v))
+
+
+def _tensor_id(t: Optional[Tensor]) -> Hashable:
+    # identity, not values: a graph holds the tensor itself, so an in-place update is seen on replay
+    if t is None:
+        return None
+    return id(t), tuple(t.shape), t.dtype, t.device, t.requires_grad
+
+
+def module_state(*objs: Any) -> Hashable:
+    """A token of what a forward pass of these modules reads besides its inputs.
+
+    Per submodule: its type, ``training`` flag, plain hyper-parameters (numbers, strings, tuples
+    of them: ``eps``, ``negative_slope``, ``stride``, ...), hooks, and the identity, shape,
+    dtype and device of its parameters and buffers; plus the global module hooks. Non-modules
+    (a plain loss function) contribute their identity.
+    """
+    from torch.nn.modules import module as _module
+
+    items = [tuple(_module._global_forward_hooks), tuple(_module._global_forward_pre_hooks)]
+    for obj in objs:
+        if not isinstance(obj, torch.nn.Module):
+            items.append(id(obj))
+            continue
+        for m in obj.modules():
+            d = m.__dict__
+            items.append((
+                type(m), m.training,
+                tuple((k, v) for k, v in d.items() if not k.startswith("_") and k != "training" and _simple(v)),
+                tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                tuple((k, _tensor_id(v)) for k, v in m._parameters.items()),
+                tuple((k, _tensor_id(v)) for k, v in m._buffers.items()),
+            ))
+    return tuple(items)
+
+
+# ====================================================== data-dependence detection
+_VALUE_READS = {
+    "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::nonzero", "aten::masked_select",
+    "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::unique_dim_consecutive",
+    "aten::repeat_interleave", "aten::bincount", "aten::allclose",
+}
+_PY_VALUE_READS = {"item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__", "__index__"}
+
+
+def _bool_index(indices: Any) -> bool:
+    return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (indices or ()))
+
+
+class _ValueReads(TorchDispatchMode):
+    """Records the first aten op that reads tensor values into Python or makes a data-dependent shape."""
+
+    def __init__(self, record: Dict[str, str]):
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if "found" not in self.record:
+            if name in _VALUE_READS or (
+                    name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")
+                    and len(args) > 1 and _bool_index(args[1])):
+                self.record["found"] = str(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _PyValueReads(TorchFunctionMode):
+    """The Python-level reads that bypass the dispatcher (``.tolist()``, ``.numpy()``)."""
+
+    def __init__(self, record: Dict[str, str]):
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _PY_VALUE_READS and "found" not in self.record:
+            self.record["found"] = f"Tensor.{name}"
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _one_fake_mode():
+    """One FakeTensorMode for the trace's node metadata.
+
+    Without a tracing context, ``make_fx`` builds a fresh FakeTensorMode (which records a stack
+    trace) for every node's metadata; sharing one makes tracing about 40% faster.
+    """
+    if TracingContext.try_get() is not None:
+        yield
+        return
+    with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))):
+        yield
+
+
+# ====================================================== the cache
+@dataclass
+class ReplayInfo:
+    """Counters of a :class:`ReplayCache` and the path of its last call."""
+
+    traces: int
+    replays: int
+    eager: int
+    size: int
+    maxsize: int
+    last_path: str
+    trace_after: int
+
+
+@dataclass
+class _Entry:
+    graph: Optional[torch.fx.GraphModule] = None
+    eager_reason: str = ""
+    error: Optional[BaseException] = None
+    seen: int = 0  # eager calls so far, before the trace
+
+
+def _tensor_sig(t: Tensor) -> Hashable:
+    # strides: the trace resolves reshape into view or copy from the traced input's layout
+    return (type(t), tuple(t.shape), t.stride(), t.dtype, t.device, t.layout, t.requires_grad)
+
+
+def _global_modes() -> Hashable:
+    cuda = torch.is_autocast_enabled("cuda") if torch.cuda.is_available() else False
+    return (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), cuda, torch.get_default_dtype(),
+            torch.are_deterministic_algorithms_enabled())
+
+
+class ReplayCache:
+    """Traces a jet program once per key and replays it (see the module doc).
+
+    ``cache(program, op, loss_fn, params, directions, batch, exact, second=..., remember=...)``
+    returns what ``program(op, loss_fn, params, directions, batch, exact, second=second)``
+    returns, a tuple of tensors or None.
+    """
+
+    def __init__(self, maxsize: int = DEFAULT_MAXSIZE, *, trace_after: int = DEFAULT_TRACE_AFTER):
+        for name, v in (("maxsize", maxsize), ("trace_after", trace_after)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"ReplayCache: {name} must be a non-negative int, got {v!r}")
+        self.maxsize = maxsize
+        self.trace_after = trace_after
+        self._entries: "OrderedDict[Tuple[int, Hashable], _Entry]" = OrderedDict()
+        self._owners: Dict[int, weakref.ref] = {}
+        self._lock = threading.RLock()
+        self.traces = self.replays = self.eager = 0
+        self.last_path = ""
+
+    # ---------------------------------------------------------- bookkeeping
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._owners.clear()
+
+    def info(self) -> ReplayInfo:
+        with self._lock:
+            return ReplayInfo(self.traces, self.replays, self.eager, len(self._entries), self.maxsize, self.last_path,
+                              self.trace_after)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _forget(self, owner: int) -> None:
+        with self._lock:
+            self._owners.pop(owner, None)
+            for k in [k for k in self._entries if k[0] == owner]:
+                del self._entries[k]
+
+    def _store(self, loss_fn: Callable, key: Hashable, entry: _Entry) -> None:
+        if self.maxsize == 0:
+            return
+        owner = id(loss_fn)
+        with self._lock:
+            if owner not in self._owners:
+                # the callback drops the entries of a collected loss_fn (and so its graphs' constants)
+                self._owners[owner] = weakref.ref(loss_fn, lambda _r, owner=owner: self._forget(owner))
+            self._entries[(owner, key)] = entry
+            self._entries.move_to_end((owner, key))
+            while len(self._entries) > self.maxsize:
+                (old, _), _ = self._entries.popitem(last=False)
+                if not any(k[0] == old for k in self._entries):
+                    self._owners.pop(old, None)
+
+    def _lookup(self, loss_fn: Callable, key: Hashable) -> Optional[_Entry]:
+        with self._lock:
+            owner = id(loss_fn)
+            ref = self._owners.get(owner)
+            if ref is None or ref() is not loss_fn:
+                return None
+            entry = self._entries.get((owner, key))
+            if entry is not None:
+                self._entries.move_to_end((owner, key))
+            return entry
+
+    # ---------------------------------------------------------- key
+    @staticmethod
+    def _key(program, op, loss_fn, params, directions, batch, exact, second):
+        """(key, batch leaves, batch spec) or (None, reason): a call that cannot be keyed runs eagerly."""
+        token_fn = getattr(loss_fn, STATE_ATTR, None)
+        if token_fn is None:
+            return None, "loss_fn declares no replay_state (see symfast.curvature.replay.replayable)"
+        try:
+            weakref.ref(loss_fn)
+        except TypeError:
+            return None, f"loss_fn ({type(loss_fn).__name__}) cannot be weakly referenced"
+        if torch.is_inference_mode_enabled():
+            return None, "inference mode is on"
+        leaves, spec = tree_flatten(batch)
+        consts = []
+        for leaf in leaves:
+            if isinstance(leaf, Tensor):
+                consts.append(_tensor_sig(leaf))
+            else:
+                consts.append((type(leaf), leaf))  # baked into the graph: its value is part of the key
+        exact_sig = (type(exact), getattr(exact, "op", None), getattr(exact, "decompose_norms", None),
+                     getattr(exact, "per_sample", None))
+        key = (program, op, exact_sig, bool(second),
+               tuple((k, _tensor_sig(v)) for k, v in params.items()),
+               tuple((k, _tensor_sig(v)) for k, v in directions.items()),
+               spec, tuple(consts), token_fn(), _global_modes())
+        try:
+            hash(key)
+        except TypeError as exc:
+            return None, f"a non-tensor leaf of the batch or the state token is not hashable ({exc})"
+        return key, leaves, spec
+
+    # ---------------------------------------------------------- call
+    def __call__(self, program: JetProgram, op: str, loss_fn: Callable, params: Dict[str, Tensor],
+                 directions: Dict[str, Tensor], batch: Any, exact: Any, *, second: bool = True,
+                 remember: Tuple[type, ...] = ()):
+        def eager(reason: str):
+            with self._lock:
+                self.eager += 1
+                self.last_path = f"eager: {reason}"
+            return program(op, loss_fn, params, directions, batch, exact, second=second)
+
+        keyed = self._key(program, op, loss_fn, params, directions, batch, exact, second)
+        if keyed[0] is None:
+            return eager(keyed[1])
+        key, leaves, spec = keyed
+        names, dnames = list(params), list(directions)
+        is_tensor = [isinstance(leaf, Tensor) for leaf in leaves]
+        flat = [*params.values(), *directions.values(), *(leaf for leaf in leaves if isinstance(leaf, Tensor))]
+
+        entry = self._lookup(loss_fn, key)
+        if entry is not None:
+            if entry.error is not None:
+                self.last_path = f"error: remembered {type(entry.error).__name__}"
+                # the remembered exception itself (its class may take other arguments than its args)
+                raise entry.error.with_traceback(None)
+            if entry.graph is None and entry.eager_reason:
+                return eager(entry.eager_reason)
+        if entry is None or entry.graph is None:
+            seen = 0 if entry is None else entry.seen
+            if seen < self.trace_after:
+                # a program met once may never come back: tracing it would cost more than it saves
+                self._store(loss_fn, key, _Entry(seen=seen + 1))
+                return eager(f"seen {seen + 1} time(s), traced after {self.trace_after}")
+        else:
+            with self._lock:
+                self.replays += 1
+                self.last_path = "replay"
+            with torch.no_grad():
+                return entry.graph(*flat)
+
+        record: Dict[str, str] = {}
+        P, D = len(names), len(dnames)
+
+        def traced(*xs):
+            it = iter(xs[P + D:])
+            b = tree_unflatten([next(it) if t else leaf for leaf, t in zip(leaves, is_tensor)], spec)
+            with _PyValueReads(record), _ValueReads(record):
+                return program(op, loss_fn, dict(zip(names, xs[:P])), dict(zip(dnames, xs[P:P + D])), b, exact,
+                               second=second)
+
+        with self._lock:
+            self.traces += 1
+        try:
+            with _one_fake_mode():
+                graph = make_fx(traced, tracing_mode="real")(*flat)
+        except Exception as exc:  # noqa: BLE001 - the eager run decides whose failure it is
+            # The tracer refuses to read values of traced tensors, so a value read usually ends here.
+            # Run eagerly: an error of the program itself is raised again (remembered if its type is
+            # in `remember` and no value was read on the way), and then no graph is cached.
+            try:
+                out = program(op, loss_fn, params, directions, batch, exact, second=second)
+            except remember as eager_exc:
+                if "found" not in record:
+                    self._store(loss_fn, key, _Entry(error=eager_exc.with_traceback(None)))
+                raise
+            with self._lock:
+                self.eager += 1
+            if "found" in record:
+                reason = f"loss_fn reads tensor values into Python ({record['found']})"
+            else:
+                first = str(exc).splitlines()[0][:120] if str(exc) else ""
+                reason = f"tracing failed ({type(exc).__name__}: {first})"
+            self._mark_eager(loss_fn, key, op, reason)
+            self.last_path = f"eager: {reason}"
+            return out
+        if "found" in record:
+            reason = f"loss_fn reads tensor values into Python ({record['found']})"
+            self._mark_eager(loss_fn, key, op, reason)
+            return eager(reason)
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+        self._store(loss_fn, key, _Entry(graph=graph))
+        self.last_path = "trace"
+        with torch.no_grad():
+            return graph(*flat)
+
+    def _mark_eager(self, loss_fn: Callable, key: Hashable, op: str, reason: str) -> None:
+        # once per key: later calls find the entry and run eagerly without a word
+        self._store(loss_fn, key, _Entry(eager_reason=reason))
+        warnings.warn(f"{op}: {reason}; this program is computed eagerly on every call (exact, "
+                          "without the replay's speed-up)", PerSamplePathWarning, stacklevel=4)
+
+
+_DEFAULT = ReplayCache()
+
+
+def jet_derivatives(program: JetProgram, op: str, loss_fn: Callable, params: Dict[str, Tensor],
+                    directions: Dict[str, Tensor], batch: Any, exact: Any, *, second: bool = True,
+                    remember: Sequence[type] = ()):
+    """``program(op, loss_fn, params, directions, batch, exact, second=second)`` through the default cache."""
+    return _DEFAULT(program, op, loss_fn, params, directions, batch, exact, second=second, remember=tuple(remember))
+
+
+def configure(*, maxsize: Optional[int] = None, trace_after: Optional[int] = None) -> None:
+    """Sets the default cache's bound (entries beyond it are dropped, least recently used first) and
+    how many eager calls of a program come before its trace (0: trace on the first call)."""
+    check = ReplayCache(maxsize if maxsize is not None else _DEFAULT.maxsize,
+                        trace_after=trace_after if trace_after is not None else _DEFAULT.trace_after)
+    with _DEFAULT._lock:
+        _DEFAULT.maxsize, _DEFAULT.trace_after = check.maxsize, check.trace_after
+        while len(_DEFAULT._entries) > _DEFAULT.maxsize:
+            _DEFAULT._entries.popitem(last=False)
+
+
+def clear_cache() -> None:
+    """Drops every traced graph of the default cache."""
+    _DEFAULT.clear()
+
+
+def cache_info() -> ReplayInfo:
+    """Counters and last path of the default cache."""
+    return _DEFAULT.info()
