@@ -41,24 +41,25 @@ CLAIM = (
 CLAIM_SHORT = "Adam with weight decay collapses coordinates onto w_i = u_i = 0 like SGD; without the symmetry, none"
 
 COLLAPSE_TOL = 1e-6  # |w_i| and |u_i| below this: on the condition w_i = u_i = 0
+MIN_COLLAPSED = 0.1  # Adam's collapsed fraction at the largest weight decay
 MAX_FRACTION_GAP = 0.2  # Adam's collapsed fraction within this of SGD's at every weight decay (mean over seeds)
 OPTIMIZERS = ("sgd", "adam")
 
 
 def _criteria() -> list[Criterion]:
     return [
-        Criterion("summary.adam_min_collapsed_fraction", ">", 0.0,
-                  f"Adam collapses coordinates onto w_i = u_i = 0 (|w_i|, |u_i| < {COLLAPSE_TOL:g}) at every weight "
-                  "decay > 0 (mean over seeds)"),
+        Criterion("summary.adam_max_collapsed_fraction", ">=", MIN_COLLAPSED,
+                  f"Adam collapses coordinates onto w_i = u_i = 0 (|w_i|, |u_i| < {COLLAPSE_TOL:g}): at the largest "
+                  f"weight decay at least {MIN_COLLAPSED:g} of them (mean over seeds)"),
         Criterion("summary.adam_fraction_increases", "==", True,
                   "Adam's collapsed fraction grows with the weight decay (non-decreasing, largest > smallest)"),
         Criterion("summary.max_fraction_gap_adam_sgd", "<=", MAX_FRACTION_GAP,
                   "Adam collapses like SGD: the fractions differ by at most this at every weight decay"),
         Criterion("summary.no_symmetry_max_zero_fraction", "==", 0.0,
                   f"Adam on theta without the symmetry, same weight decay: no coordinate below {COLLAPSE_TOL:g}"),
-        Criterion("summary.sgd_min_collapsed_fraction", ">", 0.0,
-                  "SGD with weight decay collapses coordinates (the known case the paper compares with)",
-                  control=True),
+        Criterion("summary.lasso_max_zero_fraction", ">", 0.0,
+                  "the weight decays are where the constraint is active: the full-batch answer (the lasso) has "
+                  "zeros", control=True),
     ]
 
 
@@ -69,15 +70,15 @@ def make_config(quick: bool = True, seed: int = 0, **overrides) -> dict:
     cfg = {
         "quick": quick,
         "seed": seed,
-        "seeds": 3 if quick else 8,  # independent runs (data, init, batches) per optimizer and weight decay
+        "seeds": 3 if quick else 5,  # independent runs (data, init, batches) per optimizer and weight decay
         "features": 20,
         "samples": 200,
         "batch_size": 8,
         "weight_decays": [0.05, 0.1, 0.2, 0.4],
-        "lr": {"sgd": 0.05, "adam": 0.01},
+        "lr": {"sgd": 0.1, "adam": 0.01},
         "adam_betas": [0.9, 0.999],
         "schedule": "cosine from lr to 0",
-        "steps": 6_000 if quick else 20_000,
+        "steps": 6_000 if quick else 12_000,
         "label_noise_std": 0.5,
         "init_scale": 0.5,
         "dtype": "float64",
@@ -159,8 +160,8 @@ def compute(cfg: dict, progress: bool = True) -> tuple[dict, None]:
         "sgd_collapsed_fraction": mean["sgd"],
         "lasso_zero_fraction": mean["lasso"],
         "no_symmetry_zero_fraction": mean["adam_no_symmetry"],
-        "adam_min_collapsed_fraction": min(fa),
-        "sgd_min_collapsed_fraction": min(mean["sgd"]),
+        "adam_max_collapsed_fraction": max(fa),
+        "lasso_max_zero_fraction": max(mean["lasso"]),
         "adam_fraction_increases": bool(all(b >= a for a, b in zip(fa, fa[1:])) and fa[-1] > fa[0]),
         "max_fraction_gap_adam_sgd": float(np.max(np.abs(np.subtract(fa, mean["sgd"])))),
         "no_symmetry_max_zero_fraction": float(np.max(runs["adam_no_symmetry"])),
@@ -177,7 +178,7 @@ def _plot(rec: dict, plot_data: None, out_dir: Path) -> str:
     ax = axes[0]
     styles = {"adam": ("o-", "tab:red", "Adam, w * u"), "sgd": ("s-", "tab:blue", "SGD, w * u"),
               "adam_no_symmetry": ("^--", "0.35", "Adam, theta (no symmetry)"),
-              "lasso": ("k:", "k", "lasso zeros (full-batch reference)")}
+              "lasso": (":", "k", "lasso zeros (full-batch reference)")}
     for key, (st, c, label) in styles.items():
         runs = np.array(m["per_seed"][key])
         ax.plot(wds, runs.mean(0), st, color=c, label=label)
