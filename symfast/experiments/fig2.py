@@ -56,7 +56,8 @@ CONTROL_MAX = 1e-12  # at the exact symmetric solution the off-diagonal block is
 def _criteria() -> list[Criterion]:
     return [
         Criterion("summary.final_distance", "<=", ON_CONDITION,
-                  "gradient descent with weight decay ends on a symmetric condition (a dead unit or two identical units)"),
+                  "gradient descent with weight decay ends on a symmetric condition (a dead unit or two identical "
+                  "units)"),
         Criterion("summary.final_top_mixing", "<=", MAX_MIXING,
                   "at the end every top eigenvector of H lies in im O or in ker O^T (overlaps 0 or 1; a repeated "
                   "eigenvalue's eigenspace is split by its principal directions)"),

@@ -271,7 +271,8 @@ def _plot(rec: dict, plot_data: None, out_dir: Path) -> str:
 def _headline(metrics: dict, cfg: dict) -> str:
     s = metrics["summary"]
     return (f"{cfg['points']} points, {s['parameters']} parameters: zero eigenvalues on the conditions "
-            f"{s['symmetric_null_counts']} (predicted k = {s['k']}, span error {s['symmetric_max_subspace_error']:.0e}, "
+            f"{s['symmetric_null_counts']} (predicted k = {s['k']}, span error "
+            f"{s['symmetric_max_subspace_error']:.0e}, "
             f"next eigenvalue >= {s['symmetric_min_next_relative']:.0e}), at random points {s['generic_null_counts']} "
             f"(smallest >= {s['generic_min_smallest_relative']:.0e}); O-block slope "
             f"{min(s['near_slopes']):.2f}..{max(s['near_slopes']):.2f}")
