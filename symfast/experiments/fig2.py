@@ -343,5 +343,9 @@ def run(out_dir: str | Path, *, quick: bool = True, seed: int = 0, progress: boo
                           headline=_headline, deviations=_deviations,
                           notes=["The mirror is the one (sign flip of a unit or exchange of two units) whose condition "
                                  "is nearest at the end of training; the same O is used at every snapshot.",
-                                 "The weight decay was set after a pilot: at 0.05 the network ended on a symmetric "
-                                 "condition for 1 of 4 seeds, at 0.1 for 4 of 4 (the criteria were fixed before)."])
+                                 "Revised after a pilot run (before the recorded runs): weight decay 0.05 -> 0.1 (at "
+                                 "0.05 the network ended on a symmetric condition for 1 of 4 seeds, at 0.1 for 4 of "
+                                 "4), exchange mirrors added to the candidates (the units merged rather than died), "
+                                 "and eigenvectors of repeated eigenvalues compared as eigenspaces, with the "
+                                 "spectrum-union check added (three identical units repeat eigenvalues across the "
+                                 "blocks, so single eigenvectors of a repeated eigenvalue mixed them arbitrarily)."])
