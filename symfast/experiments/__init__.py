@@ -75,6 +75,16 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("theorems123", "theorems123",
                "Theorems 1-3: rescaling, rotation, permutation: stationary conditions favoured by weight decay",
                minutes=(0.9, 3.5)),
+    Experiment("fisher", "fisher", "Sec. 4.3: the Fisher information is singular at symmetric solutions, along O",
+               minutes=(0.1, 0.2)),
+    Experiment("adam-collapse", "adam_collapse",
+               "Sec. 4.3: Adam, like SGD, collapses onto the rescaling symmetry's symmetric solutions",
+               minutes=(0.8, 2.3)),
+    Experiment("general-p", "general_p",
+               "Sec. 4.6: DCS with a general P (group, low rank, random mirror) equals the convex penalty",
+               minutes=(0.25, 0.6)),
+    Experiment("fig2", "fig2", "Fig. 2-left / Sec. 4.2: the Hessian splits into blocks on im O and ker O^T near a "
+               "symmetric solution", minutes=(0.2, 0.3)),
 )
 
 #: ``symfast demo``: the curated quick set of the main job.

@@ -58,12 +58,18 @@ JUDGED_AT = {
                 "zero_threshold"),
     "mf-weight-decay": ("d", "weight_decays_used", "steps", "rank_tol"),
     "theorems123": ("weight_decays", "steps", "lr"),
+    "fisher": ("hidden", "samples", "points"),
+    "adam-collapse": ("weight_decays", "lr", "batch_size", "steps", "seeds"),
+    "general-p": ("alpha", "lr", "steps"),
+    "fig2": ("weight_decay", "lr", "steps"),
 }
 
 
 def _setting(v) -> str:
     if isinstance(v, list) and v and isinstance(v[0], dict):  # fig3's settings
         return ", ".join(f"{d['weight_decay']:g} {d['mode']}" for d in v)
+    if isinstance(v, dict):  # one value per case or optimizer
+        return ", ".join(f"{k} {_setting(x)}" for k, x in v.items())
     if isinstance(v, float):
         return f"{v:.3g}"
     if isinstance(v, list):
