@@ -139,7 +139,9 @@ if not here.startswith(site + os.sep):
     raise SystemExit(f"[cuda-build-check] imported symfast from {here}, not from the fresh build in {site}")
 
 missing = []
-for op in ("dcs", "dcs_backward", "dcs_jvp", "dcs_group", "dcs_group_backward", "dcs_group_jvp"):
+for op in ("dcs", "dcs_backward", "dcs_jvp", "dcs_group", "dcs_group_backward", "dcs_group_jvp",
+           "jet_activation", "jet_dcs", "jet_dcs_group", "jet_layer_norm", "jet_rms_norm", "jet_softmax",
+           "jet_cross_entropy"):
     for key in ("CPU", "CUDA"):
         ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"symfast::{op}", key)
         print(f"[cuda-build-check]   symfast::{op:<20} {key:<4} kernel: {'yes' if ok else 'MISSING'}")

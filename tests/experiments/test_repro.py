@@ -30,7 +30,7 @@ def test_registry_lists_the_plan():
     names = experiments.names()
     assert len(names) == len(set(names))
     for name in ("fig1-left", "fig1-mid", "fig1-right", "fig3", "fig4", "eq6", "theorem4", "lyapunov", "lasso",
-                 "dcs-cnn", "mf-weight-decay", "theorems123"):
+                 "dcs-cnn", "mf-weight-decay", "theorems123", "fisher", "adam-collapse", "general-p", "fig2"):
         assert name in names
     # make repro-full (every experiment, --full, one after another) is planned to fit in 45 minutes on 2 cores
     assert all(0 < e.minutes[0] <= e.minutes[1] for e in experiments.EXPERIMENTS)
