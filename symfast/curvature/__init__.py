@@ -15,7 +15,8 @@ stability analysis: :math:`h_{ik}` along a symmetry direction is the
 
 Modules: :mod:`.api` (the functions below), :mod:`.checks` (argument checks and errors),
 :mod:`.exact` (exact mode: decompositions of ops whose forward-mode rules are wrong), :mod:`.jets`
-(second-order Taylor mode) and :mod:`.jet_kernels` (its fused jet ops).
+(second-order Taylor mode), :mod:`.jet_kernels` (its fused jet ops) and :mod:`.replay` (the jet
+program traced once per key and replayed).
 
 Conventions
 -----------
@@ -54,7 +55,10 @@ with nested forward mode on the batch (jvp of jvp of ``t -> loss_fn(params + t n
 the tangents are K times parameter-sized, the activations K times batch-sized.
 ``chunk_size`` directions go through one pass (None: all of them); in forward mode
 ``chunk_size`` at a time run under ``torch.func.vmap`` (None: one at a time). The batch may also
-be split (``batch_chunk_size``) when samples do not interact. :math:`m^\top H(x_i) n` (mixed
+be split (``batch_chunk_size``) when samples do not interact. For a ``loss_fn`` whose state the
+engine can key (made by :func:`functional_loss`, or wrapped in
+:func:`~symfast.curvature.replay.replayable`), the jet program is traced with ``make_fx`` once per
+key and its graph replayed on later calls (see :mod:`.replay`: when, and when never). :math:`m^\top H(x_i) n` (mixed
 second derivative) comes from a nested jvp with two tangents.
 
 Full per-sample HVPs :math:`H(x_i) n` (``per_sample_hvp`` without ``onto``)
