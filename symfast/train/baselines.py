@@ -29,7 +29,8 @@ from torch.nn.utils import prune
 from ..conversion import convert
 from ..exporting import _check_finite
 
-__all__ = ["Diverged", "check_finite", "prune_like", "make_pruning_permanent", "freeze_zeros", "gmp_schedule", "gmp_sparsity",
+__all__ = ["Diverged", "check_finite", "prune_like", "make_pruning_permanent", "freeze_zeros", "gmp_schedule",
+           "gmp_sparsity",
            "magnitude_masks", "GradualMagnitude", "svd_truncate", "inference_speedup"]
 
 
