@@ -30,8 +30,7 @@ from ..conversion import convert
 from ..exporting import _check_finite
 
 __all__ = ["Diverged", "check_finite", "prune_like", "make_pruning_permanent", "freeze_zeros", "gmp_schedule",
-           "gmp_sparsity",
-           "magnitude_masks", "GradualMagnitude", "svd_truncate", "inference_speedup"]
+           "gmp_sparsity", "magnitude_masks", "GradualMagnitude", "svd_truncate", "inference_speedup"]
 
 
 class Diverged(ValueError):

@@ -27,6 +27,12 @@ with its mask for ``ft = round(finetune_fraction * steps)`` steps at lr / 10 (:f
    sparsity, steps, lr, lr_tune_losses}}``), ``DIR/training.png``, ``DIR/exported.pt`` (and
    ``DIR/svd_truncation.pt`` for lowrank).
 
+Every arm's training phase uses the same ``optimizer`` (Adam or SGD with momentum; with coupled
+decay for DCS), ``warmup_steps`` of linear lr warm-up (default: 5% of the phase) and, with
+``clip_grad``, the loss gradient clipped to that global norm (also in the fine-tunes, which have no
+warm-up). A diverged arm (NaN or inf weights, found before pruning, thresholding or evaluating) is a
+:class:`NonFiniteMetrics` error naming the arm, its lr and the layer (:func:`~symfast.train.baselines.check_finite`).
+
 ``--resume`` first compares the run's settings with ``DIR/checkpoints/config.json`` (written when
 the run started): any difference except :data:`RESUME_MAY_DIFFER` is a :class:`ResumeMismatch`
 (a ``ValueError``). Each phase checkpoint records the run's settings too, and one written with
