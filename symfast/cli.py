@@ -428,6 +428,14 @@ def _check_train_flags(args: argparse.Namespace, world: int) -> None:
         given = [flag for flag, v in (("--targets", args.targets), ("--seeds", args.seeds)) if v is not None]
         if given:
             parser.error(f"argument {given[0]}: applies only with --sweep")
+    if args.warmup_steps is not None:
+        from .train.task import TrainConfig, split_budget
+
+        steps = d["steps"] if args.steps is None else args.steps
+        ft, main = split_budget(steps, TrainConfig.finetune_fraction)
+        if args.warmup_steps > main:
+            parser.error(f"argument --warmup-steps: expected at most the training phase's {main} steps (--steps "
+                         f"{steps} less the {ft}-step fine-tune), got {args.warmup_steps}")
     if args.target_sparsity is not None and args.alpha == 0:
         parser.error("argument --alpha: --target-sparsity scales a starting alpha, which must be > 0, got 0")
     if args.parallel is not None and world == 1:
@@ -584,7 +592,7 @@ def _sweep_table(summary: dict) -> str:
     """The sweep's result as text: per target, each arm's mean sparsity, val loss (and accuracy) +- the standard
     deviation over seeds, and the paired DCS - baseline val-loss difference."""
     def pm(d: dict, fmt: str) -> str:
-        return f"{d['mean']:{fmt}}" + ("" if d["std"] is None else f" ± {d['std']:{fmt}}")
+        return f"{d['mean']:{fmt}}" + ("" if d["std"] is None else f" ± {d['std']:{fmt.lstrip('+')}}")
 
     seeds = summary["seeds"]
     lines = [f"symfast train --sweep {summary['task']} ({summary['structure']}): {len(seeds)} seed(s) "

@@ -458,6 +458,8 @@ def test_baseline_line_says_when_its_sparsity_is_not_the_dcs_models(tmp_path, mo
     (["--clip-grad", "0"], "argument --clip-grad: expected a finite number > 0, got '0'"),
     (["--clip-grad", "inf"], "argument --clip-grad: expected a finite number > 0, got 'inf'"),
     (["--warmup-steps", "-1"], "argument --warmup-steps: expected an integer >= 0, got '-1'"),
+    (["--steps", "20", "--warmup-steps", "19"], "argument --warmup-steps: expected at most the training phase's 18 "
+                                                "steps (--steps 20 less the 2-step fine-tune), got 19"),
     (["--eval-every", "-5"], "argument --eval-every: expected an integer >= 1, got '-5'"),
     (["--stop-after", "0"], "argument --stop-after: expected an integer >= 1, got '0'"),
     (["--seed", "-1"], "argument --seed: expected an integer with 0 <= N < 2**44, got '-1'"),
