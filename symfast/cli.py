@@ -608,6 +608,12 @@ def _sweep_table(summary: dict) -> str:
                 d = summary["paired"][arm][t]["val_loss"]
                 line += f"; DCS - it {pm(d, '+.4f')} (DCS better in {d['dcs_better']}/{d['n']})"
             lines.append(line)
+    missed = [f"{t:g} ({summary['arms']['dcs'][f'{t:g}']['sparsity']['mean']:.3f})" for t in summary["targets"]
+              if abs(summary["arms"]["dcs"][f"{t:g}"]["sparsity"]["mean"] - t) > 0.05]
+    if missed:
+        lines.append(f"  note: DCS ended more than 0.05 from the target at {', '.join(missed)}; the alpha controller "
+                     "acts from 10% of the steps on, so a starting --alpha that is too large (or too small) for the "
+                     "task can set the sparsity before it does")
     return "\n".join(lines)
 
 

@@ -117,7 +117,8 @@ def sweep(base: TrainConfig, out: str | os.PathLike, *, targets: Sequence[float]
     reused or resumed run.
     """
     targets, seeds = [float(t) for t in targets], [int(s) for s in seeds]
-    if not targets or not all(0 < t < 1 for t in targets) or len(set(targets)) != len(targets):
+    if not targets or not all(0 < t < 1 for t in targets) or len({f"{t:g}" for t in targets}) != len(targets):
+        # distinct as written (6 significant digits): each names its run directory and its pareto.json key
         raise ValueError(f"symfast train --sweep: targets must be distinct numbers in (0, 1), got {targets}")
     if not seeds or not all(s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"symfast train --sweep: seeds must be distinct integers >= 0, at least one, got {seeds}")

@@ -57,6 +57,8 @@ def test_sweep_writes_pareto_from_the_runs_metrics_and_reuses_finished_runs(tmp_
     assert (out / "pareto.png").stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "target 0.8:" in text and "DCS - it" in text and "pareto.json" in text
+    far = [t for t in ("0.5", "0.8") if abs(p["arms"]["dcs"][t]["sparsity"]["mean"] - float(t)) > 0.05]
+    assert ("note: DCS ended more than 0.05 from the target at " in text) == bool(far)
 
     # Again: every run is finished with these settings, so nothing is trained and the summary is the same.
     calls = []
