@@ -20,7 +20,7 @@ import json
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from .checkpoints import RESUME_MAY_DIFFER, config_dict
 from .plots import plot_pareto
