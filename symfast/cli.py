@@ -56,6 +56,34 @@ def _baseline_list(text: str) -> list:
     return names
 
 
+def _unit_list(text: str) -> list:
+    """An argparse ``type``: comma-separated distinct numbers strictly between 0 and 1 (``0.5,0.9``)."""
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or not all(0 < v < 1 for v in vals) or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated numbers S with 0 < S < 1, got {text!r}")
+    return vals
+
+
+def _seed_list(text: str) -> list:
+    """An argparse ``type``: ``N`` (the seeds 0 .. N-1, N >= 1) or distinct comma-separated seeds (``3,7``; one seed:
+    ``7,``), each 0 <= seed < 2**44."""
+    want = f"N >= 1 (the seeds 0..N-1) or distinct comma-separated seeds 0 <= s < 2**44 (one seed: 's,'), got {text!r}"
+    try:
+        if "," in text:
+            parts = text.split(",")
+            vals = [int(x) for x in (parts[:-1] if parts[-1] == "" else parts)]  # "7," is the one seed 7
+        else:
+            vals = list(range(int(text)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {want}") from None
+    if not vals or not all(0 <= v < TRAIN_SEED_LIMIT for v in vals) or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"expected {want}")
+    return vals
+
+
 def _open_unit(text: str) -> float:
     """An argparse ``type``: a number strictly between 0 and 1."""
     try:
@@ -380,6 +408,34 @@ def _check_train_flags(args: argparse.Namespace, world: int) -> None:
         if args.target_sparsity is not None:
             parser.error("argument --target-sparsity: cannot run under --parallel fsdp (it adapts the optimizer, "
                          "which FSDP2 builds on the shards)")
+    if args.sweep:
+        from .train.sweep import SWEEP_STRUCTURES
+
+        clash = [flag for flag, v in (("--target-sparsity", args.target_sparsity), ("--seed", args.seed),
+                                      ("--resume", args.resume or None), ("--stop-after", args.stop_after))
+                 if v is not None]
+        if clash:
+            parser.error(f"argument {clash[0]}: not with --sweep (it sets each run's target and seed from "
+                         "--targets and --seeds, reuses finished runs and resumes interrupted ones itself)")
+        if args.structure not in SWEEP_STRUCTURES:
+            parser.error(f"argument --structure: --sweep needs one of {', '.join(SWEEP_STRUCTURES)} (it sweeps "
+                         f"target sparsities; lowrank zeroes nothing), got {args.structure}")
+        if world > 1:
+            parser.error("argument --sweep: runs in one process; start it without torchrun")
+        if args.alpha == 0:
+            parser.error("argument --alpha: --sweep steers a starting alpha, which must be > 0, got 0")
+    else:
+        given = [flag for flag, v in (("--targets", args.targets), ("--seeds", args.seeds)) if v is not None]
+        if given:
+            parser.error(f"argument {given[0]}: applies only with --sweep")
+    if args.warmup_steps is not None:
+        from .train.task import TrainConfig, split_budget
+
+        steps = d["steps"] if args.steps is None else args.steps
+        ft, main = split_budget(steps, TrainConfig.finetune_fraction)
+        if args.warmup_steps > main:
+            parser.error(f"argument --warmup-steps: expected at most the training phase's {main} steps (--steps "
+                         f"{steps} less the {ft}-step fine-tune), got {args.warmup_steps}")
     if args.target_sparsity is not None and args.alpha == 0:
         parser.error("argument --alpha: --target-sparsity scales a starting alpha, which must be > 0, got 0")
     if args.parallel is not None and world == 1:
@@ -449,6 +505,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _check_train_flags(args, world)
+    if args.out is None:
+        args.out = "results/train-sweep" if args.sweep else "results/train"
     device = None
     if world > 1:  # launched by torchrun: DistributedDataParallel, gloo on CPU, nccl on GPU
         cuda = torch.cuda.is_available()
@@ -461,9 +519,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     cfg = TrainConfig(task=args.task, structure=args.structure, alpha=args.alpha, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, threshold=args.threshold,
-                      width=args.width, depth=args.depth, context=args.context, quick=args.quick, seed=args.seed,
-                      eval_every=args.eval_every, baseline_lr=args.baseline_lr, baselines=args.baselines,
-                      lr_grid=args.lr_grid, target_sparsity=args.target_sparsity)
+                      width=args.width, depth=args.depth, context=args.context, quick=args.quick,
+                      seed=0 if args.seed is None else args.seed, eval_every=args.eval_every,
+                      baseline_lr=args.baseline_lr, baselines=args.baselines, lr_grid=args.lr_grid,
+                      target_sparsity=args.target_sparsity, clip_grad=args.clip_grad, warmup_steps=args.warmup_steps)
+    if args.sweep:
+        return _cmd_train_sweep(cfg, args, device)
     clean = False  # whether the processes may still meet at a barrier before the group is destroyed
     try:
         m = run(cfg, args.out, resume=args.resume, stop_after=args.stop_after, progress=not args.progress_off,
@@ -499,6 +560,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if clean:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def _cmd_train_sweep(cfg, args: argparse.Namespace, device) -> int:
+    from .train.sweep import DEFAULT_TARGETS, sweep
+    from .train.task import NonFiniteMetrics
+
+    try:
+        cfg.resolved()  # a bad combination fails before the first run
+        summary = sweep(cfg, args.out, targets=args.targets or DEFAULT_TARGETS,
+                        seeds=args.seeds if args.seeds is not None else [0, 1, 2], progress=not args.progress_off,
+                        device=device)
+    except NonFiniteMetrics as exc:
+        print(exc, file=sys.stderr)
+        print(f"symfast train --sweep: the finished runs in {args.out} are kept; rerunning the same command reuses "
+              "them", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nsymfast train --sweep: interrupted; rerunning the same command reuses the finished runs in "
+              f"{args.out} and resumes the interrupted one", file=sys.stderr, flush=True)
+        return 130
+    print(_sweep_table(summary))
+    print(f"  {args.out}/pareto.json, {args.out}/pareto.png")
+    return 0
+
+
+def _sweep_table(summary: dict) -> str:
+    """The sweep's result as text: per target, each arm's mean sparsity, val loss (and accuracy) +- the standard
+    deviation over seeds, and the paired DCS - baseline val-loss difference."""
+    def pm(d: dict, fmt: str) -> str:
+        return f"{d['mean']:{fmt}}" + ("" if d["std"] is None else f" ± {d['std']:{fmt.lstrip('+')}}")
+
+    seeds = summary["seeds"]
+    lines = [f"symfast train --sweep {summary['task']} ({summary['structure']}): {len(seeds)} seed(s) "
+             f"{','.join(map(str, seeds))}; mean ± standard deviation over seeds"]
+    for t in (f"{t:g}" for t in summary["targets"]):
+        lines.append(f"  target {t}:")
+        for arm in summary["arms_order"]:
+            a = summary["arms"][arm][t]
+            acc = next((pm(a[k], ".3f") for k in ("val_accuracy", "val_byte_accuracy") if k in a), None)
+            line = f"    {arm + ':':<27} sparsity {pm(a['sparsity'], '.3f')}, val loss {pm(a['val_loss'], '.4f')}" + (
+                "" if acc is None else f", accuracy {acc}")
+            if arm != "dcs":
+                d = summary["paired"][arm][t]["val_loss"]
+                line += f"; DCS - it {pm(d, '+.4f')} (DCS better in {d['dcs_better']}/{d['n']})"
+            lines.append(line)
+    missed = [f"{t:g} ({summary['arms']['dcs'][f'{t:g}']['sparsity']['mean']:.3f})" for t in summary["targets"]
+              if abs(summary["arms"]["dcs"][f"{t:g}"]["sparsity"]["mean"] - t) > 0.05]
+    if missed:
+        lines.append(f"  note: DCS ended more than 0.05 from the target at {', '.join(missed)}; the alpha controller "
+                     "acts from 10% of the steps on, so a starting --alpha that is too large (or too small) for the "
+                     "task can set the sparsity before it does")
+    return "\n".join(lines)
 
 
 def _train_defaults_text(key: str) -> str:
@@ -562,7 +678,14 @@ def _add_train(sub) -> None:
                    help="steer DCS's alpha during training (starting from --alpha) so that its thresholded "
                    "sparsity follows a cubic ramp to S (0 < S < 1); default: a fixed --alpha")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                   help="adam (default) or sgd (momentum 0.9); both with the coupled decay that equals the penalty")
+                   help="adam (default) or sgd (momentum 0.9); both with the coupled decay that equals the penalty. "
+                   "For sgd consider --clip-grad and --warmup-steps")
+    p.add_argument("--clip-grad", type=_float_from(0, inclusive=False), default=None, metavar="NORM",
+                   help="clip the loss gradient to this global L2 norm, > 0, before every optimizer step of every "
+                   "arm (torch.nn.utils.clip_grad_norm_; the decay is added after it); default: no clipping")
+    p.add_argument("--warmup-steps", type=_int_in(0), default=None, metavar="N",
+                   help="linear lr warm-up steps of every arm's training phase, 0 <= N <= the phase's steps "
+                   "(default: 5%% of them); the masked fine-tunes have none")
     p.add_argument("--threshold", type=_float_from(0, inclusive=True), default=None,
                    help="export threshold, >= 0: factor-product entries (groups, singular values) of size <= it "
                    f"become exact zeros ({_train_defaults_text('threshold')})")
@@ -577,13 +700,26 @@ def _add_train(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a smaller, shorter run (lm: width 64, context 32, 200 steps; digits: 300 steps) for "
                    "every arm; with all four baselines it trains about 2.4 times the steps of DCS and one baseline")
-    p.add_argument("--seed", type=_int_in(0, TRAIN_SEED_LIMIT, "2**44"), default=0,
+    p.add_argument("--seed", type=_int_in(0, TRAIN_SEED_LIMIT, "2**44"), default=None,
                    help="random seed of the initialization, the batches and the digits split, 0 <= N < 2**44 "
-                   "(default: 0)")
+                   "(default: 0; a sweep takes --seeds)")
     p.add_argument("--eval-every", type=_int_in(1), default=None,
                    help="validate (and checkpoint) every N steps, N >= 1 (default: steps/10)")
-    p.add_argument("--out", type=_out_dir, default="results/train",
-                   help="output directory (default: results/train)")
+    p.add_argument("--out", type=_out_dir, default=None,
+                   help="output directory (default: results/train; with --sweep results/train-sweep)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the Pareto front: one run per target sparsity (--targets) and seed (--seeds), DCS steered "
+                   "to the target by the --target-sparsity controller and every baseline at the sparsity DCS "
+                   "reached in that run; OUT/target<S>-seed<N>/ hold the runs (a finished run with the same "
+                   "settings is reused, an interrupted one resumed), OUT/pareto.json the per-seed values, their "
+                   "mean and spread, and the paired DCS - baseline differences, OUT/pareto.png the figure. "
+                   "Elementwise or group structure, one process")
+    p.add_argument("--targets", type=_unit_list, default=None, metavar="S,S,...",
+                   help="--sweep only: target sparsities, distinct, each 0 < S < 1 (default: "
+                   "0.5,0.75,0.9,0.95)")
+    p.add_argument("--seeds", type=_seed_list, default=None, metavar="N|S,S,...",
+                   help="--sweep only: N seeds (0..N-1) or a comma-separated list of distinct seeds (one seed: "
+                   "'7,'); default: 3")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints (same result as one run). The settings must be those the run "
                    "started with (OUT/checkpoints/config.json; a difference is an error naming it): only "

@@ -5,6 +5,8 @@
   to train it under a DCS structure.
 * :func:`run` / ``symfast train`` runs a whole experiment on a shipped task (``lm``: a byte
   transformer on the standard library's sources; ``digits``: a CNN on scikit-learn's digits).
+* :func:`symfast.train.sweep.sweep` / ``symfast train --sweep`` runs it at several target sparsities and seeds and
+  writes the sparsity / loss Pareto front of DCS and the baselines (``pareto.json``, ``pareto.png``).
 """
 
 from .data import ByteWindows, digits_data, lm_data, stdlib_files

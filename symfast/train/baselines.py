@@ -27,9 +27,25 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..conversion import convert
+from ..exporting import _check_finite
 
-__all__ = ["prune_like", "make_pruning_permanent", "freeze_zeros", "gmp_schedule", "gmp_sparsity",
-           "magnitude_masks", "GradualMagnitude", "svd_truncate", "inference_speedup"]
+__all__ = ["Diverged", "check_finite", "prune_like", "make_pruning_permanent", "freeze_zeros", "gmp_schedule",
+           "gmp_sparsity", "magnitude_masks", "GradualMagnitude", "svd_truncate", "inference_speedup"]
+
+
+class Diverged(ValueError):
+    """A model holds NaN or inf in a weight or buffer: its training diverged. The message names the layer."""
+
+
+def check_finite(fn: str, model: nn.Module) -> None:
+    """:class:`Diverged`, naming the layer and saying that the run diverged, when a weight or buffer of ``model``
+    is NaN or inf: the check :func:`symfast.export` and :func:`symfast.sparsity_report` make, so that a
+    diverged baseline fails as loudly as a diverged DCS model. Pruning NaN would not fail by itself: a
+    magnitude order with NaN in it is arbitrary, and the run would report a loss of NaN naming no layer."""
+    try:
+        _check_finite(fn, model)
+    except ValueError as exc:
+        raise Diverged(str(exc)) from None
 
 
 def _weighted_modules(model: nn.Module, names) -> list:
@@ -41,7 +57,9 @@ def prune_like(model: nn.Module, names, zeros: int) -> None:
 
     The pruned ``weight`` attributes are left detached (the pruning hook recomputes them from
     ``weight_orig * weight_mask`` at every forward), so the model can still be deep-copied.
+    A model with NaN or inf weights (a diverged run) is a :class:`Diverged` error naming the layer.
     """
+    check_finite("train.prune_like", model)
     prune.global_unstructured(_weighted_modules(model, names), pruning_method=prune.L1Unstructured, amount=int(zeros))
     for m, name in _weighted_modules(model, names):
         setattr(m, name, getattr(m, name).detach())
@@ -131,6 +149,8 @@ class GradualMagnitude:
     pruning step, and re-applies the mask after every step (pruned weights stay zero).
 
     ``uniform``: every layer to the same sparsity; otherwise one global threshold over all of them.
+    At each pruning step a model with NaN or inf weights (the run diverged) is a :class:`Diverged` error
+    naming the layer.
     """
 
     def __init__(self, model: nn.Module, names, *, final: float, start: int, every: int, events: int,
@@ -138,6 +158,7 @@ class GradualMagnitude:
         if not 0.0 <= final <= 1.0:
             raise ValueError(f"GradualMagnitude: final sparsity must be in [0, 1], got {final}")
         self.tensors = _factors(model, names)
+        self.model = model
         self.final, self.start, self.every, self.events, self.uniform = final, start, every, events, uniform
         self.masks: Optional[Dict[str, torch.Tensor]] = None
 
@@ -168,6 +189,7 @@ class GradualMagnitude:
             self.masks = {n: s != 0 for n, s in self.scores().items()}
         self._apply()  # first undo the step's regrowth, so that pruned weights score 0 and stay pruned
         if self.is_pruning_step(step):
+            check_finite("train.GradualMagnitude", self.model)
             sp = gmp_sparsity(step, final=self.final, start=self.start, every=self.every, events=self.events)
             self.masks = magnitude_masks(self.scores(), sp, uniform=self.uniform)
             self._apply()
@@ -191,7 +213,9 @@ def svd_truncate(model: nn.Module, ranks: Dict[str, int]) -> nn.Module:
     weight ``a b^T`` is the Eckart-Young truncation and stays of rank ``<= r`` when trained.
     ``r = 0`` gives zero factors of width one, which training cannot move (both gradients vanish).
     :func:`symfast.export` turns the result into plain (thin where smaller) torch layers.
+    A model with NaN or inf weights (a diverged run) is a :class:`Diverged` error naming the layer.
     """
+    check_finite("train.svd_truncate", model)
     out = copy.deepcopy(model)
     factors = {}
     for name, r in ranks.items():

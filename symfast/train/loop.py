@@ -225,6 +225,7 @@ def fit(
     parallel: str = "ddp",
     meta: Any = None,
     after_step: Optional[Callable[[int], None]] = None,
+    clip_grad: Optional[float] = None,
 ) -> FitResult:
     r"""Trains ``model`` for ``steps`` steps on ``train_data``; returns a :class:`FitResult`.
 
@@ -249,9 +250,15 @@ def fit(
     resumed past step ``k``, it stops (checkpointed) after the next step.
 
     The checkpoint also records ``steps``, ``batch_size``, ``lr``, ``warmup``, ``final_lr_fraction``,
-    ``seed`` and the optimizer's name; resuming with any of them different is a ``ValueError`` (the
+    ``seed``, ``clip_grad`` and the optimizer's name; resuming with any of them different is a ``ValueError`` (the
     world size may differ). ``meta`` (anything picklable, e.g. the settings of the whole experiment)
     is saved with it as ``"meta"``, for the caller to check before resuming; ``fit`` does not read it.
+
+    ``clip_grad``, when given, scales the gradient of the loss to a global L2 norm of at most
+    ``clip_grad`` before each optimizer step (``torch.nn.utils.clip_grad_norm_``). The coupled decay
+    of a DCS model (the penalty's gradient) is added by the optimizer after it and is not clipped: it
+    is bounded by the weights already. It makes plain SGD robust to the rare huge gradients that can
+    blow a run up; with DDP it clips the averaged gradient, with FSDP2 the full one.
 
     ``after_step(k)``, when given, is called after the optimizer step that completes step ``k`` (before
     that step's validation and checkpoint), e.g. to apply pruning masks or to adapt a penalty. It
@@ -276,6 +283,11 @@ def fit(
     rank, world = _dist()
     if steps < 1:
         raise ValueError(f"symfast.train.fit: steps must be >= 1, got {steps}")
+    if clip_grad is not None and not (isinstance(clip_grad, (int, float)) and math.isfinite(clip_grad)
+                                      and clip_grad > 0):
+        raise ValueError(f"symfast.train.fit: clip_grad must be None or a finite number > 0, got {clip_grad!r}")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
+        raise ValueError(f"symfast.train.fit: warmup must be None or an integer >= 0, got {warmup!r}")
     if batch_size % world:
         raise ValueError(f"symfast.train.fit: batch_size ({batch_size}) must be divisible by the world size ({world})")
     device = device or next(model.parameters()).device
@@ -303,7 +315,7 @@ def fit(
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(model, optimizer, lr)
     base_lrs = [g["lr"] / lr if lr else 1.0 for g in opt.param_groups]  # per-group scale of the schedule
     run_config = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-                  "final_lr_fraction": final_lr_fraction, "seed": seed,
+                  "final_lr_fraction": final_lr_fraction, "seed": seed, "clip_grad": clip_grad,
                   "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__}
 
     result = FitResult(steps=steps)
@@ -366,6 +378,8 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(net(x), y)
             loss.backward()
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
             opt.step()
             step += 1
             if after_step is not None:

@@ -27,6 +27,12 @@ with its mask for ``ft = round(finetune_fraction * steps)`` steps at lr / 10 (:f
    sparsity, steps, lr, lr_tune_losses}}``), ``DIR/training.png``, ``DIR/exported.pt`` (and
    ``DIR/svd_truncation.pt`` for lowrank).
 
+Every arm's training phase uses the same ``optimizer`` (Adam or SGD with momentum; with coupled
+decay for DCS), ``warmup_steps`` of linear lr warm-up (default: 5% of the phase) and, with
+``clip_grad``, the loss gradient clipped to that global norm (also in the fine-tunes, which have no
+warm-up). A diverged arm (NaN or inf weights, found before pruning, thresholding or evaluating) is a
+:class:`NonFiniteMetrics` error naming the arm, its lr and the layer (:func:`~symfast.train.baselines.check_finite`).
+
 ``--resume`` first compares the run's settings with ``DIR/checkpoints/config.json`` (written when
 the run started): any difference except :data:`RESUME_MAY_DIFFER` is a :class:`ResumeMismatch`
 (a ``ValueError``). Each phase checkpoint records the run's settings too, and one written with
@@ -55,7 +61,9 @@ from ..conversion import convert
 from ..exporting import export, sparsity_report
 from ..models import ByteTransformer, DigitsCNN
 from .baselines import (
+    Diverged,
     GradualMagnitude,
+    check_finite,
     freeze_zeros,
     gmp_schedule,
     inference_speedup,
@@ -75,7 +83,7 @@ from .checkpoints import (
     write_config,
 )
 from .data import digits_data, lm_data
-from .loop import dcs_sparsity, evaluate, fit, make_optimizer
+from .loop import OPTIMIZERS, dcs_sparsity, evaluate, fit, make_optimizer
 from .plots import plot_run
 from .target import SparsityTarget
 
@@ -125,6 +133,8 @@ class TrainConfig:
     baselines: Optional[List[str]] = None
     lr_grid: Optional[List[float]] = None
     target_sparsity: Optional[float] = None
+    clip_grad: Optional[float] = None
+    warmup_steps: Optional[int] = None
 
     def resolved(self) -> "TrainConfig":
         d = defaults(self.task, self.structure, quick=self.quick)
@@ -150,6 +160,14 @@ class TrainConfig:
             raise ValueError("symfast train: target_sparsity needs a starting alpha > 0 (the controller scales it)")
         if out.steps < 2:
             raise ValueError(f"symfast train: steps must be >= 2 (training and the masked fine-tune), got {out.steps}")
+        if out.optimizer not in OPTIMIZERS:
+            raise ValueError(f"symfast train: optimizer must be one of {OPTIMIZERS}, got {out.optimizer!r}")
+        if out.clip_grad is not None and not (math.isfinite(out.clip_grad) and out.clip_grad > 0):
+            raise ValueError(f"symfast train: clip_grad must be a finite number > 0, got {out.clip_grad}")
+        main = split_budget(out.steps, out.finetune_fraction)[1]
+        if out.warmup_steps is not None and not 0 <= out.warmup_steps <= main:
+            raise ValueError(f"symfast train: warmup_steps must be in [0, {main}] (the training phase of "
+                             f"{out.steps} steps less the fine-tune), got {out.warmup_steps}")
         return out
 
 
@@ -321,8 +339,9 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
     params_before = sum(p.numel() for p in dense.parameters())
     ft_steps, main_steps = split_budget(cfg.steps, cfg.finetune_fraction)
     final_n = None if cfg.eval_samples is None else 4 * cfg.eval_samples
-    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, eval_every=cfg.eval_every,
-                  eval_samples=cfg.eval_samples, progress=progress, device=device, parallel=parallel, world=world)
+    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, eval_every=cfg.eval_every, warmup=cfg.warmup_steps,
+                  clip_grad=cfg.clip_grad, eval_samples=cfg.eval_samples, progress=progress, device=device,
+                  parallel=parallel, world=world)
     ft_common = {**common, "seed": cfg.seed + 1, "optimizer": cfg.optimizer, "warmup": 0}
 
     def phase(name: str, lr: float, lrs) -> Dict[str, Any]:
@@ -356,6 +375,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
                  desc=f"DCS {cfg.structure}", optimizer=opt, after_step=ctl, **phase("dcs", lr, lrs), **common)
         if r.stopped_early:
             return {"stopped_at": r.history[-1]["step"]}
+        check_finite("train", model)
         exported = export(model, threshold=cfg.threshold)
         before = evaluate(exported, val, device=device, max_samples=final_n)
         if cfg.structure == "lowrank":
@@ -373,10 +393,19 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
                     alpha=ctl.alpha if ctl is not None else cfg.alpha, history={"dcs": r.history,
                                                                                  "dcs_finetune": r_ft.history})
 
+    def diverged(arm: str, lr: float, exc: Diverged) -> NonFiniteMetrics:
+        return NonFiniteMetrics(f"symfast train: the {arm} arm (lr {lr:g}) diverged: {exc}. Nothing was written to "
+                                f"{out}; try a smaller learning rate, --clip-grad or --warmup-steps")
+
     lr_dcs = cfg.lr_grid or [cfg.lr]
     dcs_runs = []
     for i, lr in enumerate(lr_dcs):
-        res = dcs_arm(lr, lr_dcs, stop_after if i == 0 else None)
+        try:
+            res = dcs_arm(lr, lr_dcs, stop_after if i == 0 else None)
+            if "final" in res:
+                check_finite("train", res["final"])  # the fine-tune
+        except Diverged as exc:
+            raise diverged("DCS", lr, exc) from None
         if "stopped_at" in res:
             return {"stopped_at": res["stopped_at"], "steps": cfg.steps,
                     "checkpoint": str(phase("dcs", lr, lr_dcs)["checkpoint"])}
@@ -435,7 +464,14 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
     runs = {"dcs": best["runs"][0], "dcs_finetune": best["runs"][1]}
     for arm in cfg.baselines:
         lrs = cfg.lr_grid or [cfg.baseline_lr if arm != "gradual_magnitude_wu" else cfg.lr]
-        tried = [(baseline_arm(arm, lr, lrs), lr) for lr in lrs]
+        tried = []
+        for lr in lrs:
+            try:
+                res = baseline_arm(arm, lr, lrs)
+                check_finite("train", res["final"])
+            except Diverged as exc:
+                raise diverged(arm, lr, exc) from None
+            tried.append((res, lr))
         scored = [(score(res["final"]), lr, res) for res, lr in tried]
         tune_loss, lr, res = min(scored, key=lambda t: (t[0] if t[0] is not None else 0.0))
         b_ev = evaluate(res["final"], val, device=device, max_samples=final_n)
@@ -464,7 +500,10 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         svd_dense = trained_dense[svd_lr][0]
         if dense_val is None:
             dense_val = evaluate(svd_dense, val, device=device, max_samples=final_n)
-        svd_model = svd_truncate(svd_dense, target)
+        try:
+            svd_model = svd_truncate(svd_dense, target)
+        except Diverged as exc:
+            raise diverged("dense (the SVD baseline's start)", svd_lr, exc) from None
         r_svd = _fit(svd_model, train, val, steps=ft_steps, lr=svd_lr / 10, desc="SVD truncate + fine-tune",
                      **phase("svd", svd_lr, [svd_lr]), **ft_common)
         svd_exported = export(svd_model)

@@ -13,7 +13,9 @@ from torch.utils.data import TensorDataset
 from symfast.cli import main
 from symfast.conversion import convert
 from symfast.train import fit
-from symfast.train.baselines import GradualMagnitude, gmp_schedule, gmp_sparsity, magnitude_masks
+import symfast.train.task as task
+from symfast.train.baselines import (Diverged, GradualMagnitude, gmp_schedule, gmp_sparsity, magnitude_masks,
+                                      prune_like, svd_truncate)
 from symfast.train.loop import dcs_sparsity, make_optimizer
 from symfast.train.target import SparsityTarget
 from symfast.train.task import BASELINES
@@ -179,3 +181,51 @@ def test_tune_split_is_held_out_from_training_with_a_gap_and_budget_split():
     with pytest.raises(ValueError, match="too little training data"):
         tune_split(TensorDataset(torch.arange(10)), gap=9)
     assert split_budget(200, 0.1) == (20, 180) and split_budget(2, 0.1) == (1, 1) and split_budget(3, 0.9) == (2, 1)
+
+
+# ------------------------------------------------------------- a diverged baseline says so, naming the layer
+def test_baselines_refuse_non_finite_weights_naming_the_layer():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        m[2].weight[1, 3] = float("nan")
+        m[2].weight[0, 0] = float("inf")
+    expect = r"layer 2 \(Linear\) has 2 non-finite values \(NaN or inf\) of 12 in weight: the training run diverged"
+    with pytest.raises(Diverged, match="symfast.train.prune_like: " + expect):
+        prune_like(m, ["0", "2"], 5)
+    with pytest.raises(Diverged, match="symfast.train.svd_truncate: " + expect):
+        svd_truncate(m, {"0": 1, "2": 1})
+    gmp = GradualMagnitude(m, ["0", "2"], final=0.5, start=2, every=1, events=2, uniform=False)
+    gmp(1)  # not a pruning step: nothing is scored, nothing checked
+    with pytest.raises(Diverged, match="symfast.train.GradualMagnitude: " + expect):
+        gmp(2)
+    wu = convert(nn.Sequential(nn.Linear(4, 6)), structure="elementwise", alpha=0.0, warn=False)
+    with torch.no_grad():
+        wu[0].parametrization.u[0, 0] = float("nan")
+    with pytest.raises(Diverged, match=r"layer 0 \(DCSLinear\) has 1 non-finite values \(NaN or inf\) of 24 in "
+                                       r"parametrization.u: the training run diverged"):
+        GradualMagnitude(wu, ["0"], final=0.5, start=0, every=1, events=1, uniform=False)(0)
+    assert issubclass(Diverged, ValueError)
+
+
+@pytest.mark.parametrize("arm, phase", [("one_shot_magnitude", "dense"),
+                                        ("gradual_magnitude_wu", "gradual_magnitude_wu"), ("DCS", "DCS elementwise")])
+def test_a_diverged_arm_stops_the_run_naming_the_arm_and_layer(tmp_path, monkeypatch, capsys, arm, phase):
+    real_fit = task.fit
+
+    def diverging_fit(model, *a, **k):
+        r = real_fit(model, *a, **k)
+        if k["desc"] == phase:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("nan")
+        return r
+
+    monkeypatch.setattr(task, "fit", diverging_fit)
+    baselines = "one_shot_magnitude" if arm == "DCS" else arm
+    assert main(["train", "--task", "digits", "--steps", "8", "--width", "2", "--eval-every", "4", "--no-progress",
+                 "--baselines", baselines, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"symfast train: the {arm} arm (lr 0.003) diverged: symfast.train" in err, err
+    assert "non-finite values (NaN or inf)" in err and "the training run diverged" in err and "layer " in err
+    assert f"Nothing was written to {tmp_path}" in err and "Traceback" not in err
+    assert not (tmp_path / "metrics.json").exists()

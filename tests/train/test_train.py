@@ -195,6 +195,50 @@ def test_fit_refuses_what_it_cannot_do(tmp_path):
         fit(_model(), train, val, checkpoint=ck, resume=True, seed=1, **{**FIT, "lr": 0.02})
 
 
+def test_clip_grad_bounds_each_step_and_warmup_sets_the_lr_ramp():
+    train, val = _data()
+    torch.manual_seed(0)
+    plain = lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))  # noqa: E731
+    lr, clip = 0.5, 1e-3
+
+    def one_step(**kw):
+        torch.manual_seed(0)
+        m = plain()
+        before = torch.cat([p.detach().reshape(-1).clone() for p in m.parameters()])
+        opt = torch.optim.SGD(m.parameters(), lr=lr)  # no momentum, no decay: the step is -lr * gradient
+        r = fit(m, train, None, steps=1, batch_size=8, lr=lr, optimizer=opt, warmup=0, progress=False, **kw)
+        after = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+        return float((after - before).norm()), r
+
+    unclipped, _ = one_step()
+    assert unclipped > 10 * lr * clip  # the gradient is well above the bound, so clipping acts
+    clipped, _ = one_step(clip_grad=clip)
+    assert clipped == pytest.approx(lr * clip, rel=1e-4)  # the global gradient norm was scaled to clip
+    r = fit(_model(), train, val, optimizer="sgd", warmup=4, clip_grad=1.0, **FIT)
+    assert [h["lr"] for h in r.history[:4]] == pytest.approx([FIT["lr"] * (k + 1) / 4 for k in range(4)])
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clip_grad must be None or a finite number > 0"):
+            fit(_model(), train, val, clip_grad=bad, **FIT)
+    with pytest.raises(ValueError, match="warmup must be None or an integer >= 0, got -1"):
+        fit(_model(), train, val, warmup=-1, **FIT)
+
+
+def test_cli_sgd_with_clipping_and_warmup_reaches_every_arm(tmp_path):
+    assert _run_cli(tmp_path, "--optimizer", "sgd", "--lr", "0.05", "--baseline-lr", "0.05", "--clip-grad", "1",
+                    "--warmup-steps", "3") == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert (m["config"]["optimizer"], m["config"]["clip_grad"], m["config"]["warmup_steps"]) == ("sgd", 1.0, 3)
+    for phase in ("dcs", "one_shot_magnitude"):
+        assert [h["lr"] for h in m["history"][phase][:3]] == pytest.approx([0.05 / 3, 0.1 / 3, 0.05]), phase
+    assert m["history"]["dcs_finetune"][0]["lr"] == pytest.approx(0.005)  # the masked fine-tune has no warm-up
+    ck = torch.load(tmp_path / "checkpoints" / "dcs.pt", weights_only=False)
+    assert ck["config"]["clip_grad"] == 1.0 and ck["config"]["warmup"] == 3
+    with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, 18\]"):
+        task.TrainConfig(task="digits", steps=20, warmup_steps=19).resolved()
+    with pytest.raises(ValueError, match="clip_grad must be a finite number > 0, got 0"):
+        task.TrainConfig(task="digits", clip_grad=0.0).resolved()
+
+
 def test_prune_like_is_global_magnitude_pruning():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Conv1d(7, 4, 1), nn.Linear(3, 2))
@@ -411,6 +455,11 @@ def test_baseline_line_says_when_its_sparsity_is_not_the_dcs_models(tmp_path, mo
     (["--context", "0"], "argument --context: expected an integer with 1 <= N <= 4096, got '0'"),
     (["--context", "100000"], "argument --context: expected an integer with 1 <= N <= 4096, got '100000'"),
     (["--eval-every", "0"], "argument --eval-every: expected an integer >= 1, got '0'"),
+    (["--clip-grad", "0"], "argument --clip-grad: expected a finite number > 0, got '0'"),
+    (["--clip-grad", "inf"], "argument --clip-grad: expected a finite number > 0, got 'inf'"),
+    (["--warmup-steps", "-1"], "argument --warmup-steps: expected an integer >= 0, got '-1'"),
+    (["--steps", "20", "--warmup-steps", "19"], "argument --warmup-steps: expected at most the training phase's 18 "
+                                                "steps (--steps 20 less the 2-step fine-tune), got 19"),
     (["--eval-every", "-5"], "argument --eval-every: expected an integer >= 1, got '-5'"),
     (["--stop-after", "0"], "argument --stop-after: expected an integer >= 1, got '0'"),
     (["--seed", "-1"], "argument --seed: expected an integer with 0 <= N < 2**44, got '-1'"),
