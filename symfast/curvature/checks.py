@@ -58,17 +58,20 @@ def check_finite(op: str, arg: str, tensors: Dict[str, Tensor]) -> None:
     """Every entry finite; else a ValueError naming the tensor, its NaN and inf counts and the first bad index.
 
     A non-finite parameter or direction makes every derivative NaN; saying so before any
-    computation beats a matrix of NaN. One host sync per device, not per tensor.
+    computation beats a matrix of NaN. The screen is one sum per tensor and one host sync per
+    device: a sum is finite when every entry is (NaN and inf propagate), and a single reduction is
+    several times cheaper than ``isfinite(t).all()`` (which runs as several elementwise passes).
+    A finite tensor whose sum overflows fails the screen and is then checked entry by entry.
     """
     by_device: Dict[torch.device, list] = {}
     for name, t in tensors.items():
-        if t.device.type != "meta":  # no values to check
-            by_device.setdefault(t.device, []).append((name, t, torch.isfinite(t).all()))
+        if t.device.type != "meta" and t.numel():  # no values to check
+            by_device.setdefault(t.device, []).append((name, t))
     for items in by_device.values():
-        if bool(torch.stack([ok for _, _, ok in items]).all()):
+        if bool(torch.stack([t.sum() for _, t in items]).isfinite().all()):
             continue
-        for name, t, ok in items:
-            if not bool(ok):
+        for name, t in items:
+            if not bool(torch.isfinite(t).all()):
                 nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
                 first = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t))[0])
                 raise ValueError(

@@ -84,6 +84,13 @@ def test_check_finite_accepts_finite_empty_and_zero_dim_tensors():
         check_finite("op", "params", {"a": torch.ones(2), "s": torch.tensor(float("nan"))})
 
 
+def test_check_finite_accepts_finite_entries_whose_sum_overflows():
+    big = torch.full((4,), 3e38)  # finite float32 entries, sum inf: the screen must not be the verdict
+    check_finite("op", "params", {"big": big, "half": torch.full((3,), 6e4, dtype=torch.float16)})
+    with pytest.raises(ValueError, match=re.escape("params['big'] must be finite, got 0 NaN and 1 inf")):
+        check_finite("op", "params", {"big": torch.cat([big, torch.tensor([float("inf")])])})
+
+
 @pytest.mark.parametrize("arg", ["directions", "onto"])
 def test_direction_on_another_device_is_refused_before_any_call(arg):
     loss_fn, params, dirs, x, calls = _setup()
