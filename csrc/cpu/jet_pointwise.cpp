@@ -20,8 +20,9 @@
 // jet_dcs_group sum their products in the order of symfast/reference.py (from
 // +0, term by term; setup.py's -ffp-contract=off forbids FMAs), so they equal
 // the reference bit for bit. jet_activation evaluates the closed forms of
-// jet_activation_math.h, which differ from the reference only by the last
-// bits of exp/erf/tanh.
+// jet_activation_math.h (the smooth kinds with ATen's vector math, see
+// smooth_derivatives), which differ from the reference only by the last bits
+// of exp/erfc/tanh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -64,19 +65,95 @@ at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
 }
 
 // ------------------------------------------------------------ jet_activation
+// The smooth activations need exp, erfc and tanh per element. This file is
+// compiled for the baseline ISA (csrc/cpu/isa.h), where those are scalar libm
+// calls (about 20 ns each: they cost more than all the tangent loops at K = 3),
+// while ATen's own kernels evaluate them with AVX2/AVX-512 vector math chosen at
+// run time. So for these kinds the task's f, f', f'' are computed first by ATen
+// ops on the task's slice of x (in acc_t, a few KiB that stay in L2), with the
+// closed forms and order of operations of jet_activation_math.h; the blocked
+// tangent loops below then read them. ReLU and softplus (a select, a branch)
+// stay on the scalar forms.
+// Below this many elements a task's ATen calls (a few microseconds each) cost
+// more than the scalar libm calls they replace.
+constexpr int64_t kVectorMathMin = 1024;
+
+template <Activation A>
+constexpr bool kVectorMath = A == Activation::kGelu || A == Activation::kGeluTanh ||
+                             A == Activation::kSilu || A == Activation::kTanh ||
+                             A == Activation::kSigmoid;
+
+// 4 sigma(2x) sigma(-2x) = 1 - tanh(x)^2, as sech2_of.
+inline at::Tensor sech2_tensor(const at::Tensor& x) {
+  return at::sigmoid(x * 2.0).mul_(at::sigmoid(x * -2.0)).mul_(4.0);
+}
+
+template <Activation A>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> smooth_derivatives(const at::Tensor& x) {
+  constexpr double kSqrt1_2 = 0.7071067811865476, kInvSqrt2Pi = 0.3989422804014327;
+  constexpr double kTanhC = 0.7978845608028654, kTanhA = 0.044715;
+  if constexpr (A == Activation::kGelu) {
+    const at::Tensor cdf = at::erfc(x * -kSqrt1_2).mul_(0.5);
+    const at::Tensor x2 = x * x;
+    const at::Tensor pdf = at::exp(x2 * -0.5).mul_(kInvSqrt2Pi);
+    return {x * cdf, cdf + x * pdf, pdf * (2.0 - x2)};
+  } else if constexpr (A == Activation::kGeluTanh) {
+    const at::Tensor x2 = x * x;
+    const at::Tensor u = (x + (x2 * x) * kTanhA) * kTanhC;
+    const at::Tensor half_1pt = at::sigmoid(u * 2.0), t = at::tanh(u), sech2 = sech2_tensor(u);
+    const at::Tensor du = (x2 * (3 * kTanhA) + 1.0) * kTanhC;
+    const at::Tensor ddu = x * (kTanhC * 6 * kTanhA);
+    const at::Tensor half_x = x * 0.5;
+    return {x * half_1pt, half_1pt + half_x * sech2 * du,
+            sech2 * (du + half_x * (ddu - t * 2.0 * du * du))};
+  } else if constexpr (A == Activation::kSilu || A == Activation::kSigmoid) {
+    const at::Tensor sp = at::sigmoid(x), sm = at::sigmoid(-x);
+    if constexpr (A == Activation::kSigmoid) {
+      const at::Tensor d1 = sp * sm;
+      return {sp, d1, d1 * (sm - sp)};
+    } else {
+      return {x * sp, sp * (x * sm + 1.0), sp * sm * (x * (sm - sp) + 2.0)};
+    }
+  } else {  // tanh
+    const at::Tensor t = at::tanh(x), sech2 = sech2_tensor(x);
+    return {t, sech2, t * -2.0 * sech2};
+  }
+}
+
 template <typename T, Activation A>
 void activation_range(const T* x, const T* x1, const T* x2, T* y, T* y1, T* y2, int64_t n,
                       int64_t k_dirs, int64_t begin, int64_t end, at::opmath_type<T> beta,
                       at::opmath_type<T> threshold) {
   using acc_t = at::opmath_type<T>;
   acc_t d1[kBlock], d2[kBlock];
+  // f, f', f'' of the whole task (vector math, see above), or none (scalar forms)
+  at::Tensor vf, vd1, vd2;
+  const bool vector_math = kVectorMath<A> && end - begin >= kVectorMathMin;
+  if (vector_math) {
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor xs = at::from_blob(const_cast<T*>(x + begin), {end - begin},
+                                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))
+                              .to(acc);
+    if constexpr (kVectorMath<A>) std::tie(vf, vd1, vd2) = smooth_derivatives<A>(xs);
+  }
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
-    for (int64_t i = 0; i < len; ++i) {
-      const auto d = activation_derivatives<A, acc_t>(static_cast<acc_t>(x[b + i]), beta, threshold);
-      y[b + i] = static_cast<T>(d.f);
-      d1[i] = d.d1;
-      d2[i] = d.d2;
+    if (vector_math) {
+      const acc_t* f = vf.const_data_ptr<acc_t>() + (b - begin);
+      const acc_t* g1 = vd1.const_data_ptr<acc_t>() + (b - begin);
+      const acc_t* g2 = vd2.const_data_ptr<acc_t>() + (b - begin);
+      for (int64_t i = 0; i < len; ++i) {
+        y[b + i] = static_cast<T>(f[i]);
+        d1[i] = g1[i];
+        d2[i] = g2[i];
+      }
+    } else {
+      for (int64_t i = 0; i < len; ++i) {
+        const auto d = activation_derivatives<A, acc_t>(static_cast<acc_t>(x[b + i]), beta, threshold);
+        y[b + i] = static_cast<T>(d.f);
+        d1[i] = d.d1;
+        d2[i] = d.d2;
+      }
     }
     for (int64_t k = 0; k < k_dirs; ++k) {
       const int64_t off = k * n + b;
