@@ -27,7 +27,8 @@ else
   python=python3
 fi
 tests=("$@")
-((${#tests[@]})) || tests=(tests/ops/test_dcs.py tests/ops/test_dcs_group.py tests/ops/test_cpu_cache.py)
+((${#tests[@]})) || tests=(tests/ops/test_dcs.py tests/ops/test_dcs_group.py tests/ops/test_cpu_cache.py tests/ops/test_jet_pointwise.py
+                         tests/ops/test_jet_rows.py)
 
 # The Python interpreter is not instrumented, so the ASan runtime must be loaded
 # before anything else (the UBSan runtime comes in as a dependency of the
