@@ -31,8 +31,9 @@ class Experiment:
     module: str  #: module of this package holding ``run``
     title: str  #: what of the paper it reproduces
     main_job: bool = False  #: part of ``symfast demo`` (the curated quick set)
-    #: expected wall minutes (quick, full) on 2 otherwise idle cores: the CPU time of single-threaded runs measured
-    #: on a shared 2-core machine (CPU time is what the run takes when it has a core to itself)
+    #: expected wall minutes (quick, full) on 2 otherwise idle cores: full from one timed ``repro --all --full``
+    #: on an idle 2-core machine; quick from the CPU time of single-threaded runs on a shared one (CPU time is what
+    #: the run takes when it has a core to itself)
     minutes: tuple[float, float] = (1.0, 1.0)
 
     @property
@@ -47,39 +48,39 @@ class Experiment:
 EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("fig1-left", "fig1_left", "Fig. 1-left: sparsity from the rescaling symmetry and SGD noise",
                main_job=True,
-               minutes=(0.2, 1.5)),
+               minutes=(0.2, 0.3)),
     Experiment("fig1-mid", "fig1_mid", "Fig. 1-mid: low rank from the rotation symmetry and SGD noise",
                main_job=True,
-               minutes=(1.1, 3.6)),
+               minutes=(1.1, 3.1)),
     Experiment("fig1-right", "fig1_right",
                "Fig. 1-right / Fig. 5: homogeneous neuron blocks from the permutation symmetry and weight decay",
-               minutes=(0.4, 2.7)),
+               minutes=(0.4, 1.8)),
     Experiment("fig3", "fig3", "Fig. 3: loss of plasticity over 10 tasks and its two remedies", main_job=True,
-               minutes=(0.25, 3.0)),
+               minutes=(0.25, 2.4)),
     Experiment("fig4", "fig4", "Fig. 4: stationary conditions of two 2-D landscapes, with SGD paths", main_job=True,
                minutes=(0.1, 0.2)),
     Experiment("eq6", "eq6", "Eq. 6: the Hessian of the DCS two-layer linear net at w = u = 0", main_job=True,
                minutes=(0.1, 0.1)),
     Experiment("theorem4", "theorem4", "Theorem 4, parts 1-4, on random losses with a given O-mirror",
-               minutes=(0.3, 1.0)),
+               minutes=(0.3, 2.8)),
     Experiment("lyapunov", "lyapunov", "Eq. 9 / Theorem 5: predicted vs observed collapse learning rate",
-               minutes=(0.1, 0.5)),
+               minutes=(0.1, 3.6)),
     Experiment("lasso", "lasso", "Sec. 4.5: L1 equivalence, the DCS path against scikit-learn's Lasso path",
                main_job=True,
-               minutes=(0.3, 1.0)),
+               minutes=(0.3, 0.6)),
     Experiment("dcs-cnn", "dcs_cnn", "Fig. 6 / A.4 at CPU scale: DCS on every parameter of a small CNN",
-               minutes=(2.0, 7.5)),
+               minutes=(2.0, 6.7)),
     Experiment("mf-weight-decay", "mf_weight_decay",
                "Sec. 4.3 / 4.7: matrix factorization with weight decay converges to low rank",
-               minutes=(0.1, 1.2)),
+               minutes=(0.1, 1.0)),
     Experiment("theorems123", "theorems123",
                "Theorems 1-3: rescaling, rotation, permutation: stationary conditions favoured by weight decay",
-               minutes=(0.9, 3.5)),
+               minutes=(0.9, 3.1)),
     Experiment("fisher", "fisher", "Sec. 4.3: the Fisher information is singular at symmetric solutions, along O",
-               minutes=(0.1, 0.2)),
+               minutes=(0.1, 0.1)),
     Experiment("adam-collapse", "adam_collapse",
                "Sec. 4.3: Adam, like SGD, collapses onto the rescaling symmetry's symmetric solutions",
-               minutes=(0.8, 2.3)),
+               minutes=(0.8, 2.4)),
     Experiment("general-p", "general_p",
                "Sec. 4.6: DCS with a general P (group, low rank, random mirror) equals the convex penalty",
                minutes=(0.25, 0.6)),
