@@ -15,11 +15,20 @@ A graph is a faithful copy of a call only if nothing the call computed depended 
 program (the same numbers, at the eager cost):
 
 * **Values read into Python while tracing** (``.item()``, ``if tensor:``, ``torch.equal``,
-  ``.tolist()``, ``nonzero``/``masked_select``/boolean-mask indexing and other data-dependent
-  shapes): a graph would bake in the traced batch's branch or shape. A detector watches the trace;
-  when it sees such a read, the key is marked *eager* for good, a
-  :class:`~symfast.curvature.per_sample.PerSamplePathWarning` naming the op is issued once, and
-  the call runs eagerly.
+  ``.tolist()``) and **data-dependent shapes** (``nonzero``, ``masked_select``, boolean-mask
+  indexing, ``unique``): a graph bakes in the traced batch's branch, constant or shape. Each such
+  read becomes a *guard* in the graph, as torch.compile guards a compiled frame: a node, at the
+  place of the read, that recomputes the value (or takes the output's shape) from the replayed
+  tensors and compares it with the traced one. Every guard runs before the graph returns; one that
+  fails abandons the replay and the call runs eagerly (the same numbers, at the eager cost). A key
+  keeps up to ``MAX_VARIANTS`` graphs, one per set of guard values met (the branches of a program,
+  e.g. a padding mask that is all ones or not), tried most recently used first; another variant is
+  traced, by the same rent-or-buy rule as a new key, only once every existing one has replayed at
+  least once. When every variant's guards fail on more than ``MAX_GUARD_MISSES`` of the last
+  ``GUARD_WINDOW`` calls (a value that differs on every call: a loss read with ``.item()``) the
+  key is computed eagerly for good, with one :class:`~symfast.curvature.per_sample.PerSamplePathWarning`
+  that names the read. Reads no guard can check (``.numpy()``, ``__array__``: an array that may
+  alias the tensor) mark the key eager at once, with the same warning.
 * **State the loss_fn reads outside its arguments** (a module's ``training`` flags, its frozen
   parameters and buffers, hyper-parameters such as ``eps`` or ``negative_slope``, hooks). The
   cache key includes a *state token*: ``loss_fn.replay_state()``, a hashable value that must
@@ -52,23 +61,25 @@ The cache
 Entries are keyed on ``loss_fn`` weakly (an entry goes when its loss_fn is collected) and on
 everything else above; the cache holds at most ``maxsize`` entries, least recently used first
 out. :func:`clear_cache` empties the default cache, :func:`cache_info` reports its counters and
-the path of the last call (``"replay"``, ``"trace"`` or ``"eager: <reason>"``).
+the path of the last call (``"replay"``, ``"trace"`` or ``"eager: <reason>"``; a call whose guards
+failed says ``"eager: guard failed (<read>: traced <value>, got <value>)"``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 import weakref
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, get_proxy_slot, make_fx
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -85,6 +96,8 @@ JetProgram = Callable[..., Tuple[Optional[Tensor], Optional[Tensor], Optional[Te
 STATE_ATTR = "replay_state"
 DEFAULT_MAXSIZE = 16
 DEFAULT_TRACE_AFTER = 16  # eager calls of a program before it is traced (see the module doc)
+MAX_VARIANTS = 4  # graphs per key, one per set of guard values (the branches of a program)
+GUARD_WINDOW, MAX_GUARD_MISSES = 8, 4  # more misses than this in the window: the key runs eagerly
 
 
 # ====================================================== state tokens
@@ -151,48 +164,162 @@ def module_state(*objs: Any) -> Hashable:
     return tuple(items)
 
 
-# ====================================================== data-dependence detection
-_VALUE_READS = {
-    "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::nonzero", "aten::masked_select",
-    "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::unique_dim_consecutive",
-    "aten::repeat_interleave", "aten::bincount", "aten::allclose",
-}
-_PY_VALUE_READS = {"item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__", "__index__"}
+# ====================================================== guards on values read while tracing
+class _GuardFailed(Exception):
+    """A replayed value or shape differs from the traced one: this graph does not describe the call."""
 
 
-def _bool_index(indices: Any) -> bool:
-    return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (indices or ()))
+def _same(a: Any, b: Any) -> bool:
+    """Equal as the eager program would see them: -0.0 is not 0.0 (1/x tells), NaN is NaN."""
+    if isinstance(a, float) and isinstance(b, float):
+        if a != a or b != b:
+            return a != a and b != b
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if type(a) is not type(b):  # True == 1, but a program may test isinstance
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _tolist(t: Tensor) -> Any:
+    return t.tolist()
+
+
+def _true_counts(*masks: Tensor) -> Tuple[int, ...]:
+    return tuple(int(m.count_nonzero()) for m in masks)
+
+
+class _Guard(torch.nn.Module):
+    """What a guard node checks: recomputes a value read into Python while tracing and compares it
+    with the traced value (``fn`` is None: compares its inputs' shapes). A submodule of the graph, so
+    that the graph holds it; :func:`_check` calls it."""
+
+    def __init__(self, what: str, fn: Optional[Callable], template: list, spec: Any, expected: Any):
+        super().__init__()
+        self.what, self.fn, self.template, self.spec, self.expected = what, fn, template, spec, expected
+
+    def check(self, *tensors: Tensor) -> None:
+        if self.fn is None:
+            got: Any = tuple(tuple(t.shape) for t in tensors)
+        else:
+            it = iter(tensors)
+            args, kwargs = tree_unflatten([next(it) if t is None else t for t in self.template], self.spec)
+            got = self.fn(*args, **kwargs)
+        if not _same(got, self.expected):
+            raise _GuardFailed(f"{self.what}: traced {_short(self.expected)}, got {_short(got)}")
+
+
+@torch.fx.node.has_side_effect  # dead-code elimination keeps it although nothing uses its output
+def _check(guard: _Guard, *tensors: Tensor) -> None:
+    guard.check(*tensors)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+class _Guards:
+    """Adds :class:`_Guard` nodes to the graph being traced, at the place of each read."""
+
+    def __init__(self, record: Dict[str, str]):
+        self.record = record
+        self.count = 0
+        self.tracer = None
+
+    def _slot(self, t: Tensor) -> Any:
+        if self.tracer is None:  # make_fx's mode, entered before the program runs
+            self.tracer = get_proxy_mode().tracer
+        return get_proxy_slot(t, self.tracer, None)
+
+    def _node_arg(self, t: Tensor) -> Any:
+        slot = self._slot(t)
+        return t if slot is None else slot.proxy  # untracked: a constant the graph holds itself
+
+    def add(self, what: str, fn: Optional[Callable], args: tuple, kwargs: dict, expected: Any) -> None:
+        if self.tracer is None:
+            self.tracer = get_proxy_mode().tracer
+        leaves, spec = tree_flatten((args, kwargs))
+        template = [None if isinstance(x, Tensor) else x for x in leaves]
+        inputs = tuple(self._node_arg(x) for x in leaves if isinstance(x, Tensor))
+        name = f"_replay_guard{self.count}"
+        self.count += 1
+        self.tracer.root.add_module(name, _Guard(what, fn, template, spec, expected))
+        with disable_proxy_modes_tracing():
+            guard = self.tracer.create_proxy("get_attr", name, (), {})
+            self.tracer.create_proxy("call_function", _check, (guard, *inputs), {})
+
+    def shapes(self, what: str, outs: Sequence[Tensor]) -> None:
+        if any(self._slot(t) is None for t in outs):
+            # made from constants only: the graph would hold its values, not recompute them
+            self.record.setdefault("found", f"{what} of constant tensors")
+            return
+        self.add(what, None, tuple(outs), {}, tuple(tuple(t.shape) for t in outs))
+
+
+_BOOL_INDEXED = ("aten::index_put", "aten::index_put_", "aten::_index_put_impl_")
+
+
+def _bool_masks(indices: Any) -> list:
+    return [i for i in (indices or ()) if isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8)]
 
 
 class _ValueReads(TorchDispatchMode):
-    """Records the first aten op that reads tensor values into Python or makes a data-dependent shape."""
+    """Turns every aten-level read of tensor values into a guard.
 
-    def __init__(self, record: Dict[str, str]):
+    A value read (``_local_scalar_dense`` under ``.item()``, ``bool(t)``, ``int(t)``; ``equal``) is
+    computed on the real tensors with the tracer switched off, so the graph gets no stray node for it
+    and the tracer does not refuse it, and guarded. A data-dependent shape (``nonzero``, boolean
+    ``index``, ``unique``) is traced as usual and its output shape guarded. A boolean-mask
+    assignment keeps its shape but needs as many values as the mask has True elements: their
+    counts are guarded.
+    """
+
+    def __init__(self, guards: _Guards):
         super().__init__()
-        self.record = record
+        self.guards = guards
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if "found" not in self.record:
-            if name in _VALUE_READS or (
-                    name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")
-                    and len(args) > 1 and _bool_index(args[1])):
-                self.record["found"] = str(func)
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if torch.Tag.data_dependent_output in func.tags or func is torch.ops.aten.is_nonzero.default:
+            with disable_proxy_modes_tracing():
+                value = func(*args, **kwargs)
+            self.guards.add(f"value read into Python by {func}", func, args, kwargs, value)
+            return value
+        if func._schema.name in _BOOL_INDEXED and len(args) > 1 and _bool_masks(args[1]):
+            masks = _bool_masks(args[1])
+            with disable_proxy_modes_tracing():
+                counts = _true_counts(*masks)
+            self.guards.add(f"{func} (True elements of its boolean mask)", _true_counts, tuple(masks), {}, counts)
+        out = func(*args, **kwargs)
+        if torch.Tag.dynamic_output_shape in func.tags and (
+                func._schema.name != "aten::index" or _bool_masks(args[1] if len(args) > 1 else ())):
+            # (integer indices make no data-dependent shape: no guard for them)
+            outs, _ = tree_flatten(out)
+            self.guards.shapes(f"shape of {func}", [t for t in outs if isinstance(t, Tensor)])
+        return out
 
 
 class _PyValueReads(TorchFunctionMode):
-    """The Python-level reads that bypass the dispatcher (``.tolist()``, ``.numpy()``)."""
+    """The Python-level reads that bypass the dispatcher: ``.tolist()`` is guarded; ``.numpy()`` and
+    ``__array__`` hand out an array that may alias the tensor, which no guard can follow."""
 
-    def __init__(self, record: Dict[str, str]):
+    def __init__(self, guards: _Guards):
         super().__init__()
-        self.record = record
+        self.guards = guards
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _PY_VALUE_READS and "found" not in self.record:
-            self.record["found"] = f"Tensor.{name}"
-        return func(*args, **(kwargs or {}))
+        if name == "tolist" and args and isinstance(args[0], Tensor) and not kwargs:
+            with disable_proxy_modes_tracing():
+                value = func(*args)
+            self.guards.add("Tensor.tolist", _tolist, (args[0],), {}, value)
+            return value
+        if name in ("numpy", "__array__"):
+            self.guards.record.setdefault("found", f"Tensor.{name}")
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -221,14 +348,22 @@ class ReplayInfo:
     maxsize: int
     last_path: str
     trace_after: int
+    guard_misses: int = 0  # calls whose guards failed in every variant (run eagerly)
+
+
+@dataclass
+class _Variant:
+    graph: torch.fx.GraphModule
+    replayed: bool = False  # its guards held on a call after its trace
 
 
 @dataclass
 class _Entry:
-    graph: Optional[torch.fx.GraphModule] = None
+    variants: List[_Variant] = field(default_factory=list)
     eager_reason: str = ""
     error: Optional[BaseException] = None
-    seen: int = 0  # eager calls so far, before the trace
+    seen: int = 0  # eager calls before the first trace, or since the last one whose guards all failed
+    misses: Deque[bool] = field(default_factory=lambda: deque(maxlen=GUARD_WINDOW))
 
 
 def _tensor_sig(t: Tensor) -> Hashable:
@@ -259,7 +394,7 @@ class ReplayCache:
         self._entries: "OrderedDict[Tuple[int, Hashable], _Entry]" = OrderedDict()
         self._owners: Dict[int, weakref.ref] = {}
         self._lock = threading.RLock()
-        self.traces = self.replays = self.eager = 0
+        self.traces = self.replays = self.eager = self.guard_misses = 0
         self.last_path = ""
 
     # ---------------------------------------------------------- bookkeeping
@@ -271,7 +406,7 @@ class ReplayCache:
     def info(self) -> ReplayInfo:
         with self._lock:
             return ReplayInfo(self.traces, self.replays, self.eager, len(self._entries), self.maxsize, self.last_path,
-                              self.trace_after)
+                              self.trace_after, self.guard_misses)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -354,8 +489,6 @@ class ReplayCache:
         if keyed[0] is None:
             return eager(keyed[1])
         key, leaves, spec = keyed
-        names, dnames = list(params), list(directions)
-        is_tensor = [isinstance(leaf, Tensor) for leaf in leaves]
         flat = [*params.values(), *directions.values(), *(leaf for leaf in leaves if isinstance(leaf, Tensor))]
 
         entry = self._lookup(loss_fn, key)
@@ -364,28 +497,89 @@ class ReplayCache:
                 self.last_path = f"error: remembered {type(entry.error).__name__}"
                 # the remembered exception itself (its class may take other arguments than its args)
                 raise entry.error.with_traceback(None)
-            if entry.graph is None and entry.eager_reason:
+            if entry.eager_reason:
                 return eager(entry.eager_reason)
-        if entry is None or entry.graph is None:
-            seen = 0 if entry is None else entry.seen
-            if seen < self.trace_after:
-                # a program met once may never come back: tracing it would cost more than it saves
-                self._store(loss_fn, key, _Entry(seen=seen + 1))
-                return eager(f"seen {seen + 1} time(s), traced after {self.trace_after}")
         else:
+            entry = _Entry()
+        if entry.variants:
+            out, failure = self._replay(entry, flat)
+            if failure is None:
+                return out
             with self._lock:
+                self.guard_misses += 1
+            if not (len(entry.variants) < MAX_VARIANTS and all(v.replayed for v in entry.variants)):
+                # no room for another variant, or one that never replayed (its values are not
+                # recurring): count the miss, and stop replaying a key that misses on most calls
+                entry.misses.append(True)
+                if sum(entry.misses) > MAX_GUARD_MISSES:
+                    reason = (f"its guards failed on {sum(entry.misses)} of the last {len(entry.misses)} calls "
+                              f"(last: {failure})")
+                    self._mark_eager(loss_fn, key, op, reason)
+                    return eager(reason)
+                return eager(f"guard failed ({failure})")
+            if entry.seen < self.trace_after:
+                # another branch of a program whose graphs pay off: traced by the rule of a new key
+                entry.seen += 1
+                return eager(f"guard failed ({failure}); seen {entry.seen} time(s), traced after {self.trace_after}")
+        elif entry.seen < self.trace_after:
+            # a program met once may never come back: tracing it would cost more than it saves
+            entry.seen += 1
+            self._store(loss_fn, key, entry)
+            return eager(f"seen {entry.seen} time(s), traced after {self.trace_after}")
+
+        graph, eager_out = self._trace(program, op, loss_fn, params, directions, batch, exact, second, remember, key,
+                                       leaves, spec)
+        if graph is None:  # settled eagerly: self.last_path and the entry say how
+            return eager_out
+        try:
+            with torch.no_grad():
+                out = graph(*flat)
+        except _GuardFailed as exc:
+            # the same inputs read differently on a second run: a nondeterministic value
+            reason = f"a value read while tracing differs on the same inputs ({exc})"
+            self._mark_eager(loss_fn, key, op, reason)
+            return eager(reason)
+        entry.variants.append(_Variant(graph))
+        entry.seen = 0
+        self._store(loss_fn, key, entry)
+        self.last_path = "trace"
+        return out
+
+    def _replay(self, entry: "_Entry", flat: list):
+        """(out, None) from the first variant whose guards hold, or (None, the last failure)."""
+        failure = ""
+        for i, variant in enumerate(list(entry.variants)):
+            try:
+                with torch.no_grad():
+                    out = variant.graph(*flat)
+            except _GuardFailed as exc:
+                failure = str(exc)
+                continue
+            with self._lock:
+                variant.replayed = True
+                if i and variant in entry.variants:  # most recently used first
+                    entry.variants.remove(variant)
+                    entry.variants.insert(0, variant)
+                entry.misses.append(False)
                 self.replays += 1
                 self.last_path = "replay"
-            with torch.no_grad():
-                return entry.graph(*flat)
+            return out, None
+        return None, failure
 
+    def _trace(self, program, op, loss_fn, params, directions, batch, exact, second, remember, key, leaves, spec):
+        """(the program's graph with its guards, None), or (None, the call's output computed eagerly)
+        when it cannot be traced."""
+        names, dnames = list(params), list(directions)
+        is_tensor = [isinstance(leaf, Tensor) for leaf in leaves]
+        flat = [*params.values(), *directions.values(), *(leaf for leaf in leaves if isinstance(leaf, Tensor))]
         record: Dict[str, str] = {}
+        guards = _Guards(record)
         P, D = len(names), len(dnames)
 
         def traced(*xs):
             it = iter(xs[P + D:])
             b = tree_unflatten([next(it) if t else leaf for leaf, t in zip(leaves, is_tensor)], spec)
-            with _PyValueReads(record), _ValueReads(record):
+            with _PyValueReads(guards), _ValueReads(guards):
                 return program(op, loss_fn, dict(zip(names, xs[:P])), dict(zip(dnames, xs[P:P + D])), b, exact,
                                second=second)
 
@@ -395,9 +589,8 @@ class ReplayCache:
             with _one_fake_mode():
                 graph = make_fx(traced, tracing_mode="real")(*flat)
         except Exception as exc:  # noqa: BLE001 - the eager run decides whose failure it is
-            # The tracer refuses to read values of traced tensors, so a value read usually ends here.
             # Run eagerly: an error of the program itself is raised again (remembered if its type is
-            # in `remember` and no value was read on the way), and then no graph is cached.
+            # in `remember` and no unguardable read was met on the way), and then no graph is cached.
             try:
                 out = program(op, loss_fn, params, directions, batch, exact, second=second)
             except remember as eager_exc:
@@ -413,17 +606,17 @@ class ReplayCache:
                 reason = f"tracing failed ({type(exc).__name__}: {first})"
             self._mark_eager(loss_fn, key, op, reason)
             self.last_path = f"eager: {reason}"
-            return out
+            return None, out
         if "found" in record:
             reason = f"loss_fn reads tensor values into Python ({record['found']})"
             self._mark_eager(loss_fn, key, op, reason)
-            return eager(reason)
+            with self._lock:
+                self.eager += 1
+                self.last_path = f"eager: {reason}"
+            return None, program(op, loss_fn, params, directions, batch, exact, second=second)
         graph.graph.eliminate_dead_code()
         graph.recompile()
-        self._store(loss_fn, key, _Entry(graph=graph))
-        self.last_path = "trace"
-        with torch.no_grad():
-            return graph(*flat)
+        return graph, None
 
     def _mark_eager(self, loss_fn: Callable, key: Hashable, op: str, reason: str) -> None:
         # once per key: later calls find the entry and run eagerly without a word
