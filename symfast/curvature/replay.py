@@ -272,8 +272,8 @@ class _ValueReads(TorchDispatchMode):
     computed on the real tensors with the tracer switched off, so the graph gets no stray node for it
     and the tracer does not refuse it, and guarded. A data-dependent shape (``nonzero``, boolean
     ``index``, ``unique``) is traced as usual and its output shape guarded. A boolean-mask
-    assignment keeps its shape but needs as many values as the mask has True elements: their
-    counts are guarded.
+    assignment keeps its shape but needs as many values as the mask has True elements (unless it
+    assigns one value): their counts are guarded.
     """
 
     def __init__(self, guards: _Guards):
@@ -287,7 +287,8 @@ class _ValueReads(TorchDispatchMode):
                 value = func(*args, **kwargs)
             self.guards.add(f"value read into Python by {func}", func, args, kwargs, value)
             return value
-        if func._schema.name in _BOOL_INDEXED and len(args) > 1 and _bool_masks(args[1]):
+        if (func._schema.name in _BOOL_INDEXED and len(args) > 2 and _bool_masks(args[1])
+                and not (isinstance(args[2], Tensor) and args[2].numel() == 1)):  # one value fits any count
             masks = _bool_masks(args[1])
             with disable_proxy_modes_tracing():
                 counts = _true_counts(*masks)

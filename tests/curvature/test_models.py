@@ -276,3 +276,31 @@ def test_jet_program_is_a_pure_function_of_its_tensors(name):
     other_d = _directions(params, K=3, seed=9)
     for got, want in zip(traced(other_p, other_d), program(other_p, other_d)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_llama_building_its_mask_replays_each_branch_exactly(monkeypatch):
+    """HF's mask construction reads the padding mask's values into Python (is it all ones?): each
+    answer is a guard of the replayed graph, a batch with the other answer runs eagerly or gets its
+    own graph, and every call gives the eager program's numbers."""
+    from symfast.curvature import replay
+
+    cache = replay.ReplayCache(trace_after=0)
+    monkeypatch.setattr(replay, "_DEFAULT", cache)
+    loss_fn, params, (ids, mask, attention) = llama(hf_mask=True)
+    fn = replay.replayable(loss_fn)  # the model is not changed in this test: no state to declare
+    dirs = _directions(params)
+    full, padded = (ids, torch.ones_like(mask), attention), (ids, mask, attention)
+    paths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)
+        for batch in (full, padded, full, padded, full, padded, full, padded, padded):
+            got = per_sample_curvatures(fn, params, dirs, batch)
+            paths.append(cache.info().last_path)
+            want = per_sample_curvatures(loss_fn, params, dirs, batch)  # no state token: eager
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert paths[0] == "trace"
+    # the first graph has not replayed yet: no second trace for this miss
+    assert paths[1].startswith("eager: guard failed (value read into Python"), paths
+    assert paths[2:] == ["replay", "trace"] + ["replay"] * 5  # alternating branches: no retrace
+    info = cache.info()
+    assert (info.traces, info.replays, info.guard_misses) == (2, 6, 2)

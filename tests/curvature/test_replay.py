@@ -8,6 +8,8 @@ so a stale graph cannot pass.
 from __future__ import annotations
 
 import gc
+import re
+import warnings
 
 import pytest
 import torch
@@ -142,58 +144,138 @@ def test_all_three_outputs_replayed_and_keys_change_with_shape_K_dtype_constants
         assert call(**kw).last_path == "replay", change
 
 
-def test_data_dependent_batch_branch_is_never_replayed():
+def _check_call(cache, fn, p, d, x, second=True):
+    """One call through the cache; its outputs must be the eager program's, rounding included."""
+    got = cache(_jvp_program, "op", fn, p, d, x, None, second=second)
+    for g, w in zip(got, _jvp_program("op", fn, p, d, x, None, second=second)):
+        _exact(g, w)
+    return cache.info()
+
+
+def _branchy(p, x):
+    out = torch.tanh(x @ p["w"]).sum(1)
+    return out * 2 if (x > 0).all() else out.pow(2)
+
+
+def test_a_branch_on_a_batch_value_is_guarded_and_each_branch_gets_its_graph():
     cache = replay.ReplayCache(trace_after=0)
-
-    def branchy(p, x):
-        out = torch.tanh(x @ p["w"]).sum(1)
-        return out * 2 if (x > 0).all() else out.pow(2)
-
-    fn = replay.replayable(branchy)
+    fn = replay.replayable(_branchy)
     p = {"w": _randn(3, 2)}
     d = _dirs(p, 1)
-    pos, neg = _randn(4, 3).abs() + 0.1, _randn(4, 3, seed=9)  # the two branches, same shapes
-    with pytest.warns(PerSamplePathWarning, match=r"reads tensor values.*(__bool__|_local_scalar_dense|is_nonzero)"):
-        cache(_jvp_program, "op", fn, p, d, pos, None)
-    for x in (neg, pos, neg):
-        got = cache(_jvp_program, "op", fn, p, d, x, None)
-        for g, w in zip(got, _jvp_program("op", branchy, p, d, x, None)):
-            _exact(g, w)
-        assert cache.info().last_path.startswith("eager: loss_fn reads tensor values")
-    assert cache.info().replays == 0
+    pos, neg = _randn(4, 3).abs() + 0.1, _randn(4, 3, seed=9)  # the two branches, same shapes: one key
+    assert not (neg > 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)
+        paths = [_check_call(cache, fn, p, d, x).last_path for x in (pos, neg, pos, neg, neg, pos, neg)]
+    # the second batch fails the first graph's guard before the first graph has ever replayed: eager,
+    # no second trace yet; after a replay, the next miss traces the other branch
+    assert paths[0] == "trace"
+    assert re.fullmatch(r"eager: guard failed \(value read into Python by aten\._local_scalar_dense\.default: "
+                        r"traced True, got False\)", paths[1])
+    assert paths[2:] == ["replay", "trace", "replay", "replay", "replay"]
+    info = cache.info()
+    assert (info.traces, info.replays, info.guard_misses, info.eager) == (2, 4, 2, 1)
+
+
+def test_a_value_that_differs_on_every_call_costs_one_trace_then_runs_eagerly():
+    cache = replay.ReplayCache(trace_after=0)
+
+    def rescaled(p, x):  # a Python float read from the batch: a different graph constant for every batch
+        return torch.tanh(x @ p["w"]).sum(1) / x.abs().max().item()
+
+    fn = replay.replayable(rescaled)
+    p = {"w": _randn(3, 2)}
+    d = _dirs(p, 1)
+    xs = [_randn(4, 3, seed=s) for s in range(10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)
+        paths = [_check_call(cache, fn, p, d, x).last_path for x in xs[:5]]
+    assert paths[0] == "trace" and all(q.startswith("eager: guard failed") for q in paths[1:])
+    with pytest.warns(PerSamplePathWarning, match=r"guards failed on 5 of the last 5 calls \(last: value read "
+                                                  r"into Python by aten\._local_scalar_dense"):
+        _check_call(cache, fn, p, d, xs[5])
+    for x in xs[6:] + xs[:1]:  # the traced batch too: the key is eager for good
+        assert _check_call(cache, fn, p, d, x).last_path.startswith("eager: its guards failed on 5 of the last")
+    assert cache.info().traces == 1 and cache.info().replays == 0
 
 
 _FLAG = torch.ones(())
-_MASKS = {
-    # a value of a captured tensor (a constant to the tracer, which would bake it in silently)
-    "item": lambda h: h * (2.0 if _FLAG.item() > 0 else 3.0),
-    "tolist": lambda h: h * (2.0 if _FLAG.reshape(1).tolist()[0] > 0 else 3.0),
-    # a data-dependent shape inside the jets
-    "boolean mask": lambda h: h + h[h > 0].sum(),
+_READS = {
+    # a value of a captured tensor (a constant to the tracer: the guard reads the tensor itself)
+    "item": lambda h, x: h * (2.0 if _FLAG.item() > 0 else 3.0),
+    "bool": lambda h, x: h * 2.0 if _FLAG else h * 3.0,
+    "tolist": lambda h, x: h * (2.0 if _FLAG.reshape(1).tolist()[0] > 0 else 3.0),
+    # data-dependent shapes inside the jets and on the batch
+    "boolean mask": lambda h, x: h + h[x[:, :2] > 0].sum(),
+    "nonzero": lambda h, x: h * torch.nonzero(x[:, 0] > 0).shape[0],
+    "masked assignment": lambda h, x: h * _leaky(x).sum(1, keepdim=True),
 }
 
 
-@pytest.mark.parametrize("read", list(_MASKS))
-def test_value_reads_of_constants_and_masks_run_eagerly(read, cache):
+def _leaky(x):
+    x = x.clone()
+    x[x < 0] = x[x < 0] * 0.5
+    return x
+
+
+@pytest.mark.parametrize("read", list(_READS))
+def test_value_reads_of_constants_and_masks_are_guarded(read, monkeypatch):
+    cache = replay.ReplayCache(trace_after=1)
+    monkeypatch.setattr(replay, "_DEFAULT", cache)
+
     def fn(p, b):
         x, y = b
-        return _MASKS[read](torch.tanh(x @ p["w"])).sum(1) + 0 * y
+        return _READS[read](torch.tanh(x @ p["w"]), x).sum(1) + 0 * y
 
     loss_fn = replay.replayable(fn)
     p = {"w": _randn(6, 2)}
     d = _dirs(p, 1)
     x, y = _batch()
-    with pytest.warns(PerSamplePathWarning, match="reads tensor values"):
-        first = per_sample_curvatures(loss_fn, p, d, (x, y))
-    _exact(first, _eager(fn, p, d, (x, y)))
+    flag_read = read in ("item", "bool", "tolist")
+    other = x if flag_read else x.abs() + 0.1  # same shapes, other signs: other masks and counts
+
+    def check(x, path, flag=1.0):
+        _FLAG.fill_(flag)  # in place: the graph holds the tensor itself, its guard sees the new value
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", PerSamplePathWarning)
+                got = per_sample_curvatures(loss_fn, p, d, (x, y))
+            assert re.fullmatch(path, cache.info().last_path), cache.info().last_path
+            _exact(got, _eager(fn, p, d, (x, y)))
+        finally:
+            _FLAG.fill_(1.0)
+
+    flag = -1.0 if flag_read else 1.0
+    check(x, r"eager: seen 1 time\(s\), traced after 1")
+    check(x, "trace")
+    check(x, "replay")
+    check(other, r"eager: guard failed \(.* traced .*, got .*\); seen 1 time\(s\), traced after 1", flag)
+    check(x, "replay")
+    check(other, "trace", flag)  # every graph of the key replayed: the other branch gets one
+    check(other, "replay", flag)
+    check(x, "replay")
+    info = cache.info()
+    assert (info.traces, info.replays, info.guard_misses) == (2, 4, 2)
+
+
+def test_a_read_no_guard_can_follow_runs_eagerly(cache):
+    def fn(p, x):
+        return torch.tanh(x @ p["w"]).sum(1) * float(_FLAG.numpy())
+
+    loss_fn = replay.replayable(fn)
+    p = {"w": _randn(3, 2)}
+    d, x = _dirs(p, 1), _randn(4, 3)
+    with pytest.warns(PerSamplePathWarning, match=r"reads tensor values into Python \(Tensor\.numpy\)"):
+        first = per_sample_curvatures(loss_fn, p, d, x)
+    _exact(first, _eager(fn, p, d, x))
     _FLAG.fill_(-1.0)
     try:
-        got = per_sample_curvatures(loss_fn, p, d, (x, y))
+        got = per_sample_curvatures(loss_fn, p, d, x)
         assert cache.info().last_path.startswith("eager: loss_fn reads tensor values")
-        _exact(got, _eager(fn, p, d, (x, y)))
-        assert cache.info().traces == 1
+        _exact(got, _eager(fn, p, d, x))
     finally:
         _FLAG.fill_(1.0)
+    assert cache.info().traces == 1
 
 
 def test_undeclared_loss_fn_runs_eagerly(cache):
