@@ -82,7 +82,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, get_proxy_slot, make_fx
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from .per_sample import PerSamplePathWarning
 
@@ -323,6 +323,35 @@ class _PyValueReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _write_before_guard(graph: torch.fx.Graph) -> str:
+    """The first in-place op that writes to a graph input or constant (a buffer updated in train
+    mode), through views, ahead of a guard; "" if none. Such a write cannot be undone when the guard
+    fails and the call runs eagerly."""
+    written = ""
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is _check:
+            if written:
+                return written
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        for i, arg in enumerate(schema.arguments):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if arg.alias_info is None or not arg.alias_info.is_write or not isinstance(value, torch.fx.Node):
+                continue
+            base = value
+            while (base.op == "call_function" and isinstance(base.target, torch._ops.OpOverload) and base.args
+                   and isinstance(base.args[0], torch.fx.Node) and base.target._schema.returns
+                   and base.target._schema.returns[0].alias_info is not None):
+                base = base.args[0]  # a view: the write lands in what it views
+            if base.op in ("placeholder", "get_attr") and not written:
+                written = f"{node.target} on {base.target}"
+    return ""
+
+
 @contextlib.contextmanager
 def _one_fake_mode():
     """One FakeTensorMode for the trace's node metadata.
@@ -528,18 +557,10 @@ class ReplayCache:
             self._store(loss_fn, key, entry)
             return eager(f"seen {entry.seen} time(s), traced after {self.trace_after}")
 
-        graph, eager_out = self._trace(program, op, loss_fn, params, directions, batch, exact, second, remember, key,
-                                       leaves, spec)
+        graph, out = self._trace(program, op, loss_fn, params, directions, batch, exact, second, remember, key,
+                                 leaves, spec)
         if graph is None:  # settled eagerly: self.last_path and the entry say how
-            return eager_out
-        try:
-            with torch.no_grad():
-                out = graph(*flat)
-        except _GuardFailed as exc:
-            # the same inputs read differently on a second run: a nondeterministic value
-            reason = f"a value read while tracing differs on the same inputs ({exc})"
-            self._mark_eager(loss_fn, key, op, reason)
-            return eager(reason)
+            return out
         entry.variants.append(_Variant(graph))
         entry.seen = 0
         self._store(loss_fn, key, entry)
@@ -568,8 +589,7 @@ class ReplayCache:
         return None, failure
 
     def _trace(self, program, op, loss_fn, params, directions, batch, exact, second, remember, key, leaves, spec):
-        """(the program's graph with its guards, None), or (None, the call's output computed eagerly)
-        when it cannot be traced."""
+        """(the program's graph with its guards, or None when it cannot be replayed; the call's output)."""
         names, dnames = list(params), list(directions)
         is_tensor = [isinstance(leaf, Tensor) for leaf in leaves]
         flat = [*params.values(), *directions.values(), *(leaf for leaf in leaves if isinstance(leaf, Tensor))]
@@ -577,12 +597,18 @@ class ReplayCache:
         guards = _Guards(record)
         P, D = len(names), len(dnames)
 
+        outs = []
+
         def traced(*xs):
             it = iter(xs[P + D:])
             b = tree_unflatten([next(it) if t else leaf for leaf, t in zip(leaves, is_tensor)], spec)
             with _PyValueReads(guards), _ValueReads(guards):
-                return program(op, loss_fn, dict(zip(names, xs[:P])), dict(zip(dnames, xs[P:P + D])), b, exact,
-                               second=second)
+                out = program(op, loss_fn, dict(zip(names, xs[:P])), dict(zip(dnames, xs[P:P + D])), b, exact,
+                              second=second)
+            # real-mode tracing runs the program itself: its outputs are this call's (without the
+            # autograd history a replay has not either)
+            outs.append(tree_map_only(Tensor, lambda t: t.detach(), out))
+            return out
 
         with self._lock:
             self.traces += 1
@@ -595,7 +621,8 @@ class ReplayCache:
             try:
                 out = program(op, loss_fn, params, directions, batch, exact, second=second)
             except remember as eager_exc:
-                if "found" not in record:
+                # no value read on the way: the error belongs to the program, not to one branch of it
+                if "found" not in record and guards.count == 0:
                     self._store(loss_fn, key, _Entry(error=eager_exc.with_traceback(None)))
                 raise
             with self._lock:
@@ -608,16 +635,21 @@ class ReplayCache:
             self._mark_eager(loss_fn, key, op, reason)
             self.last_path = f"eager: {reason}"
             return None, out
+        graph.graph.eliminate_dead_code()
+        reason = ""
         if "found" in record:
             reason = f"loss_fn reads tensor values into Python ({record['found']})"
+        elif _write_before_guard(graph.graph):
+            reason = (f"loss_fn writes to a tensor it did not create ({_write_before_guard(graph.graph)}) before "
+                      "a value read: a replay abandoned at that read would write twice")
+        if reason:
             self._mark_eager(loss_fn, key, op, reason)
             with self._lock:
                 self.eager += 1
                 self.last_path = f"eager: {reason}"
-            return None, program(op, loss_fn, params, directions, batch, exact, second=second)
-        graph.graph.eliminate_dead_code()
+            return None, outs[0]
         graph.recompile()
-        return graph, None
+        return graph, outs[0]
 
     def _mark_eager(self, loss_fn: Callable, key: Hashable, op: str, reason: str) -> None:
         # once per key: later calls find the entry and run eagerly without a word

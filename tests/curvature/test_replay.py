@@ -416,3 +416,32 @@ def test_model_the_jets_cannot_follow_falls_back_with_the_same_numbers(cache):
     for _ in range(3):
         _exact(per_sample_curvatures(loss_fn, p, d, x), want)
     assert cache.info().last_path == "error: remembered JetFallback" and cache.info().traces == 1
+
+
+def test_a_write_to_a_captured_tensor_ahead_of_a_guard_runs_eagerly(cache):
+    """A failed guard abandons the replay where it stands; a tensor the program updates in place
+    before the read (a call counter, running statistics) would then be written again by the eager
+    call."""
+    calls = torch.zeros((), dtype=torch.int64)
+
+    def fn(p, x):
+        calls.add_(1)
+        out = torch.tanh(x @ p["w"]).sum(1)
+        return out * 2 if (x > 0).all() else out  # a value read after the write
+
+    loss_fn = replay.replayable(fn)
+    p = {"w": _randn(3, 2)}
+    d = _dirs(p, 1)
+    pos, neg = _randn(4, 3).abs() + 0.1, _randn(4, 3, seed=9)
+    counts = [int(calls)]
+    with pytest.warns(PerSamplePathWarning, match=r"writes to a tensor it did not create \(aten\.add_\.Tensor on "):
+        first = per_sample_curvatures(loss_fn, p, d, pos)  # the trace is the eager run of this call
+    counts.append(int(calls))
+    for x in (neg, pos, neg):
+        got = per_sample_curvatures(loss_fn, p, d, x)
+        assert cache.info().last_path.startswith("eager: loss_fn writes to a tensor it did not create")
+        counts.append(int(calls))
+        _exact(got, _eager(fn, p, d, x))
+        calls.sub_(1)  # the eager check's own call
+    assert counts == [counts[0] + i for i in range(5)]  # one write per call, the traced one too
+    _exact(first, _eager(fn, p, d, pos))
