@@ -8,6 +8,7 @@ so a stale graph cannot pass.
 from __future__ import annotations
 
 import gc
+import math
 import re
 import warnings
 
@@ -197,6 +198,29 @@ def test_a_value_that_differs_on_every_call_costs_one_trace_then_runs_eagerly():
     for x in xs[6:] + xs[:1]:  # the traced batch too: the key is eager for good
         assert _check_call(cache, fn, p, d, x).last_path.startswith("eager: its guards failed on 5 of the last")
     assert cache.info().traces == 1 and cache.info().replays == 0
+
+
+def test_guards_compare_values_as_python_sees_them():
+    """-0.0 and 0.0 compare equal but 1/x tells them apart: a guard on 0.0 fails on -0.0. A NaN read
+    again as NaN holds (NaN != NaN would make such a key miss on every call)."""
+    cache = replay.ReplayCache(trace_after=0)
+
+    def fn(p, x):
+        v = x[0, 0].item()
+        scale = 2.0 if math.copysign(1.0, v) > 0 else 3.0  # what the program does with the value
+        return torch.tanh(x[:, 1:] @ p["w"]).sum(1) * scale + (0.0 if v == v else 1.0)
+
+    loss = replay.replayable(fn)
+    p = {"w": _randn(2, 2)}
+    d = _dirs(p, 1)
+    x = _randn(4, 3)
+    pos, neg, nan = x.clone(), x.clone(), x.clone()
+    pos[0, 0], neg[0, 0], nan[0, 0] = 0.0, -0.0, float("nan")
+    paths = [_check_call(cache, loss, p, d, b).last_path for b in (pos, neg, pos, nan, nan)]
+    assert paths[0] == "trace" and paths[2] == "replay" and paths[4] == "replay"
+    assert paths[1] == "eager: guard failed (value read into Python by aten._local_scalar_dense.default: " \
+                       "traced 0.0, got -0.0)"
+    assert paths[3] == "trace"  # another variant for NaN, which replays on the next call
 
 
 _FLAG = torch.ones(())
