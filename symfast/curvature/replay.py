@@ -229,26 +229,29 @@ class _Guards:
         self.tracer = None
 
     def _slot(self, t: Tensor) -> Any:
-        if self.tracer is None:  # make_fx's mode, entered before the program runs
+        return get_proxy_slot(t, self._tracer(), None)
+
+    def _tracer(self):
+        if self.tracer is None:  # make_fx's mode: entered before the program runs, current during it
             self.tracer = get_proxy_mode().tracer
-        return get_proxy_slot(t, self.tracer, None)
+        return self.tracer
 
     def _node_arg(self, t: Tensor) -> Any:
         slot = self._slot(t)
         return t if slot is None else slot.proxy  # untracked: a constant the graph holds itself
 
     def add(self, what: str, fn: Optional[Callable], args: tuple, kwargs: dict, expected: Any) -> None:
-        if self.tracer is None:
-            self.tracer = get_proxy_mode().tracer
+        """A guard that ``fn(*args, **kwargs)`` (its inputs' shapes if ``fn`` is None) is ``expected``."""
+        tracer = self._tracer()
         leaves, spec = tree_flatten((args, kwargs))
         template = [None if isinstance(x, Tensor) else x for x in leaves]
         inputs = tuple(self._node_arg(x) for x in leaves if isinstance(x, Tensor))
         name = f"_replay_guard{self.count}"
         self.count += 1
-        self.tracer.root.add_module(name, _Guard(what, fn, template, spec, expected))
+        tracer.root.add_module(name, _Guard(what, fn, template, spec, expected))
         with disable_proxy_modes_tracing():
-            guard = self.tracer.create_proxy("get_attr", name, (), {})
-            self.tracer.create_proxy("call_function", _check, (guard, *inputs), {})
+            guard = tracer.create_proxy("get_attr", name, (), {})
+            tracer.create_proxy("call_function", _check, (guard, *inputs), {})
 
     def shapes(self, what: str, outs: Sequence[Tensor]) -> None:
         if any(self._slot(t) is None for t in outs):
