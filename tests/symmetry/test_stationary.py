@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from symfast import symmetry as S
+from symfast.symmetry import stationary
 
 D64 = torch.float64
 
@@ -38,15 +39,22 @@ def _loop(params, batch):
     return m, torch.stack(conds), torch.stack(norms)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["directional", "per_sample_grads"])
 @pytest.mark.parametrize("chunk_size", [None, 1, 4, 64])
-def test_per_sample_gradient_part_in_chunks_matches_the_loop(chunk_size):
+def test_per_sample_gradient_part_in_chunks_matches_the_loop(chunk_size, direct, monkeypatch):
+    # x @ W.T is no layer with a closed-form norm: |g_i| takes the vmap fallback, in chunks; |O^T g_i|
+    # comes from directional derivatives, or (k above the limit) per-sample gradients in chunks
+    if not direct:
+        monkeypatch.setattr(stationary, "_DIRECT_MAX_RANK", 0)
     params, batch = _params(), (_randn(7, 3, seed=4), _randn(7, 2, seed=5))
     m, conds, norms = _loop(params, batch)
     rep = S.stationary_report(_loss_fn, params, m, batch, chunk_size=chunk_size, eigen=False, n_pairs=1)
     torch.testing.assert_close(rep.grad_condition, conds, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(rep.grad_norm, norms, rtol=1e-10, atol=0)
     assert conds.min() > 1e-3  # off the condition: the numbers are not all zero
-    assert rep.methods["per_sample_grad"] == "vmap"
+    assert rep.methods["per_sample_grad_norm"].startswith("vmap (used by")
+    how = rep.methods["per_sample_grad_condition"]
+    assert how.startswith("per_sample_directional_derivatives") if direct else how.startswith("vmap per-sample gradients")
 
 
 @pytest.mark.parametrize("flat", [False, True])
