@@ -13,7 +13,7 @@ from ..curvature.api import per_sample_directional_derivatives, per_sample_hvp
 from ..curvature.checks import UnsupportedOpError
 from ..curvature.grad_norms import per_sample_grad_norms
 from ..curvature.per_sample import _known_failure, hvp, map_samples, single_sample_loss, split_batch
-from .layout import Params, flat_values, tree_dot, tree_norm, tree_randn_like, tree_scale
+from .layout import Params, flat_values, tree_dot, tree_norm, tree_scale
 from .mirror import Mirror, check_mirror_fits
 from .verification import Verification, condition_rtol, verify
 
@@ -21,7 +21,8 @@ __all__ = ["stationary_report", "StationaryReport"]
 
 # Up to this many columns, |O^T g_i| comes from k directional derivatives (Taylor mode, about one
 # forward and backward per direction, less on few touched parameters); above it from per-sample
-# gradients, whose cost does not grow with k (measured crossover on the README MLP: k ~ 60-100).
+# gradients, whose cost does not grow with k (on the README MLP, for a mirror of first-layer
+# weights, both cost about 63 forward+backward passes at k = 128; at k = 64, 36 against 51).
 _DIRECT_MAX_RANK = 64
 
 
@@ -154,30 +155,35 @@ def stationary_report(
     # ---- part 2: block check
     g = torch.Generator().manual_seed(seed)
     blocks, scales, per_blocks = [], [], []
-    pairs = []  # (m, n) per pair, drawn in a fixed order from the seeded generator
+    pairs = []  # (m, n, c with n = O c) per pair, drawn in a fixed order from the seeded generator
     for _ in range(n_pairs):
-        z = torch.randn(mirror.rank, generator=g, dtype=torch.float64)
-        n = mirror.expand(z.to(dtype), like=params)
-        n = tree_scale(n, 1.0 / tree_norm(n))
-        m = mirror.symmetric_solution(tree_randn_like(params, g))
+        z = torch.randn(mirror.rank, generator=g, dtype=torch.float64).to(dtype)
+        n = mirror.expand(z, like=params)
+        s = 1.0 / tree_norm(n)
+        n = tree_scale(n, s)
+        m = mirror.symmetric_solution(_randn_like(params, g))
         mn = tree_norm(m)
-        pairs.append(None if mn.item() == 0 else (tree_scale(m, 1.0 / mn), n))  # None: ker O^T = {0}
+        pairs.append(None if mn.item() == 0 else (tree_scale(m, 1.0 / mn), n, z * s))  # None: ker O^T = {0}
     live = [p for p in pairs if p is not None]
     k = mirror.rank
     do_eigen = eigen is True or (eigen == "auto" and k <= max_eigen_rank)
-    # every Hessian-vector product of the report (the block check's, then the k of O^T H O) from
-    # one linearization of the gradient, which also gives the mean gradient
-    columns = ([mirror.expand(c, like=params) for c in torch.eye(k, dtype=dtype, device=losses.device)]
-               if do_eigen else [])
-    mean_grad, Hvs, hvp_method = _hvps(op, mean_loss, params, [n for _, n in live] + columns)
+    # Every Hessian-vector product from one linearization of the gradient, which also gives the mean
+    # gradient. With the k columns H O at hand, H n = (H O) c for n = O c: no product of its own.
+    if do_eigen:
+        columns = [mirror.expand(c, like=params) for c in torch.eye(k, dtype=dtype, device=losses.device)]
+        mean_grad, HO, hvp_method = _hvps(op, mean_loss, params, columns)
+        HO = torch.stack(HO) if isinstance(params, Tensor) else {n: torch.stack([c[n] for c in HO]) for n in params}
+        Hns = [_combine(HO, c) for _, _, c in live]
+    else:
+        mean_grad, Hns, hvp_method = _hvps(op, mean_loss, params, [n for _, n, _ in live])
     mean_grad_condition = mirror.condition(mean_grad).double().norm().item()
-    Hn_of = iter(Hvs[:len(live)])
+    Hn_of = iter(Hns)
     for pair in pairs:
         if pair is None:  # im O is everything: ker O^T = {0}
             blocks.append(torch.zeros((), dtype=torch.float64))
             scales.append(torch.zeros((), dtype=torch.float64))
             continue
-        m, n = pair
+        m, n, _ = pair
         Hn = next(Hn_of)
         blocks.append(tree_dot(m, Hn).abs().double())
         scales.append(tree_norm(Hn).double())
@@ -185,18 +191,18 @@ def stationary_report(
             vals, methods["per_sample_hessian"] = _per_sample_block(op, loss_fn, one, params, samples, batch, m, n,
                                                                     chunk_size)
             per_blocks.append(vals.abs().double())
-    methods["hvp"] = hvp_method
+    methods["hvp"] = hvp_method + (f" (the {k} columns H O; the block check's H n = (H O) c)" if do_eigen else "")
 
     # ---- eigen-directions of O^T H O
     evals = evecs = resid = None
     note = ""
     if do_eigen:
-        HO = torch.stack([flat_values(c).double() for c in Hvs[len(live):]], 1)  # [D, k]
-        Ob = mirror.basis.double() if isinstance(params, Tensor) else _basis_like(mirror, params)
-        A = Ob.T @ HO
+        # O^T (H O) through the mirror's own (sparse) map; the rest in the parameters' dtype
+        A = (mirror.condition(HO) if isinstance(params, Tensor) else mirror.condition(HO, batch_dims=1)).double().T
         evals, V = torch.linalg.eigh((A + A.T) / 2)
-        evecs = Ob @ V
-        resid = (HO @ V - evecs * evals).norm(dim=0)
+        evecs = _columns_like(mirror, V, params)  # [D, k] float64, O V
+        HOf = HO if isinstance(params, Tensor) else torch.cat([HO[n].reshape(k, -1) for n in params], 1)
+        resid = (HOf.T @ V.to(dtype) - evecs.to(dtype) * evals.to(dtype)).norm(dim=0).double()
         note = f"computed from {k} Hessian-vector products"
     else:
         note = f"skipped: k = {k} > max_eigen_rank = {max_eigen_rank}" if eigen == "auto" else "skipped: eigen=False"
@@ -268,7 +274,7 @@ def _grad_condition(op, loss_fn, one, params, mirror, batch, samples, chunk_size
     why = f"k = {k} > {_DIRECT_MAX_RANK}"
     if k <= _DIRECT_MAX_RANK:
         dtype = next(iter(sub.values())).dtype
-        cols = [mirror.expand(c, like=params) for c in torch.eye(k, dtype=dtype)]
+        cols = [mirror.expand(c, like=params if flat else sub) for c in torch.eye(k, dtype=dtype)]
         dirs = {n: torch.stack([c if flat else c[n] for c in cols]) for n in touched}
         try:
             g = per_sample_directional_derivatives(lf, sub, dirs, batch)
@@ -323,9 +329,33 @@ def _per_sample_block(op, loss_fn, one, params, samples, batch, m, n, chunk_size
     return map_samples(op, per_sample_block, params, samples, chunk_size)
 
 
-def _basis_like(mirror: Mirror, params: Mapping[str, Tensor]) -> Tensor:
-    """O as dense [D, k] in the flattening order of ``params`` (which may differ from the mirror's layout)."""
-    k = mirror.rank
-    cols = [flat_values(mirror.expand(torch.eye(k, dtype=torch.float64)[j], like={n: v.double() for n, v in params.items()}))
-            for j in range(k)]
-    return torch.stack(cols, 1)
+def _combine(HO: Params, c: Tensor) -> Params:
+    """sum_j c_j (H O)_j for the stacked columns ``HO`` (a ``[k, D]`` tensor or a dict of ``[k, *shape]``)."""
+    if isinstance(HO, Tensor):
+        return c @ HO
+    return {n: torch.tensordot(c, v, dims=1) for n, v in HO.items()}
+
+
+def _columns_like(mirror: Mirror, V: Tensor, params: Params) -> Tensor:
+    """O V as a float64 ``[D, k]`` matrix in the flattening order of ``params`` (which may differ
+    from the mirror's layout; a parameter outside it gets zeros)."""
+    flat = mirror.expand(V.T)  # [k, D] in the mirror's layout order
+    layout = mirror.layout
+    if isinstance(params, Tensor) or layout is None:
+        return flat.T
+    pieces = []
+    for name, v in params.items():
+        if name in layout.names:
+            j = layout.index(name)
+            pieces.append(flat[:, layout.offsets[j]:layout.offsets[j] + layout.numels[j]])
+        else:
+            pieces.append(flat.new_zeros(flat.shape[0], v.numel()))
+    return torch.cat(pieces, 1).T
+
+
+def _randn_like(params: Params, g: torch.Generator) -> Params:
+    """Standard normal entries shaped like ``params``, drawn in their dtype (float32 draws are
+    vectorized, float64 ones several times slower)."""
+    if isinstance(params, Tensor):
+        return torch.randn(params.shape, generator=g, dtype=params.dtype).to(params.device)
+    return {k: torch.randn(v.shape, generator=g, dtype=v.dtype).to(v.device) for k, v in params.items()}
