@@ -60,7 +60,7 @@ class GradNorms:
     losses: Tensor
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the fields hold tensors
 class _Use:
     kind: str
     names: Dict[str, str]  # role ("weight", "bias") -> parameter name
@@ -237,9 +237,15 @@ def per_sample_grad_norms(
         if u not in uses:
             for name in u.names.values():
                 watch.other.setdefault(name, f"its {u.kind} output has no leading batch dim of size {B}")
-    uses = [u for u in uses if not any(n in watch.other for n in u.names.values())]
+    # a use whose parameters all take the fallback needs no backward; the others keep their
+    # closed-form roles (a layer's bias keeps its closed form when its weight is tied)
+    uses = [u for u in uses if not all(n in watch.other for n in u.names.values())]
     sq = torch.zeros(B, dtype=torch.float64, device=losses.device)
-    if uses and B:
+    if uses and B and not losses.requires_grad:  # no parameter reaches the losses differentiably
+        for u in uses:
+            for name in u.names.values():
+                methods.setdefault(name, "unused")
+    elif uses and B:
         outs = [u.out for u in uses]
         deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True, retain_graph=True)
         w = _sample_weights(B, losses.device)
@@ -256,12 +262,14 @@ def per_sample_grad_norms(
                     watch.other.setdefault(name, f"row i of its {u.kind} output is not sample i's alone")
                 continue
             for role, v in _sq_norms(u, d.detach(), B).items():
-                sq = sq + v
-                methods[u.names[role]] = f"ghost ({u.kind})"
+                if u.names[role] not in watch.other:
+                    sq = sq + v
+                    methods[u.names[role]] = f"ghost ({u.kind})"
     elif not B:
         for u in uses:
             for name in u.names.values():
-                methods[name] = f"ghost ({u.kind})"
+                if name not in watch.other:
+                    methods[name] = f"ghost ({u.kind})"
     fallback = [n for n in pdict if n in watch.other]
     for n in pdict:
         if n not in methods and n not in fallback:

@@ -165,8 +165,10 @@ class _Tied(nn.Module):
         self.emb = nn.Embedding(7, 5)
         self.mix = nn.Linear(5, 5)
 
-    def forward(self, x):
-        return F.linear(torch.tanh(self.mix(self.emb(x))), self.emb.weight).mean(1)
+        self.out_bias = nn.Parameter(torch.linspace(-1, 1, 7))
+
+    def forward(self, x):  # the output layer's bias keeps its closed form though its weight is tied
+        return F.linear(torch.tanh(self.mix(self.emb(x))), self.emb.weight, self.out_bias).mean(1)
 
 
 def test_tied_parameter_takes_the_fallback_and_says_so():
@@ -178,6 +180,7 @@ def test_tied_parameter_takes_the_fallback_and_says_so():
     torch.testing.assert_close(out.norms, _vmap_norms(loss_fn, params, batch), rtol=1e-10, atol=0)
     assert out.methods["emb.weight"] == "vmap (shared by 2 layers)"
     assert out.methods["mix.weight"] == "ghost (linear)" and out.methods["mix.bias"] == "ghost (linear)"
+    assert out.methods["out_bias"] == "ghost (linear)"
 
 
 def test_weight_decay_and_transpose_take_the_fallback():
@@ -231,6 +234,12 @@ def test_unused_parameter_and_empty_batch():
     assert out.methods == {"W": "ghost (linear)", "spare": "unused"}
     empty = per_sample_grad_norms(loss_fn, {"W": W}, torch.zeros(0, 3, dtype=D64))
     assert empty.norms.shape == (0,) and empty.norms.dtype == D64
+
+    def detached(p, b):  # the layer's output does not reach the losses differentiably
+        return F.linear(b, p["W"]).detach().square().sum(1)
+
+    out = per_sample_grad_norms(detached, {"W": W}, torch.randn(5, 3, generator=_gen(2), dtype=D64))
+    assert out.methods == {"W": "unused"} and out.norms.abs().max() == 0
 
 
 def test_flat_parameter_vector_takes_the_fallback():
