@@ -256,7 +256,8 @@ def test_flat_parameter_vector_takes_the_fallback():
 
 
 def test_bad_inputs_name_the_argument():
-    with pytest.raises(TypeError, match=r"per_sample_grad_norms: params must be a dict of tensors or a tensor, got list"):
+    with pytest.raises(TypeError, match=r"per_sample_grad_norms: params must be a dict of tensors or a tensor, "
+                                        r"got list"):
         per_sample_grad_norms(lambda p, b: b.sum(1), [torch.ones(2)], torch.ones(3, 2))
     with pytest.raises(ValueError, match=r"must return per-sample losses of shape \[B\] = \[3\], got shape \(\)"):
         per_sample_grad_norms(lambda p, b: F.linear(b, p["W"]).sum(), {"W": torch.ones(1, 2)}, torch.ones(3, 2))

@@ -55,7 +55,7 @@ def test_per_sample_gradient_part_in_chunks_matches_the_loop(chunk_size, direct,
     assert conds.min() > 1e-3  # off the condition: the numbers are not all zero
     assert rep.methods["per_sample_grad_norm"].startswith("vmap (used by")
     how = rep.methods["per_sample_grad_condition"]
-    assert how.startswith("per_sample_directional_derivatives") if direct else how.startswith("vmap per-sample gradients")
+    assert how.startswith("per_sample_directional_derivatives" if direct else "vmap per-sample gradients")
 
 
 @pytest.mark.parametrize("flat", [False, True])
