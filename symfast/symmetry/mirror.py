@@ -336,6 +336,12 @@ class Mirror:
         ``batch_dims`` is the number of leading batch dims of each tensor when theta is a dict
         (for a flat tensor every dim but the last is a batch dim)."""
         compact, _ = self._split_input(theta, "condition", batch_dims)
+        narrow = compact.is_floating_point() and compact.dtype != torch.float64 and compact.device.type != "mps"
+        if self._dense is None and narrow:
+            # gather the k columns' entries first, then widen: the same float64 arithmetic as
+            # widening all of compact, without a float64 copy of [..., n] (per-sample gradients)
+            index, coef, sq = self._operands(compact.new_empty(0, dtype=torch.float64))
+            return ((compact[..., index].to(torch.float64) * coef).sum(-1) / sq.sqrt()).to(compact.dtype)
         return self._apply_transpose(self._in_working_precision(compact)).to(compact.dtype)
 
     def project(self, theta: Params) -> Params:

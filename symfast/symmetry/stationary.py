@@ -9,14 +9,21 @@ import torch
 import torch.func as tf
 from torch import Tensor
 
-from ..curvature.api import per_sample_hvp
+from ..curvature.api import per_sample_directional_derivatives, per_sample_hvp
 from ..curvature.checks import UnsupportedOpError
-from ..curvature.per_sample import hvp, map_samples, per_sample_losses, single_sample_loss
-from .layout import Params, flat_values, tree_dot, tree_norm, tree_randn_like, tree_scale
+from ..curvature.grad_norms import per_sample_grad_norms
+from ..curvature.per_sample import _known_failure, hvp, map_samples, single_sample_loss, split_batch
+from .layout import Params, flat_values, tree_dot, tree_norm, tree_scale
 from .mirror import Mirror, check_mirror_fits
 from .verification import Verification, condition_rtol, verify
 
 __all__ = ["stationary_report", "StationaryReport"]
+
+# Up to this many columns, |O^T g_i| comes from k directional derivatives (Taylor mode, about one
+# forward and backward per direction, less on few touched parameters); above it from per-sample
+# gradients, whose cost does not grow with k (on the README MLP, for a mirror of first-layer
+# weights, both cost about 63 forward+backward passes at k = 128; at k = 64, 36 against 51).
+_DIRECT_MAX_RANK = 64
 
 
 @dataclass
@@ -39,7 +46,9 @@ class StationaryReport:
             (part 2), i.e. these are eigenvectors of the full Hessian. None when skipped
             (``eigen_note`` says why).
         verification: :func:`verify` on this batch.
-        methods: how each quantity was computed (vmap or loop; jvp or vjp of grad).
+        methods: how each quantity was computed: ``per_sample_grad_norm`` (closed form per
+            layer or vmap, by parameter), ``per_sample_grad_condition`` (directional derivatives
+            or per-sample gradients), ``hvp`` (vjp or jvp of grad), ``per_sample_hessian``.
     """
 
     condition_norm: float
@@ -92,10 +101,14 @@ def stationary_report(
     r"""Theorem 4 at ``theta = params`` for one mirror, computed exactly with ``torch.func``.
 
     * ``|O^T theta|``: is theta on the stationary condition?
-    * per-sample ``|O^T grad l(theta, x_i)|`` via ``vmap(grad)`` (part 1: zero on the condition,
-      for every sample: SGD cannot leave it);
+    * per-sample ``|O^T grad l(theta, x_i)|`` (part 1: zero on the condition, for every sample:
+      SGD cannot leave it), as the per-sample directional derivatives along the columns of O
+      (the curvature engine's Taylor mode, one pass for all k), or for k > 64 from per-sample
+      gradients of the touched parameters (``vmap(grad)``); and ``|grad l(theta, x_i)|`` for
+      scale, from :func:`symfast.curvature.grad_norms.per_sample_grad_norms` (one forward and
+      backward for linear, conv, embedding and layer-norm parameters, ``vmap`` for the others);
     * ``|m^T H n|`` for ``m in ker O^T``, ``n in im O`` (part 2), via Hessian-vector products
-      (``jvp`` of ``grad``);
+      (reverse over reverse: one linearization of ``grad``, one backward per product);
     * the eigen-decomposition of the Hessian restricted to ``im O`` (``O^T H O``, from k HVPs)
       and how far those directions are from eigenvectors of the full Hessian. For a DCS two-layer
       linear net at the origin this is eq. 6: per pair ``(w_i, u_i)`` the directions
@@ -111,8 +124,9 @@ def stationary_report(
         per_sample_hessian: also check the block per sample (``[B, n_pairs]``): nested forward
             mode on the whole batch (:func:`symfast.per_sample_hvp` with ``onto``), or, for a
             model the curvature engine refuses, one HVP per sample.
-        chunk_size: samples per vmap chunk. The per-sample gradients are reduced to
-            ``|O^T g_i|`` and ``|g_i|`` chunk by chunk: at most ``[chunk, D]`` exists at a time.
+        chunk_size: samples per vmap chunk where per-sample gradients are formed (the fallbacks
+            above): they are reduced to ``|O^T g_i|`` and ``|g_i|`` chunk by chunk, so at most
+            ``[chunk, D]`` exists at a time.
     """
     op = "stationary_report"
     check_mirror_fits(op, mirror, params)
@@ -120,57 +134,56 @@ def stationary_report(
         raise ValueError(f"{op}: n_pairs must be >= 1, got {n_pairs}")
     if eigen not in (True, False, "auto"):
         raise ValueError(f"{op}: eigen must be True, False or 'auto', got {eigen!r}")
-    losses, samples = per_sample_losses(op, loss_fn, params, batch)
-    B = samples.size
     params = {k: v.detach() for k, v in params.items()} if isinstance(params, Mapping) else params.detach()
     methods: Dict[str, str] = {}
-    dtype = losses.dtype
 
-    # ---- part 1: per-sample gradients a chunk at a time, reduced to |O^T g_i| and |g_i| at once
-    # (never the [B, D] matrix: its copies and float64 conversions cost more than the gradients)
+    # ---- part 1: |g_i| from one forward and backward (closed forms per layer, see grad_norms)
+    norms = per_sample_grad_norms(loss_fn, params, batch, chunk_size=chunk_size, op=op)
+    losses, grad_norm = norms.losses, norms.norms
+    samples = split_batch(op, batch, losses.shape[0])
+    dtype = losses.dtype
+    methods["per_sample_grad_norm"] = _summary(norms.methods)
     one = single_sample_loss(loss_fn, samples)
-    gcond_parts, gnorm_parts, paths = [], [], []
-    for part in samples.chunks(chunk_size):
-        grads, path = map_samples(op, tf.grad(one), params, part)
-        paths.append(path)
-        gcond = mirror.condition(grads, batch_dims=1) if isinstance(grads, Mapping) else mirror.condition(grads)
-        gcond_parts.append(gcond.double().norm(dim=-1))
-        leaves = list(grads.values()) if isinstance(grads, Mapping) else [grads]
-        # norms in the gradients' dtype (a cast of the whole chunk to float64 costs more than the gradients)
-        sq = sum(torch.linalg.vector_norm(v.reshape(part.size, -1), dim=1).double() ** 2 for v in leaves)
-        gnorm_parts.append(sq.sqrt())
-        del grads, leaves
-    methods["per_sample_grad"] = next((p for p in paths if p != "vmap"), "vmap")
-    grad_condition, grad_norm = torch.cat(gcond_parts), torch.cat(gnorm_parts)
+    grad_condition, methods["per_sample_grad_condition"] = _grad_condition(op, loss_fn, one, params, mirror, batch,
+                                                                           samples, chunk_size)
     cond = mirror.condition(params).double().norm().item()
     tnorm = flat_values(params).double().norm().item()
 
     def mean_loss(p):
         return loss_fn(p, batch).mean()
 
-    mean_grad = tf.grad(mean_loss)(params)
-    mean_grad_condition = mirror.condition(mean_grad).double().norm().item()
-
     # ---- part 2: block check
     g = torch.Generator().manual_seed(seed)
     blocks, scales, per_blocks = [], [], []
-    pairs = []  # (m, n) per pair, drawn in a fixed order from the seeded generator
+    pairs = []  # (m, n, c with n = O c) per pair, drawn in a fixed order from the seeded generator
     for _ in range(n_pairs):
-        z = torch.randn(mirror.rank, generator=g, dtype=torch.float64)
-        n = mirror.expand(z.to(dtype), like=params)
-        n = tree_scale(n, 1.0 / tree_norm(n))
-        m = mirror.symmetric_solution(tree_randn_like(params, g))
+        z = torch.randn(mirror.rank, generator=g, dtype=torch.float64).to(dtype)
+        n = mirror.expand(z, like=params)
+        s = 1.0 / tree_norm(n)
+        n = tree_scale(n, s)
+        m = mirror.symmetric_solution(_randn_like(params, g))
         mn = tree_norm(m)
-        pairs.append(None if mn.item() == 0 else (tree_scale(m, 1.0 / mn), n))  # None: ker O^T = {0}
+        pairs.append(None if mn.item() == 0 else (tree_scale(m, 1.0 / mn), n, z * s))  # None: ker O^T = {0}
     live = [p for p in pairs if p is not None]
-    Hns, hvp_method = _hvps(op, mean_loss, params, [n for _, n in live], chunk_size) if live else ([], "")
+    k = mirror.rank
+    do_eigen = eigen is True or (eigen == "auto" and k <= max_eigen_rank)
+    # Every Hessian-vector product from one linearization of the gradient, which also gives the mean
+    # gradient. With the k columns H O at hand, H n = (H O) c for n = O c: no product of its own.
+    if do_eigen:
+        columns = [mirror.expand(c, like=params) for c in torch.eye(k, dtype=dtype, device=losses.device)]
+        mean_grad, HO, hvp_method = _hvps(op, mean_loss, params, columns)
+        HO = torch.stack(HO) if isinstance(params, Tensor) else {n: torch.stack([c[n] for c in HO]) for n in params}
+        Hns = [_combine(HO, c) for _, _, c in live]
+    else:
+        mean_grad, Hns, hvp_method = _hvps(op, mean_loss, params, [n for _, n, _ in live])
+    mean_grad_condition = mirror.condition(mean_grad).double().norm().item()
     Hn_of = iter(Hns)
     for pair in pairs:
         if pair is None:  # im O is everything: ker O^T = {0}
             blocks.append(torch.zeros((), dtype=torch.float64))
             scales.append(torch.zeros((), dtype=torch.float64))
             continue
-        m, n = pair
+        m, n, _ = pair
         Hn = next(Hn_of)
         blocks.append(tree_dot(m, Hn).abs().double())
         scales.append(tree_norm(Hn).double())
@@ -178,20 +191,18 @@ def stationary_report(
             vals, methods["per_sample_hessian"] = _per_sample_block(op, loss_fn, one, params, samples, batch, m, n,
                                                                     chunk_size)
             per_blocks.append(vals.abs().double())
-    methods["hvp"] = hvp_method or "none needed for the block check (ker O^T = {0})"
+    methods["hvp"] = hvp_method + (f" (the {k} columns H O; the block check's H n = (H O) c)" if do_eigen else "")
 
     # ---- eigen-directions of O^T H O
-    k = mirror.rank
-    do_eigen = eigen is True or (eigen == "auto" and k <= max_eigen_rank)
     evals = evecs = resid = None
     note = ""
     if do_eigen:
-        HO, methods["eigen_hvp"] = _hvp_columns(op, mean_loss, params, mirror, dtype, chunk_size)  # [D, k]
-        Ob = mirror.basis.double() if isinstance(params, Tensor) else _basis_like(mirror, params)
-        A = Ob.T @ HO
+        # O^T (H O) through the mirror's own (sparse) map; the rest in the parameters' dtype
+        A = (mirror.condition(HO) if isinstance(params, Tensor) else mirror.condition(HO, batch_dims=1)).double().T
         evals, V = torch.linalg.eigh((A + A.T) / 2)
-        evecs = Ob @ V
-        resid = (HO @ V - evecs * evals).norm(dim=0)
+        evecs = _columns_like(mirror, V, params)  # [D, k] float64, O V
+        HOf = HO if isinstance(params, Tensor) else torch.cat([HO[n].reshape(k, -1) for n in params], 1)
+        resid = (HOf.T @ V.to(dtype) - evecs.to(dtype) * evals.to(dtype)).norm(dim=0).double()
         note = f"computed from {k} Hessian-vector products"
     else:
         note = f"skipped: k = {k} > max_eigen_rank = {max_eigen_rank}" if eigen == "auto" else "skipped: eigen=False"
@@ -217,40 +228,81 @@ def stationary_report(
     )
 
 
-def _hvps(op, f, params, vs, chunk_size):
-    """``[H v for v in vs]`` for the scalar ``f`` at ``params``, and the path of :func:`hvp`.
+# What torch says when an op of the model has no double backward: only these send _hvps to forward over reverse.
+_NO_DOUBLE_BACKWARD = ("is not implemented", "double backward", "does not support higher order")
 
-    The products are vmapped over the directions, ``chunk_size`` at a time (one batched pass per
-    chunk instead of one pass per direction); where vmap cannot batch the model, one at a time.
+
+def _hvps(op, f, params, vs):
+    """``(grad f, [H v for v in vs], path)`` for the scalar ``f`` at ``params``.
+
+    Reverse over reverse: one forward and backward that keeps its graph (``vjp`` of ``grad``),
+    then one backward of it per direction (H is symmetric, so the vjp is H v). For a model with an
+    op that has no double backward, :func:`~symfast.curvature.per_sample.hvp` per direction.
     """
     try:
-        out = []
-        step = len(vs) if chunk_size is None else chunk_size
-        for s in range(0, len(vs), step):
-            part = vs[s:s + step]
-            if isinstance(params, Tensor):
-                hv = tf.vmap(lambda v: tf.jvp(tf.grad(f), (params,), (v,))[1])(torch.stack(part))
-                out += list(hv.unbind(0))
-            else:
-                stacked = {name: torch.stack([v[name] for v in part]) for name in params}
-                hv = tf.vmap(lambda v: tf.jvp(tf.grad(f), (params,), (v,))[1])(stacked)
-                out += [{name: hv[name][i] for name in params} for i in range(len(part))]
-        return out, "jvp(grad)"
-    except (RuntimeError, NotImplementedError):
-        pass  # an op vmap or forward mode cannot batch: hvp below takes its own exact path
-    out, path = [], ""
+        g, vjp_fn = tf.vjp(tf.grad(f), params)
+        return g, [vjp_fn(v)[0] for v in vs], "vjp(grad) (reverse over reverse, one linearization)"
+    except (RuntimeError, NotImplementedError) as e:
+        reason = _known_failure(e, _NO_DOUBLE_BACKWARD)
+    out, path = [], "jvp(grad)"
     for v in vs:
         hv, path = hvp(f, params, v, op)
         out.append(hv)
-    return out, path
+    return tf.grad(f)(params), out, f"{path} (no double backward: {reason})"
 
 
-def _hvp_columns(op, mean_loss, params, mirror, dtype, chunk_size):
-    """H O as a float64 ``[D, k]`` matrix (k Hessian-vector products, see :func:`_hvps`), and the path."""
-    eye = torch.eye(mirror.rank, dtype=dtype)
-    cols, path = _hvps(op, mean_loss, params, [mirror.expand(eye[j], like=params) for j in range(mirror.rank)],
-                       chunk_size)
-    return torch.stack([flat_values(c).double() for c in cols], 1), path
+def _grad_condition(op, loss_fn, one, params, mirror, batch, samples, chunk_size):
+    """``[B]`` float64 ``|O^T g_i|``, and how it was computed.
+
+    For ``k <= _DIRECT_MAX_RANK``: the per-sample directional derivatives along the k columns of O
+    (:func:`symfast.per_sample_directional_derivatives`, Taylor mode: one pass of the batch for all
+    k, tangents only on the parameters the mirror touches): ``|O^T g_i|`` is the norm of row i,
+    since O's columns are orthonormal. For larger k, or a model the engine refuses, per-sample
+    gradients of the touched parameters by vmap, a chunk at a time, reduced at once.
+    """
+    k, B = mirror.rank, samples.size
+    flat = isinstance(params, Tensor)
+    touched = ["theta"] if flat else list(mirror.names)
+    full = {"theta": params} if flat else params
+    sub = {n: full[n] for n in touched}
+    rest = {n: v for n, v in full.items() if n not in sub}
+
+    def lf(q, b):
+        merged = {**rest, **q}
+        return loss_fn(merged["theta"] if flat else merged, b)
+
+    why = f"k = {k} > {_DIRECT_MAX_RANK}"
+    if k <= _DIRECT_MAX_RANK:
+        dtype = next(iter(sub.values())).dtype
+        cols = [mirror.expand(c, like=params if flat else sub) for c in torch.eye(k, dtype=dtype)]
+        dirs = {n: torch.stack([c if flat else c[n] for c in cols]) for n in touched}
+        try:
+            g = per_sample_directional_derivatives(lf, sub, dirs, batch)
+            return (torch.linalg.vector_norm(g.double(), dim=1),
+                    f"per_sample_directional_derivatives along the {k} columns of O (one pass)")
+        except UnsupportedOpError as e:
+            why = f"the curvature engine refuses the model: {str(e).splitlines()[0][:160]}"
+
+    def grad_sub(q, *sample):
+        return tf.grad(lambda r: one({**rest, **r}["theta"] if flat else {**rest, **r}, *sample))(q)
+
+    parts, paths = [], []
+    for part in samples.chunks(chunk_size):
+        grads, path = map_samples(op, grad_sub, sub, part)
+        paths.append(path)
+        gcond = mirror.condition(grads["theta"]) if flat else mirror.condition(grads, batch_dims=1)
+        parts.append(gcond.double().norm(dim=-1))
+        del grads
+    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return out, f"{next((p for p in paths if p != 'vmap'), 'vmap')} per-sample gradients of {touched} ({why})"
+
+
+def _summary(methods: Dict[str, str]) -> str:
+    """One line from per_sample_grad_norms' per-parameter methods: ``path: names; path: names``."""
+    by: Dict[str, list] = {}
+    for name, m in methods.items():
+        by.setdefault(m, []).append(name)
+    return "; ".join(f"{m}: {', '.join(names)}" for m, names in by.items())
 
 
 def _per_sample_block(op, loss_fn, one, params, samples, batch, m, n, chunk_size):
@@ -277,9 +329,33 @@ def _per_sample_block(op, loss_fn, one, params, samples, batch, m, n, chunk_size
     return map_samples(op, per_sample_block, params, samples, chunk_size)
 
 
-def _basis_like(mirror: Mirror, params: Mapping[str, Tensor]) -> Tensor:
-    """O as dense [D, k] in the flattening order of ``params`` (which may differ from the mirror's layout)."""
-    k = mirror.rank
-    cols = [flat_values(mirror.expand(torch.eye(k, dtype=torch.float64)[j], like={n: v.double() for n, v in params.items()}))
-            for j in range(k)]
-    return torch.stack(cols, 1)
+def _combine(HO: Params, c: Tensor) -> Params:
+    """sum_j c_j (H O)_j for the stacked columns ``HO`` (a ``[k, D]`` tensor or a dict of ``[k, *shape]``)."""
+    if isinstance(HO, Tensor):
+        return c @ HO
+    return {n: torch.tensordot(c, v, dims=1) for n, v in HO.items()}
+
+
+def _columns_like(mirror: Mirror, V: Tensor, params: Params) -> Tensor:
+    """O V as a float64 ``[D, k]`` matrix in the flattening order of ``params`` (which may differ
+    from the mirror's layout; a parameter outside it gets zeros)."""
+    flat = mirror.expand(V.T)  # [k, D] in the mirror's layout order
+    layout = mirror.layout
+    if isinstance(params, Tensor) or layout is None:
+        return flat.T
+    pieces = []
+    for name, v in params.items():
+        if name in layout.names:
+            j = layout.index(name)
+            pieces.append(flat[:, layout.offsets[j]:layout.offsets[j] + layout.numels[j]])
+        else:
+            pieces.append(flat.new_zeros(flat.shape[0], v.numel()))
+    return torch.cat(pieces, 1).T
+
+
+def _randn_like(params: Params, g: torch.Generator) -> Params:
+    """Standard normal entries shaped like ``params``, drawn in their dtype (float32 draws are
+    vectorized, float64 ones several times slower)."""
+    if isinstance(params, Tensor):
+        return torch.randn(params.shape, generator=g, dtype=params.dtype).to(params.device)
+    return {k: torch.randn(v.shape, generator=g, dtype=v.dtype).to(v.device) for k, v in params.items()}

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 
 from symfast import symmetry as S
+from symfast.curvature import functional_loss
+from symfast.symmetry import stationary
 
 D64 = torch.float64
 
@@ -38,15 +40,22 @@ def _loop(params, batch):
     return m, torch.stack(conds), torch.stack(norms)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["directional", "per_sample_grads"])
 @pytest.mark.parametrize("chunk_size", [None, 1, 4, 64])
-def test_per_sample_gradient_part_in_chunks_matches_the_loop(chunk_size):
+def test_per_sample_gradient_part_in_chunks_matches_the_loop(chunk_size, direct, monkeypatch):
+    # x @ W.T is no layer with a closed-form norm: |g_i| takes the vmap fallback, in chunks; |O^T g_i|
+    # comes from directional derivatives, or (k above the limit) per-sample gradients in chunks
+    if not direct:
+        monkeypatch.setattr(stationary, "_DIRECT_MAX_RANK", 0)
     params, batch = _params(), (_randn(7, 3, seed=4), _randn(7, 2, seed=5))
     m, conds, norms = _loop(params, batch)
     rep = S.stationary_report(_loss_fn, params, m, batch, chunk_size=chunk_size, eigen=False, n_pairs=1)
     torch.testing.assert_close(rep.grad_condition, conds, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(rep.grad_norm, norms, rtol=1e-10, atol=0)
     assert conds.min() > 1e-3  # off the condition: the numbers are not all zero
-    assert rep.methods["per_sample_grad"] == "vmap"
+    assert rep.methods["per_sample_grad_norm"].startswith("vmap (used by")
+    how = rep.methods["per_sample_grad_condition"]
+    assert how.startswith("per_sample_directional_derivatives" if direct else "vmap per-sample gradients")
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -85,3 +94,59 @@ def test_per_sample_hessian_block_falls_back_where_the_engine_refuses():
     assert rep.methods["per_sample_hessian"] == "vmap"
     assert rep.hessian_block.min() > 1e-4
     torch.testing.assert_close(rep.per_sample_hessian_block[0], rep.hessian_block, rtol=1e-10, atol=1e-13)
+    # the engine refuses det for |O^T g_i| too: per-sample gradients instead, and the reason
+    assert "the curvature engine refuses the model" in rep.methods["per_sample_grad_condition"]
+
+
+def test_block_check_from_the_columns_equals_its_own_products():
+    # with the eigen part, H n = (H O) c for n = O c; without it, H n is a product of its own
+    params = _params()
+    m = S.unit_permutation_mirror(params, ["W1", "b1"], ["W2"], 0, 2)
+    batch = (_randn(6, 3, seed=4), _randn(6, 2, seed=5))
+    a = S.stationary_report(_loss_fn, params, m, batch, n_pairs=3, eigen=True)
+    b = S.stationary_report(_loss_fn, params, m, batch, n_pairs=3, eigen=False)
+    assert a.hessian_block.min() > 1e-4  # off the condition: a real comparison
+    torch.testing.assert_close(a.hessian_block, b.hessian_block, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(a.hessian_scale, b.hessian_scale, rtol=1e-10, atol=1e-13)
+    assert "columns H O" in a.methods["hvp"] and "columns H O" not in b.methods["hvp"]
+
+
+def test_hvps_fall_back_only_on_a_missing_double_backward(monkeypatch):
+    params = _params()
+    m = S.unit_permutation_mirror(params, ["W1", "b1"], ["W2"], 0, 2)
+    batch = (_randn(6, 3, seed=4), _randn(6, 2, seed=5))
+    ref = S.stationary_report(_loss_fn, params, m, batch, n_pairs=2)
+
+    def no_double_backward(*args, **kwargs):
+        raise NotImplementedError("the derivative for '_cdist_backward' is not implemented.")
+
+    monkeypatch.setattr(stationary.tf, "vjp", no_double_backward)
+    rep = S.stationary_report(_loss_fn, params, m, batch, n_pairs=2)
+    assert rep.methods["hvp"].startswith("jvp(grad) (no double backward: the derivative for '_cdist_backward'")
+    torch.testing.assert_close(rep.eigenvalues, ref.eigenvalues, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(rep.hessian_scale, ref.hessian_scale, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(rep.mean_grad_condition, ref.mean_grad_condition, rtol=1e-10, atol=1e-13)
+
+    def unrelated(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(stationary.tf, "vjp", unrelated)
+    with pytest.raises(RuntimeError, match="out of memory"):  # any other error is the caller's to see
+        S.stationary_report(_loss_fn, params, m, batch, n_pairs=2)
+
+
+def test_closed_form_norms_in_the_report_match_the_loop():
+    # nn.Linear layers: |g_i| from the closed form (one forward and backward), checked against the loop
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    loss_fn, params = functional_loss(model, nn.MSELoss(reduction="none"))
+    m = S.unit_permutation_mirror(params, ["0.weight", "0.bias"], ["2.weight"], 1, 3)
+    batch = (_randn(7, 3, seed=4), _randn(7, 2, seed=5))
+    rep = S.stationary_report(loss_fn, params, m, batch, n_pairs=1)
+    norms = []
+    for i in range(7):
+        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        gs = torch.autograd.grad(loss_fn(p, (batch[0][i:i + 1], batch[1][i:i + 1]))[0], list(p.values()))
+        norms.append(torch.cat([g.reshape(-1) for g in gs]).norm())
+    torch.testing.assert_close(rep.grad_norm, torch.stack(norms), rtol=1e-10, atol=0)
+    assert rep.methods["per_sample_grad_norm"] == "ghost (linear): 0.weight, 0.bias, 2.weight, 2.bias"
