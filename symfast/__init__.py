@@ -27,6 +27,7 @@ from .curvature import (
     functional_loss,
     per_sample_curvatures,
     per_sample_directional_derivatives,
+    per_sample_grad_norms,
     per_sample_hvp,
 )
 from .monitor import CollapseMonitor
@@ -59,6 +60,7 @@ __all__ = [
     "collapse",
     "per_sample_directional_derivatives",
     "per_sample_curvatures",
+    "per_sample_grad_norms",
     "per_sample_hvp",
     "functional_loss",
     "UnsupportedOpError",

@@ -111,9 +111,12 @@ does not update running statistics: computing curvatures has no side effects.
 
 from .api import functional_loss, per_sample_curvatures, per_sample_directional_derivatives, per_sample_hvp
 from .checks import UnsupportedOpError
+from .grad_norms import GradNorms, per_sample_grad_norms
 
 __all__ = [
     "per_sample_directional_derivatives",
+    "per_sample_grad_norms",
+    "GradNorms",
     "per_sample_curvatures",
     "per_sample_hvp",
     "functional_loss",
