@@ -21,8 +21,12 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 demo: $(STAMP)
 	$(PY) -m symfast demo
 
+# One test worker per core (pytest-xdist), at most TEST_WORKERS_MAX: each worker imports torch and
+# transformers, so memory, not cores, bounds a big machine.
+TEST_WORKERS_MAX ?= 8
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses $(TEST_WORKERS_MAX)
 
 repro-full: $(STAMP)
 	$(PY) -m symfast repro --all --full

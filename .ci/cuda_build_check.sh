@@ -6,7 +6,10 @@
 # sources compile, link and register. (Where a GPU is visible it also runs a
 # short numerical smoke test against symfast.reference.)
 #
-# Usage: .ci/cuda_build_check.sh [REPO_ROOT]
+# Usage: .ci/cuda_build_check.sh [--prepare] [REPO_ROOT]
+#   --prepare                 only create the virtualenv and install the build requirements
+#                             (with SYMFAST_CUDA_VENV, so that a later run reuses them: .ci/run
+#                             does this in the background while the tests run)
 #   REPO_ROOT                 default: the repository that holds this script
 # Environment:
 #   CUDA_HOME                 toolkit folder; default: found from `nvcc` on PATH
@@ -26,6 +29,11 @@ set -euo pipefail
 log() { printf '[cuda-build-check] %s\n' "$*"; }
 die() { printf '[cuda-build-check] ERROR: %s\n' "$*" >&2; exit 1; }
 
+prepare_only=0
+if [[ ${1:-} == --prepare ]]; then
+  prepare_only=1
+  shift
+fi
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=${1:-$(cd "$script_dir/.." && pwd)}
 [[ -f $repo/setup.py && -d $repo/csrc ]] || die "$repo is not the symfast repository (no setup.py/csrc)"
@@ -83,6 +91,11 @@ print(f"[cuda-build-check] torch {torch.__version__}, built with CUDA {torch.ver
 if torch.version.cuda is None:
     raise SystemExit("[cuda-build-check] this torch is a CPU-only build")
 EOF
+if ((prepare_only)); then
+  [[ -n ${SYMFAST_CUDA_VENV:-} ]] || die "--prepare needs SYMFAST_CUDA_VENV (a fresh venv in a temp dir would be deleted)"
+  log "OK: $venv is ready"
+  exit 0
+fi
 
 # -------------------------------------------------------------------- build
 # Copy the sources without build products of the checkout (a stale _C*.so in

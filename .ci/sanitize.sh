@@ -98,7 +98,8 @@ PY
 log "pytest ${tests[*]}"
 start=$SECONDS
 rc=0
-(cd "$src" && "$python" -m pytest -q -p no:cacheprovider "${tests[@]}") || rc=$?
+# One pytest-xdist worker per core (at most 2): a report from any worker still lands in $reports.
+(cd "$src" && "$python" -m pytest -q -p no:cacheprovider -n auto --maxprocesses 2 "${tests[@]}") || rc=$?
 log "tests finished in $((SECONDS - start)) s with exit status $rc"
 if compgen -G "$reports/*" >/dev/null; then
   for f in "$reports"/*; do

@@ -8,6 +8,14 @@ import torch
 
 def pytest_configure(config):
     torch.manual_seed(0)
+    # Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the
+    # cores, and so do the processes its tests start: more intra-op threads than that would
+    # oversubscribe the machine. A thread count the user set is kept.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        share = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
 
 
 # hypothesis profiles for the property tests (tests/ops/test_op_properties.py). "suite", the default, is
