@@ -790,9 +790,9 @@ def _dcs_rule(mode, func, args, kwargs, flat, spec, jets):
     if o is None or mode.get(o["mask"]) is not None:
         return NotImplemented
     w, u, v, mask = o["w"], o["u"], o["v"], o["mask"]
-    y = func(*args, **kwargs)
     (w1, w2), (u1, u2), (v1, v2) = mode.tangents(w), mode.tangents(u), mode.tangents(v)
-    _, y1, y2 = jk.jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2)
+    # the jet op's primal is the op's value (the same products, bit for bit): no second pass
+    y, y1, y2 = jk.jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2)
     mode.put(y, y1, y2)
     return y
 
@@ -802,9 +802,8 @@ def _dcs_group_rule(mode, func, args, kwargs, flat, spec, jets):
     if o is None:
         return NotImplemented
     w, s, dim = o["w"], o["s"], o["dim"]
-    y = func(*args, **kwargs)
     (w1, w2), (s1, s2) = mode.tangents(w), mode.tangents(s)
-    _, y1, y2 = jk.jet_dcs_group(w, s, dim, w1, s1, w2, s2)
+    y, y1, y2 = jk.jet_dcs_group(w, s, dim, w1, s1, w2, s2)
     mode.put(y, y1, y2)
     return y
 
