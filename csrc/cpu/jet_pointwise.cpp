@@ -21,7 +21,7 @@
 // +0, term by term; setup.py's -ffp-contract=off forbids FMAs), so they equal
 // the reference bit for bit. jet_activation evaluates the closed forms of
 // jet_activation_math.h (the smooth kinds with ATen's vector math, see
-// smooth_derivatives), which differ from the reference only by the last bits
+// transcendentals), which differ from the reference only by the last bits
 // of exp/erfc/tanh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -30,6 +30,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <vector>
 
 #include "../common.h"
@@ -88,16 +90,21 @@ inline at::Tensor sech2_tensor(const at::Tensor& x) {
   return at::sigmoid(x * 2.0).mul_(at::sigmoid(x * -2.0)).mul_(4.0);
 }
 
+// Only the transcendental functions go through ATen (erfc, exp, tanh, sigmoid,
+// each one op on the task's slice); the products and sums that make f, f', f''
+// of them are done per element in the block loop below (combine_derivatives),
+// which vectorizes, instead of as a dozen more ATen ops with a temporary each.
+// The expressions and their order are those of jet_activation_math.h's
+// closed forms, so every level of the instruction set rounds the same.
 template <Activation A>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> smooth_derivatives(const at::Tensor& x) {
-  constexpr double kSqrt1_2 = 0.7071067811865476, kInvSqrt2Pi = 0.3989422804014327;
+std::array<at::Tensor, 3> transcendentals(const at::Tensor& x) {
+  constexpr double kSqrt1_2 = 0.7071067811865476;
   constexpr double kTanhC = 0.7978845608028654, kTanhA = 0.044715;
   if constexpr (A == Activation::kGelu) {
-    const at::Tensor cdf = at::erfc(x * -kSqrt1_2).mul_(0.5);
-    const at::Tensor x2 = x * x;
-    const at::Tensor pdf = at::exp(x2 * -0.5).mul_(kInvSqrt2Pi);
-    return {x * cdf, cdf + x * pdf, pdf * (2.0 - x2)};
+    // erfc(-x / sqrt 2), exp(-x^2 / 2)
+    return {at::erfc(x * -kSqrt1_2), (x * x).mul_(-0.5).exp_(), at::Tensor()};
   } else if constexpr (A == Activation::kGeluTanh) {
+    // f, f', f'' outright: the inner polynomial u(x) feeds three functions
     const at::Tensor x2 = x * x;
     const at::Tensor u = (x + (x2 * x) * kTanhA) * kTanhC;
     const at::Tensor half_1pt = at::sigmoid(u * 2.0), t = at::tanh(u), sech2 = sech2_tensor(u);
@@ -107,16 +114,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> smooth_derivatives(const at::Tens
     return {x * half_1pt, half_1pt + half_x * sech2 * du,
             sech2 * (du + half_x * (ddu - t * 2.0 * du * du))};
   } else if constexpr (A == Activation::kSilu || A == Activation::kSigmoid) {
-    const at::Tensor sp = at::sigmoid(x), sm = at::sigmoid(-x);
-    if constexpr (A == Activation::kSigmoid) {
-      const at::Tensor d1 = sp * sm;
-      return {sp, d1, d1 * (sm - sp)};
-    } else {
-      return {x * sp, sp * (x * sm + 1.0), sp * sm * (x * (sm - sp) + 2.0)};
-    }
-  } else {  // tanh
-    const at::Tensor t = at::tanh(x), sech2 = sech2_tensor(x);
-    return {t, sech2, t * -2.0 * sech2};
+    return {at::sigmoid(x), at::sigmoid(-x), at::Tensor()};
+  } else {  // tanh: expm1(-2|x|), exp(-2|x|) (two functions where tanh and sigma(+-2x) took three)
+    at::Tensor a = x.abs().mul_(-2.0);
+    at::Tensor em1 = at::expm1(a);
+    return {em1, a.exp_(), at::Tensor()};
+  }
+}
+
+// f, f', f'' of one element from x and its transcendentals e0, e1, e2 (above).
+template <Activation A, typename acc_t>
+C10_ALWAYS_INLINE void combine_derivatives(acc_t x, acc_t e0, acc_t e1, acc_t e2, acc_t& f, acc_t& d1,
+                                           acc_t& d2) {
+  constexpr acc_t kInvSqrt2Pi = static_cast<acc_t>(0.3989422804014327);
+  if constexpr (A == Activation::kGelu) {
+    const acc_t cdf = e0 * acc_t(0.5), pdf = e1 * kInvSqrt2Pi;
+    f = x * cdf;
+    d1 = cdf + x * pdf;
+    d2 = pdf * (acc_t(2) - x * x);
+  } else if constexpr (A == Activation::kGeluTanh) {
+    f = e0;
+    d1 = e1;
+    d2 = e2;
+  } else if constexpr (A == Activation::kSigmoid) {
+    f = e0;
+    d1 = e0 * e1;
+    d2 = d1 * (e1 - e0);
+  } else if constexpr (A == Activation::kSilu) {
+    f = x * e0;
+    d1 = e0 * (x * e1 + acc_t(1));
+    d2 = e0 * e1 * (x * (e1 - e0) + acc_t(2));
+  } else {
+    // tanh with e = exp(-2|x|): tanh|x| = (1 - e) / (1 + e), 1 - e from expm1 (no
+    // cancellation near 0), and 1 - tanh(x)^2 = 4 e / (1 + e)^2, which keeps its
+    // relative accuracy where it underflows (never 1 - t^2)
+    const acc_t q = acc_t(2) + e0;
+    const acc_t t = std::copysign(-e0 / q, x);
+    const acc_t sech2 = acc_t(4) * e1 / (q * q);
+    f = t;
+    d1 = sech2;
+    d2 = t * acc_t(-2) * sech2;
   }
 }
 
@@ -126,26 +163,33 @@ void activation_range(const T* x, const T* x1, const T* x2, T* y, T* y1, T* y2, 
                       at::opmath_type<T> threshold) {
   using acc_t = at::opmath_type<T>;
   acc_t d1[kBlock], d2[kBlock];
-  // f, f', f'' of the whole task (vector math, see above), or none (scalar forms)
-  at::Tensor vf, vd1, vd2;
+  // transcendentals of the whole task (vector math, see above), or none (scalar forms)
+  std::array<at::Tensor, 3> ve;
   const bool vector_math = kVectorMath<A> && end - begin >= kVectorMathMin;
   if (vector_math) {
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor xs = at::from_blob(const_cast<T*>(x + begin), {end - begin},
                                         at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))
                               .to(acc);
-    if constexpr (kVectorMath<A>) std::tie(vf, vd1, vd2) = smooth_derivatives<A>(xs);
+    if constexpr (kVectorMath<A>) ve = transcendentals<A>(xs);
   }
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t len = std::min(kBlock, end - b);
     if (vector_math) {
-      const acc_t* f = vf.const_data_ptr<acc_t>() + (b - begin);
-      const acc_t* g1 = vd1.const_data_ptr<acc_t>() + (b - begin);
-      const acc_t* g2 = vd2.const_data_ptr<acc_t>() + (b - begin);
+      auto at_or_x = [&](const at::Tensor& e) {
+        return e.defined() ? e.const_data_ptr<acc_t>() + (b - begin) : nullptr;
+      };
+      const acc_t* __restrict__ e0 = at_or_x(ve[0]);
+      const acc_t* __restrict__ e1 = at_or_x(ve[1]);
+      const acc_t* __restrict__ e2 = at_or_x(ve[2]);
+      // an absent transcendental is read as e0 (never used by that kind)
+      if (e1 == nullptr) e1 = e0;
+      if (e2 == nullptr) e2 = e0;
+      SYMFAST_NO_LOOP_DEPENDENCIES
       for (int64_t i = 0; i < len; ++i) {
-        y[b + i] = static_cast<T>(f[i]);
-        d1[i] = g1[i];
-        d2[i] = g2[i];
+        acc_t f;
+        combine_derivatives<A, acc_t>(static_cast<acc_t>(x[b + i]), e0[i], e1[i], e2[i], f, d1[i], d2[i]);
+        y[b + i] = static_cast<T>(f);
       }
     } else {
       for (int64_t i = 0; i < len; ++i) {

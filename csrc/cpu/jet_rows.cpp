@@ -24,6 +24,7 @@
 
 #include "../common.h"
 #include "../jet_rows_checks.h"
+#include "loop_hints.h"
 
 namespace symfast {
 namespace {
@@ -81,7 +82,7 @@ void norm_jet_cpu(const NormJet<T>& a) {
   const acc_t inv_d = acc_t(1) / static_cast<acc_t>(d);
   const int64_t tangent_rows = a.k * ((a.x1 != nullptr) + (a.x2 != nullptr) + 2);
   at::parallel_for(0, n, row_grain(d, tangent_rows), [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> xh(d), h1(d);
+    std::vector<acc_t> xh(d), g1(d), g2(d), v1(d), v2(d);
     auto at_ = [](const T* p, int64_t i) { return static_cast<acc_t>(p[i]); };
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = a.x + r * d;
@@ -118,24 +119,61 @@ void norm_jet_cpu(const NormJet<T>& a) {
         }
         if (t2) s2r = row_sum<acc_t>(d, [&](int64_t i) { return xh[i] * (at_(t2, i) - m2); }) * inv_d;
         const acc_t s2 = (q - s1 * s1) / sigma + s2r;
+        // The outputs term by term, each a branch-free pass over the row in L1
+        // (the tests of which tangents are present stay outside the loops, so
+        // every loop vectorizes); the sums keep the order of the closed forms
+        // above, term for term.
+        if (t1) {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) g1[i] = ((at_(t1, i) - m1) - xh[i] * s1) / sigma;
+        } else {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) g1[i] = (acc_t(0) - xh[i] * s1) / sigma;
+        }
+        if (t2) {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) {
+            g2[i] = (((at_(t2, i) - m2) - acc_t(2) * g1[i] * s1) - xh[i] * s2) / sigma;
+          }
+        } else {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) g2[i] = ((acc_t(0) - acc_t(2) * g1[i] * s1) - xh[i] * s2) / sigma;
+        }
+        if (a.w) {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) {
+            v1[i] = g1[i] * at_(a.w, i);
+            v2[i] = g2[i] * at_(a.w, i);
+          }
+        } else {
+          std::copy(g1.begin(), g1.end(), v1.begin());
+          std::copy(g2.begin(), g2.end(), v2.begin());
+        }
+        if (w1) {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) {
+            v1[i] += xh[i] * at_(w1, i);
+            v2[i] += acc_t(2) * g1[i] * at_(w1, i);
+          }
+        }
+        if (w2) {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) v2[i] += xh[i] * at_(w2, i);
+        }
+        if (b1) {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) v1[i] += at_(b1, i);
+        }
+        if (b2) {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) v2[i] += at_(b2, i);
+        }
         T* o1 = a.y1 + off;
         T* o2 = a.y2 + off;
+        SYMFAST_NO_LOOP_DEPENDENCIES
         for (int64_t i = 0; i < d; ++i) {
-          const acc_t u1 = t1 ? at_(t1, i) - m1 : acc_t(0);
-          const acc_t u2 = t2 ? at_(t2, i) - m2 : acc_t(0);
-          const acc_t g1 = (u1 - xh[i] * s1) / sigma;
-          const acc_t g2 = (u2 - acc_t(2) * g1 * s1 - xh[i] * s2) / sigma;
-          acc_t v1 = a.w ? g1 * at_(a.w, i) : g1;
-          acc_t v2 = a.w ? g2 * at_(a.w, i) : g2;
-          if (w1) {
-            v1 += xh[i] * at_(w1, i);
-            v2 += acc_t(2) * g1 * at_(w1, i);
-          }
-          if (w2) v2 += xh[i] * at_(w2, i);
-          if (b1) v1 += at_(b1, i);
-          if (b2) v2 += at_(b2, i);
-          o1[i] = static_cast<T>(v1);
-          o2[i] = static_cast<T>(v2);
+          o1[i] = static_cast<T>(v1[i]);
+          o2[i] = static_cast<T>(v2[i]);
         }
       }
     }

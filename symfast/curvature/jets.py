@@ -524,6 +524,32 @@ def _linear_prod(x: Tensor, w: Tensor, xk: bool, wk: bool) -> Tensor:
     return out.reshape((w.shape[0],) + (lead[1:] if xk else lead) + (w.shape[-2],))
 
 
+def _linear_jet(K: int, rows: Tensor, w: Tensor, base: Optional[Tensor],
+                terms: Sequence[Tuple[float, Optional[Tensor], Optional[Tensor]]]) -> Optional[Tensor]:
+    """base + sum of alpha * a @ b^T over terms (alpha, a, b), as [K, R, out]; None if nothing is there.
+
+    ``a`` is a row tangent [K, R, in] or None for the primal rows [R, in]; ``b`` a weight tangent
+    [K, out, in] or None for the primal weight. Every term is one batched GEMM that accumulates
+    into the previous ones (baddbmm, beta = 1), the bias tangent ``base`` [K, 1, out] broadcast as
+    its first input: no [K, R, out] partial products are added afterwards, and the primal operand
+    enters as a stride-0 batch, so the output is in the jets' [K, ...] layout without a transposed
+    copy. Scaling by alpha = 2 is exact, so only the order of the sums differs from the closed form.
+    """
+    acc = base
+    for alpha, a, b in terms:
+        lhs = rows.expand(K, *rows.shape) if a is None else a
+        rhs = (w if b is None else b).transpose(-1, -2)
+        if b is None:
+            rhs = rhs.expand(K, *rhs.shape)
+        if acc is None:
+            acc = torch.bmm(lhs, rhs)
+            if alpha != 1:
+                acc = acc * alpha
+        else:
+            acc = torch.baddbmm(acc, lhs, rhs, alpha=alpha)
+    return acc
+
+
 def _f_linear_rule(mode, func, args, kwargs, flat, spec, jets):
     x = kwargs.get("input", args[0] if args else None)
     w = kwargs.get("weight", args[1] if len(args) > 1 else None)
@@ -532,7 +558,38 @@ def _f_linear_rule(mode, func, args, kwargs, flat, spec, jets):
         return NotImplemented
     y = func(*args, **kwargs)
     c1, c2 = mode.tangents(bias)
-    return _bilinear(mode, y, _linear_prod, x, w, _lift(c1, y.dim()), _lift(c2, y.dim()))
+    x1, x2 = mode.tangents(x)
+    w1, w2 = mode.tangents(w)
+    K = mode.K
+    tangents = (x1, x2, w1, w2, c1, c2)
+    if x.dim() == 0 or not all(t is None or t.dtype == y.dtype for t in tangents) or not all(
+            t is None or t.shape == (K, *s.shape) for t, s in zip(tangents, (x, x, w, w, bias, bias))):
+        # a scalar input, mixed dtypes or tangents of other shapes: the general bilinear form
+        return _bilinear(mode, y, _linear_prod, x, w, _lift(c1, y.dim()), _lift(c2, y.dim()))
+    n_in, n_out = x.shape[-1], w.shape[0]
+    rows = x.reshape(-1, n_in)
+    flat_rows = lambda t: None if t is None else t.reshape(K, -1, n_in)  # noqa: E731
+    as_base = lambda c: None if c is None else c.reshape(K, 1, n_out)  # noqa: E731
+    r1, r2 = flat_rows(x1), flat_rows(x2)
+    # y1 = x1 W^T + x W1^T + c1,  y2 = x2 W^T + 2 x1 W1^T + x W2^T + c2
+    terms1 = [(1.0, r1, None)] if r1 is not None else []
+    if w1 is not None:
+        terms1.append((1.0, None, w1))
+    y1 = _linear_jet(K, rows, w, as_base(c1), terms1)
+    y2 = None
+    if mode.second:
+        terms2 = [(1.0, r2, None)] if r2 is not None else []
+        if r1 is not None and w1 is not None:
+            terms2.append((2.0, r1, w1))
+        if w2 is not None:
+            terms2.append((1.0, None, w2))
+        y2 = _linear_jet(K, rows, w, as_base(c2), terms2)
+    out_shape = (K, *y.shape)
+    # a bias-only tangent is [K, 1, out]: a stride-0 view over the rows
+    fit = lambda t: None if t is None else (t.reshape(out_shape) if t.shape[1] == rows.shape[0]  # noqa: E731
+                                            else t.expand(K, rows.shape[0], n_out).reshape(out_shape))
+    mode.put(y, fit(y1), fit(y2))
+    return y
 
 
 def _matmul_prod(f: Callable):
@@ -733,9 +790,9 @@ def _dcs_rule(mode, func, args, kwargs, flat, spec, jets):
     if o is None or mode.get(o["mask"]) is not None:
         return NotImplemented
     w, u, v, mask = o["w"], o["u"], o["v"], o["mask"]
-    y = func(*args, **kwargs)
     (w1, w2), (u1, u2), (v1, v2) = mode.tangents(w), mode.tangents(u), mode.tangents(v)
-    _, y1, y2 = jk.jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2)
+    # the jet op's primal is the op's value (the same products, bit for bit): no second pass
+    y, y1, y2 = jk.jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2)
     mode.put(y, y1, y2)
     return y
 
@@ -745,9 +802,8 @@ def _dcs_group_rule(mode, func, args, kwargs, flat, spec, jets):
     if o is None:
         return NotImplemented
     w, s, dim = o["w"], o["s"], o["dim"]
-    y = func(*args, **kwargs)
     (w1, w2), (s1, s2) = mode.tangents(w), mode.tangents(s)
-    _, y1, y2 = jk.jet_dcs_group(w, s, dim, w1, s1, w2, s2)
+    y, y1, y2 = jk.jet_dcs_group(w, s, dim, w1, s1, w2, s2)
     mode.put(y, y1, y2)
     return y
 

@@ -164,3 +164,41 @@ def test_float32_inputs_agree_with_float64():
         for a, b in zip(lo, hi):
             assert a.dtype == torch.float32
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def _linear_jets(x, w, b, tangents, second=True):
+    """(y, y1, y2) of F.linear(x, w, b) under JetMode, tangents = {tensor: (t1, t2)}."""
+    from symfast.curvature.exact import ExactMode
+    from symfast.curvature.jets import JetMode
+
+    mode = JetMode(ExactMode("test", decompose_norms=False), K, second)
+    leaves = {id(t): t.detach().requires_grad_(True) for t in (x, w, b) if t is not None}
+    with torch.enable_grad(), mode:
+        for t, (t1, t2) in tangents.items():
+            mode.put(leaves[id(t)], t1, t2)
+        y = F.linear(*(leaves[id(t)] if t is not None else None for t in (x, w, b)))
+        y1, y2 = mode.tangents(y)
+    return y.detach(), y1, y2
+
+
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3), (0,)], ids=["1d", "2d", "3d", "empty"])
+@pytest.mark.parametrize("which", ["all", "input", "weight", "bias", "input_bias", "no_bias"])
+def test_linear_rule_matches_nested_jvp(lead, which):
+    """The batched-GEMM linear rule (one baddbmm per term) against nested jvp of F.linear."""
+    x, w, b = _r(*lead, 4, seed=3), _r(6, 4, seed=4), (None if which == "no_bias" else _r(6, seed=5))
+    t = {x: (_r(K, *lead, 4, seed=6), _r(K, *lead, 4, seed=7)), w: (_r(K, 6, 4, seed=8), _r(K, 6, 4, seed=9))}
+    if b is not None:
+        t[b] = (_r(K, 6, seed=10), _r(K, 6, seed=11))
+    keep = {"all": (x, w, b), "input": (x,), "weight": (w,), "bias": (b,), "input_bias": (x, b),
+            "no_bias": (x, w)}[which]
+    t = {k: v for k, v in t.items() if any(k is q for q in keep)}
+    got = _linear_jets(x, w, b, t)
+    primals = tuple(p for p in (x, w, b) if p is not None)
+    zeros = lambda p: torch.zeros(K, *p.shape, dtype=DT)  # noqa: E731
+    t1 = tuple(next((v[0] for k, v in t.items() if k is p), zeros(p)) for p in primals)
+    t2 = tuple(next((v[1] for k, v in t.items() if k is p), zeros(p)) for p in primals)
+    _check(got, lambda *ps: F.linear(*ps), primals, t1, t2)
+    # first order only: no second-order jet
+    y, y1, y2 = _linear_jets(x, w, b, t, second=False)
+    assert y2 is None
+    torch.testing.assert_close(y1, got[1], rtol=1e-12, atol=1e-12)
