@@ -1,5 +1,5 @@
 """symfast train's baselines and DCS levers: GMP (global, per-layer uniform, on w * u) against its closed form,
-budget matching in metrics.json, and the target-sparsity controller."""
+budget matching in metrics.json."""
 
 import json
 import math
@@ -12,12 +12,9 @@ from torch.utils.data import TensorDataset
 
 from symfast.cli import main
 from symfast.conversion import convert
-from symfast.train import fit
 import symfast.train.task as task
 from symfast.train.baselines import (Diverged, GradualMagnitude, gmp_schedule, gmp_sparsity, magnitude_masks,
                                       prune_like, svd_truncate)
-from symfast.train.loop import dcs_sparsity, make_optimizer
-from symfast.train.target import SparsityTarget
 from symfast.train.task import BASELINES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,28 +146,7 @@ def test_metrics_have_every_baseline_at_the_dcs_budget_and_sparsity(tmp_path, ca
     assert all(f"{arm}:" in out for arm in BASELINES)
 
 
-# ------------------------------------------------------------- --target-sparsity
-def _lasso_task(seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(512, 32, generator=g)
-    y = (x[:, :4] @ torch.tensor([1.0, -2.0, 1.5, 0.5]) > 0).long()
-    return TensorDataset(x, y)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_target_sparsity_controller_reaches_the_target(seed):
-    data = _lasso_task(seed)
-    torch.manual_seed(seed)
-    model = convert(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 2)), structure="elementwise",
-                    alpha=1e-4, warn=False)
-    opt = make_optimizer(model, "adam", 1e-2)
-    ctl = SparsityTarget(model, opt, target=0.8, steps=300, threshold=1e-2)
-    fit(model, data, steps=300, batch_size=64, lr=1e-2, optimizer=opt, after_step=ctl, progress=False, seed=seed)
-    got = dcs_sparsity(model, threshold=1e-2)
-    assert abs(got - 0.8) < 0.05, got
-    assert ctl.alpha > 1e-4  # it had to raise alpha to get there
-
-
+# ------------------------------------------------------------- budget split
 def test_tune_split_is_held_out_from_training_with_a_gap_and_budget_split():
     from symfast.train.task import split_budget, tune_split
 
