@@ -612,8 +612,8 @@ def _sweep_table(summary: dict) -> str:
               if abs(summary["arms"]["dcs"][f"{t:g}"]["sparsity"]["mean"] - t) > 0.05]
     if missed:
         lines.append(f"  note: DCS ended more than 0.05 from the target at {', '.join(missed)}; the alpha controller "
-                     "acts from 10% of the steps on, so a starting --alpha that is too large (or too small) for the "
-                     "task can set the sparsity before it does")
+                     "keeps alpha between 1% and 10x --alpha, so a target below the sparsity that 1% of --alpha "
+                     "reaches is missed from above, and one beyond what 10x reaches from below (scale --alpha)")
     return "\n".join(lines)
 
 

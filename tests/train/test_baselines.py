@@ -205,3 +205,28 @@ def test_a_diverged_arm_stops_the_run_naming_the_arm_and_layer(tmp_path, monkeyp
     assert "non-finite values (NaN or inf)" in err and "the training run diverged" in err and "layer " in err
     assert f"Nothing was written to {tmp_path}" in err and "Traceback" not in err
     assert not (tmp_path / "metrics.json").exists()
+
+
+# ------------------------------------------------------------- GMP resumed after its last pruning step
+def test_gradual_magnitude_resumed_after_pruning_keeps_its_mask(tmp_path):
+    from symfast.train import fit
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(256, 8, generator=g), torch.randint(2, (256,), generator=g))
+
+    def go(**kw):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        hook = GradualMagnitude(m, ["0", "2"], final=0.6, uniform=False, **gmp_schedule(40))
+        fit(m, data, steps=40, batch_size=32, lr=1e-2, after_step=hook, progress=False,
+            checkpoint=tmp_path / "gmp.pt", **kw)
+        return m
+
+    whole = go()
+    (tmp_path / "gmp.pt").unlink()
+    go(stop_after=30)  # past the last pruning step (24): the checkpoint holds the final mask's zeros
+    resumed = go(resume=True)
+    zeros = sum(int((p == 0).sum()) for n, p in resumed.named_parameters() if n.endswith("weight"))
+    assert zeros == round(0.6 * 16 * 8) + round(0.6 * 2 * 16)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
