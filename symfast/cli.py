@@ -612,8 +612,8 @@ def _sweep_table(summary: dict) -> str:
               if abs(summary["arms"]["dcs"][f"{t:g}"]["sparsity"]["mean"] - t) > 0.05]
     if missed:
         lines.append(f"  note: DCS ended more than 0.05 from the target at {', '.join(missed)}; the alpha controller "
-                     "acts from 10% of the steps on, so a starting --alpha that is too large (or too small) for the "
-                     "task can set the sparsity before it does")
+                     "keeps alpha between 1% and 10x --alpha, so a target below the sparsity that 1% of --alpha "
+                     "reaches is missed from above, and one beyond what 10x reaches from below (scale --alpha)")
     return "\n".join(lines)
 
 
@@ -675,8 +675,9 @@ def _add_train(sub) -> None:
                    help="comma-separated subset of one_shot_magnitude, gradual_magnitude, "
                    "gradual_magnitude_uniform, gradual_magnitude_wu, or 'all' (default) or 'none'")
     p.add_argument("--target-sparsity", type=_open_unit, default=None, metavar="S",
-                   help="steer DCS's alpha during training (starting from --alpha) so that its thresholded "
-                   "sparsity follows a cubic ramp to S (0 < S < 1); default: a fixed --alpha")
+                   help="steer DCS's alpha during training so that its thresholded sparsity follows a cubic ramp "
+                   "to S (0 < S < 1); alpha starts at 1%% of --alpha and is at most 10x --alpha; default: a fixed "
+                   "--alpha")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam (default) or sgd (momentum 0.9); both with the coupled decay that equals the penalty. "
                    "For sgd consider --clip-grad and --warmup-steps")

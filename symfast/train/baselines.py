@@ -178,6 +178,13 @@ class GradualMagnitude:
             out[n] = s
         return out
 
+    def resumed(self, step: int) -> None:
+        """:func:`fit` calls it when it resumes at ``step``, before the next optimizer step: past the first pruning
+        step, the mask is the checkpoint's zeros. Read after that step instead, Adam would have moved the pruned
+        weights off zero and the mask would keep them all."""
+        if step >= self.start and self.events > 0:
+            self.masks = {n: s != 0 for n, s in self.scores().items()}
+
     def is_pruning_step(self, step: int) -> bool:
         return self.events > 0 and self.start <= step <= self.start + self.events * self.every and (step - self.start) % self.every == 0
 

@@ -262,7 +262,9 @@ def fit(
 
     ``after_step(k)``, when given, is called after the optimizer step that completes step ``k`` (before
     that step's validation and checkpoint), e.g. to apply pruning masks or to adapt a penalty. It
-    must keep no state that the model's weights do not hold, or resuming would lose it.
+    must keep no state that the model's weights (or the optimizer's param groups) do not hold, or
+    resuming would lose it; if it has a ``resumed(k)`` method, a resume at step ``k`` calls it once the
+    checkpoint is loaded, before the next optimizer step, to read that state back from the weights.
 
     Ctrl-C during training raises :class:`Interrupted` (a ``KeyboardInterrupt``) saying after which
     step it stopped and which step the checkpoint holds.
@@ -336,6 +338,8 @@ def fit(
         start = saved_step = state["step"]
         result.history = state["history"]
         result.resumed_from = start
+        if after_step is not None and hasattr(after_step, "resumed"):
+            after_step.resumed(start)  # before the first step: state read off the saved weights (a pruning mask)
 
     def save(step: int) -> None:
         nonlocal saved_step

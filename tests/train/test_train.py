@@ -559,7 +559,7 @@ def test_cli_train_help_documents_flags_and_defaults(capsys):
                  "--seed SEED random seed", "--structure {elementwise,group,lowrank} the DCS structure",
                  "default: lm 128, digits 16", "fine-tune it with its mask for the last 10% of the budget",
                  "warm-up 5%,", "--lr-grid LR,LR,...", "--baselines NAMES", "--target-sparsity S",
-                 "default: lm 0.02, digits 0.003", "--baseline-lr BASELINE_LR",
+                 "default: lm 0.02, digits 0.01", "--baseline-lr BASELINE_LR",
                  "start the child with spawn", "torch.set_num_threads(1) before the ops and the fork"):
         assert part in text, part
     assert "%%" not in text and "about a minute" not in text
