@@ -8,9 +8,11 @@ docstring for the list and why.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-from typing import Callable, Dict, Iterable, Optional
+from types import MappingProxyType
+from typing import Callable, Dict, Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -252,7 +254,10 @@ def _fused_kernel(name: str):
     return handler
 
 
-def _handlers(decompose_norms: bool) -> Dict[Callable, Callable]:
+@functools.lru_cache(maxsize=None)
+def _handlers(decompose_norms: bool) -> Mapping[Callable, Callable]:
+    # Built once per flag, read-only: every engine call enters this mode, and rebuilding the table
+    # each time cost 0.25 ms, 4% of a replayed call on a small model.
     h: Dict[Callable, Callable] = {}
 
     def add(funcs: Iterable[Optional[Callable]], handler: Callable) -> None:
@@ -314,7 +319,7 @@ def _handlers(decompose_norms: bool) -> Dict[Callable, Callable]:
     for name in ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"):
         add([g(name)], _random_op(f"torch.{name}", True))
     add([F.rrelu], _rrelu)
-    return h
+    return MappingProxyType(h)
 
 
 def _rrelu(mode, input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):

@@ -124,17 +124,20 @@ def replayable(loss_fn: Callable, state: Optional[Callable[[], Hashable]] = None
 
 
 _SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
+_SIMPLE_TYPES = frozenset(_SIMPLE)
 
 
 def _simple(v: Any) -> bool:
-    return isinstance(v, _SIMPLE) or (isinstance(v, tuple) and all(isinstance(x, _SIMPLE) for x in v))
+    # the exact-type test first: the token is built on every call, and most attributes are plain
+    return (type(v) in _SIMPLE_TYPES or isinstance(v, _SIMPLE)
+            or (isinstance(v, tuple) and all(isinstance(x, _SIMPLE) for x in v)))
 
 
 def _tensor_id(t: Optional[Tensor]) -> Hashable:
     # identity, not values: a graph holds the tensor itself, so an in-place update is seen on replay
     if t is None:
         return None
-    return id(t), tuple(t.shape), t.dtype, t.device, t.requires_grad
+    return id(t), t.shape, t.dtype, t.device, t.requires_grad
 
 
 def module_state(*objs: Any) -> Hashable:
@@ -156,10 +159,10 @@ def module_state(*objs: Any) -> Hashable:
             d = m.__dict__
             items.append((
                 type(m), m.training,
-                tuple((k, v) for k, v in d.items() if not k.startswith("_") and k != "training" and _simple(v)),
+                tuple([(k, v) for k, v in d.items() if k[:1] != "_" and k != "training" and _simple(v)]),
                 tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
-                tuple((k, _tensor_id(v)) for k, v in m._parameters.items()),
-                tuple((k, _tensor_id(v)) for k, v in m._buffers.items()),
+                tuple([(k, _tensor_id(v)) for k, v in m._parameters.items()]),
+                tuple([(k, _tensor_id(v)) for k, v in m._buffers.items()]),
             ))
     return tuple(items)
 
