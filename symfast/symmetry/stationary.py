@@ -12,7 +12,7 @@ from torch import Tensor
 from ..curvature.api import per_sample_directional_derivatives, per_sample_hvp
 from ..curvature.checks import UnsupportedOpError
 from ..curvature.grad_norms import per_sample_grad_norms
-from ..curvature.per_sample import _VMAP_UNSUPPORTED, _known_failure, hvp, map_samples, single_sample_loss, split_batch
+from ..curvature.per_sample import _known_failure, hvp, map_samples, single_sample_loss, split_batch
 from .layout import Params, flat_values, tree_dot, tree_norm, tree_scale
 from .mirror import Mirror, check_mirror_fits
 from .verification import Verification, _verify, condition_rtol
@@ -249,8 +249,7 @@ def _hvps(op, f, params, vs):
     """
     try:
         g, vjp_fn = tf.vjp(tf.grad(f), params)
-        out, how = _vjps(vjp_fn, params, vs)
-        return g, out, f"vjp(grad) (reverse over reverse, one linearization; {how})"
+        return g, [vjp_fn(v)[0] for v in vs], "vjp(grad) (reverse over reverse, one linearization)"
     except (RuntimeError, NotImplementedError) as e:
         reason = _known_failure(e, _NO_DOUBLE_BACKWARD)
     out, path = [], "jvp(grad)"
@@ -258,30 +257,6 @@ def _hvps(op, f, params, vs):
         hv, path = hvp(f, params, v, op)
         out.append(hv)
     return tf.grad(f)(params), out, f"{path} (no double backward: {reason})"
-
-
-# Backwards batched under vmap this many at a time: on the README MLP (B = 256) 8 at once took 30%
-# less time than 8 one by one, 32 at once no less than 32 one by one.
-_VJP_CHUNK = 8
-
-
-def _vjps(vjp_fn, params, vs):
-    """``[vjp_fn(v)[0] for v in vs]``, ``_VJP_CHUNK`` backwards at a time under ``vmap``, and how."""
-    out, how = [], f"{_VJP_CHUNK} backwards at a time under vmap"
-    for s in range(0, len(vs), _VJP_CHUNK):
-        part = vs[s:s + _VJP_CHUNK]
-        if len(part) > 1 and not how.startswith("one"):
-            flat = isinstance(params, Tensor)
-            stacked = torch.stack(part) if flat else {n: torch.stack([v[n] for v in part]) for n in params}
-            try:
-                hv = tf.vmap(vjp_fn)(stacked)[0]
-            except (RuntimeError, NotImplementedError) as e:
-                how = f"one backward at a time (vmap cannot batch it: {_known_failure(e, _VMAP_UNSUPPORTED)})"
-            else:
-                out += list(hv.unbind(0)) if flat else [{n: hv[n][i] for n in params} for i in range(len(part))]
-                continue
-        out += [vjp_fn(v)[0] for v in part]
-    return out, how
 
 
 def _grad_condition(op, loss_fn, one, params, mirror, batch, samples, chunk_size):
