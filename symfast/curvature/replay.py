@@ -578,7 +578,10 @@ class ReplayCache:
         failure = ""
         for i, variant in enumerate(list(entry.variants)):
             try:
-                with torch.no_grad():
+                # Below autograd: the graph detaches its inputs and outputs, so no op in it needs
+                # autograd's dispatch, which cost each aten op its autograd wrapper and each fused
+                # jet op a Python autograd function.
+                with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
                     out = variant.graph(*flat)
             except _GuardFailed as exc:
                 failure = str(exc)
