@@ -177,6 +177,8 @@ def stationary_report(
     # gradient. With the k columns H O at hand, H n = (H O) c for n = O c: no product of its own.
     if do_eigen:
         stacked = _expand_rows(mirror, torch.eye(k, dtype=dtype, device=losses.device), params)
+        if not isinstance(stacked, Tensor):
+            stacked = {n: v.to(params[n].dtype) for n, v in stacked.items()}
         columns = list(stacked) if isinstance(params, Tensor) else [{n: v[j] for n, v in stacked.items()}
                                                                    for j in range(k)]
         mean_grad, HO, hvp_method = _hvps(op, mean_loss, params, columns)
@@ -268,7 +270,7 @@ def _grad_condition(op, loss_fn, one, params, mirror, batch, samples, chunk_size
     since O's columns are orthonormal. For larger k, or a model the engine refuses, per-sample
     gradients of the touched parameters by vmap, a chunk at a time, reduced at once.
     """
-    k, B = mirror.rank, samples.size
+    k = mirror.rank
     flat = isinstance(params, Tensor)
     touched = ["theta"] if flat else list(mirror.names)
     full = {"theta": params} if flat else params
@@ -281,9 +283,9 @@ def _grad_condition(op, loss_fn, one, params, mirror, batch, samples, chunk_size
 
     why = f"k = {k} > {_DIRECT_MAX_RANK}"
     if k <= _DIRECT_MAX_RANK:
-        dtype = next(iter(sub.values())).dtype
-        cols = [mirror.expand(c, like=params if flat else sub) for c in torch.eye(k, dtype=dtype)]
-        dirs = {n: torch.stack([c if flat else c[n] for c in cols]) for n in touched}
+        first = next(iter(sub.values()))
+        rows = _expand_rows(mirror, torch.eye(k, dtype=first.dtype, device=first.device), params if flat else sub)
+        dirs = {"theta": rows} if flat else {n: r.to(sub[n].dtype) for n, r in rows.items()}
         try:
             g = per_sample_directional_derivatives(lf, sub, dirs, batch)
             return (torch.linalg.vector_norm(g.double(), dim=1),
@@ -345,10 +347,10 @@ def _combine(HO: Params, c: Tensor) -> Params:
 
 
 def _expand_rows(mirror: Mirror, C: Tensor, params: Params) -> Params:
-    """O c for every row c of ``C`` (``[m, k]``) at once, shaped like ``params`` with a leading m:
-    ``[m, D]`` for a flat tensor, else a dict of ``[m, *shape]`` (zeros where the mirror does not
-    reach). One scatter for all rows, where ``Mirror.expand(c, like=params)`` per row would rebuild
-    every parameter each time (a millisecond a row on the README MLP)."""
+    """O c for every row c of ``C`` (``[m, k]``) at once, in ``C``'s dtype, shaped like ``params``
+    with a leading m: ``[m, D]`` for a flat tensor, else a dict of ``[m, *shape]`` (zeros where the
+    mirror does not reach). One scatter for all rows, where ``Mirror.expand(c, like=params)`` per
+    row would rebuild every parameter each time (a millisecond a row on the README MLP)."""
     flat = mirror.expand(C)  # [m, D] in the mirror's layout order
     layout = mirror.layout
     if isinstance(params, Tensor) or layout is None:
@@ -357,27 +359,19 @@ def _expand_rows(mirror: Mirror, C: Tensor, params: Params) -> Params:
     for name, v in params.items():
         if name in layout.names:
             j = layout.index(name)
-            out[name] = flat[:, layout.offsets[j]:layout.offsets[j] + layout.numels[j]].reshape(m, *v.shape).to(v.dtype)
+            out[name] = flat[:, layout.offsets[j]:layout.offsets[j] + layout.numels[j]].reshape(m, *v.shape)
         else:
-            out[name] = v.new_zeros(m, *v.shape)
+            out[name] = flat.new_zeros(m, *v.shape)
     return out
 
 
 def _columns_like(mirror: Mirror, V: Tensor, params: Params) -> Tensor:
-    """O V as a float64 ``[D, k]`` matrix in the flattening order of ``params`` (which may differ
-    from the mirror's layout; a parameter outside it gets zeros)."""
-    flat = mirror.expand(V.T)  # [k, D] in the mirror's layout order
-    layout = mirror.layout
-    if isinstance(params, Tensor) or layout is None:
-        return flat.T
-    pieces = []
-    for name, v in params.items():
-        if name in layout.names:
-            j = layout.index(name)
-            pieces.append(flat[:, layout.offsets[j]:layout.offsets[j] + layout.numels[j]])
-        else:
-            pieces.append(flat.new_zeros(flat.shape[0], v.numel()))
-    return torch.cat(pieces, 1).T
+    """O V as a ``[D, k]`` matrix in ``V``'s dtype and the flattening order of ``params`` (which
+    may differ from the mirror's layout; a parameter outside it gets zeros)."""
+    rows = _expand_rows(mirror, V.T, params)
+    if isinstance(rows, Tensor):
+        return rows.T
+    return torch.cat([r.reshape(V.shape[1], -1) for r in rows.values()], 1).T
 
 
 def _randn_like(params: Params, g: torch.Generator) -> Params:
