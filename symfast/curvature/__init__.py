@@ -15,8 +15,11 @@ stability analysis: :math:`h_{ik}` along a symmetry direction is the
 
 Modules: :mod:`.api` (the functions below), :mod:`.checks` (argument checks and errors),
 :mod:`.exact` (exact mode: decompositions of ops whose forward-mode rules are wrong), :mod:`.jets`
-(second-order Taylor mode), :mod:`.jet_kernels` (its fused jet ops) and :mod:`.replay` (the jet
-program traced once per key and replayed).
+(second-order Taylor mode), :mod:`.jet_kernels` (its fused jet ops), :mod:`.replay` (the jet
+program traced once per key and replayed), :mod:`.grad_norms` (per-sample gradient norms in one
+forward and backward) and :mod:`.linearization` (one kept forward and backward, from which each
+direction's per-sample derivatives and Hessian-vector product come in one more backward: what
+:func:`symfast.stationary_report` needs for a mirror's columns).
 
 Conventions
 -----------

@@ -25,12 +25,19 @@ scale row ``i`` of every layer's output gradient by exactly :math:`w_i` (a power
 floating-point sums exactly, so any mixing of samples shows; two samples that drew the same weight
 out of 34 are not told apart). Those parameters take the exact fallback: per-sample gradients by
 ``torch.func.vmap`` of ``grad`` (with respect to those parameters only), named in ``methods``.
+
+The per-sample loss is ``loss_fn(params, batch)[i]``, the engine's batch convention. Where the
+check fails, the samples may be coupled (batch statistics), and sample ``i`` evaluated alone would
+have another loss, so the fallback is then the rows of the whole batch's Jacobian, by backwards of
+the kept graph (``methods``: ``"Jacobian rows of the batch (...)"``).
 """
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.func as tf
@@ -39,7 +46,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .per_sample import map_samples, per_sample_losses, single_sample_loss
+from .per_sample import (_VMAP_UNSUPPORTED, PerSamplePathWarning, _known_failure, map_samples,
+                         per_sample_losses, single_sample_loss)
 
 __all__ = ["per_sample_grad_norms", "GradNorms"]
 
@@ -214,84 +222,163 @@ def per_sample_grad_norms(
         params: dict of tensors, or a flat tensor (then the fallback: a flat vector reaches the
             layers through views, which the closed forms do not follow).
     """
-    if not isinstance(params, (Tensor, Mapping)):
-        raise TypeError(f"{op}: params must be a dict of tensors or a tensor, got {type(params).__name__}")
-    flat = isinstance(params, Tensor)
-    pdict = {"theta": params} if flat else dict(params)
-    lf = (lambda p, b: loss_fn(p["theta"], b)) if flat else loss_fn
-    leaves = {name: v.detach().requires_grad_(v.is_floating_point()) for name, v in pdict.items()}
-    watch = _Watch({id(v): name for name, v in leaves.items()})
-    with torch.enable_grad(), watch:
-        losses, samples = per_sample_losses(op, lf, leaves, batch)
-    B = samples.size
-    methods: Dict[str, str] = {}
-    count: Dict[str, int] = {}
-    for use in watch.uses:
-        for name in use.names.values():
-            count[name] = count.get(name, 0) + 1
-    for name, n in count.items():
-        if n > 1:
-            watch.other.setdefault(name, f"shared by {n} layers")
-    uses = [u for u in watch.uses if u.out.dim() >= 1 and u.out.shape[0] == B]
-    for u in watch.uses:
-        if u not in uses:
-            for name in u.names.values():
-                watch.other.setdefault(name, f"its {u.kind} output has no leading batch dim of size {B}")
-    # a use whose parameters all take the fallback needs no backward; the others keep their
-    # closed-form roles (a layer's bias keeps its closed form when its weight is tied)
-    uses = [u for u in uses if not all(n in watch.other for n in u.names.values())]
-    sq = torch.zeros(B, dtype=torch.float64, device=losses.device)
-    if uses and B and not losses.requires_grad:  # no parameter reaches the losses differentiably
-        for u in uses:
-            for name in u.names.values():
-                methods.setdefault(name, "unused")
-    elif uses and B:
-        outs = [u.out for u in uses]
-        deltas = torch.autograd.grad(losses.sum(), outs, allow_unused=True, retain_graph=True)
-        w = _sample_weights(B, losses.device)
-        checks = torch.autograd.grad((losses * w.to(losses.dtype)).sum(), outs, allow_unused=True)
-        for u, d, c in zip(uses, deltas, checks):
-            if d is None:
-                for name in u.names.values():
-                    methods.setdefault(name, "unused")
-                continue
-            scaled = d * w.to(d.dtype).reshape(-1, *([1] * (d.dim() - 1)))
-            tol = 16 * torch.finfo(d.dtype).eps * scaled.reshape(B, -1).abs().amax(1)
-            if not bool(((c - scaled).reshape(B, -1).abs().amax(1) <= tol).all()):
-                for name in u.names.values():
-                    watch.other.setdefault(name, f"row i of its {u.kind} output is not sample i's alone")
-                continue
-            for role, v in _sq_norms(u, d.detach(), B).items():
-                if u.names[role] not in watch.other:
-                    sq = sq + v
-                    methods[u.names[role]] = f"ghost ({u.kind})"
-    elif not B:
-        for u in uses:
-            for name in u.names.values():
-                if name not in watch.other:
-                    methods[name] = f"ghost ({u.kind})"
-    fallback = [n for n in pdict if n in watch.other]
-    for n in pdict:
-        if n not in methods and n not in fallback:
-            methods[n] = "unused"  # no op saw it: its gradient is zero
-    if fallback and B:
-        held = {n: v.detach() for n, v in pdict.items()}
-        sub = {n: held[n] for n in fallback}
-        one = single_sample_loss(lf, samples)
+    fw = WatchedForward(op, loss_fn, params, batch)
+    deltas = None
+    if fw.outputs:
+        deltas = torch.autograd.grad(fw.losses.sum(), fw.outputs, allow_unused=True, retain_graph=True)
+    return fw.norms(deltas, chunk_size=chunk_size, op=op)
 
-        def grad_sub(s, *sample):
-            return tf.grad(lambda q: one({**held, **q}, *sample))(s)
 
-        for part_start, part in _chunks(samples, chunk_size):
-            g, path = map_samples(op, grad_sub, sub, part)
-            part_sq = sum(torch.linalg.vector_norm(v.reshape(part.size, -1), dim=1).double() ** 2 for v in g.values())
-            sq[part_start:part_start + part.size] += part_sq
-        for n in fallback:
-            methods[n] = f"{path} ({watch.other[n]})"
-    elif fallback:
-        for n in fallback:
-            methods[n] = f"vmap ({watch.other[n]})"
-    return GradNorms(sq.sqrt(), methods, losses.detach())
+class WatchedForward:
+    """One forward of ``loss_fn`` on the batch, with a graph, that knows where each parameter was used.
+
+    Holds the per-sample ``losses`` (differentiable in ``leaves``, the parameters as detached leaves
+    that require grad), the closed-form layer uses and their ``outputs``, and, per parameter that
+    must take the vmap fallback, why. :meth:`norms` turns the gradients of ``losses.sum()`` at
+    ``outputs`` into :class:`GradNorms`: a caller that runs that backward for its own ends (the
+    mean gradient, kept for Hessian-vector products) passes its ``outputs`` gradients in, and the
+    norms cost no pass of their own.
+    """
+
+    def __init__(self, op: str, loss_fn: Callable[[Any, Any], Tensor], params: Any, batch: Any):
+        if not isinstance(params, (Tensor, Mapping)):
+            raise TypeError(f"{op}: params must be a dict of tensors or a tensor, got {type(params).__name__}")
+        flat = isinstance(params, Tensor)
+        self.pdict = {"theta": params} if flat else dict(params)
+        self.lf = (lambda p, b: loss_fn(p["theta"], b)) if flat else loss_fn
+        self.leaves = {name: v.detach().requires_grad_(v.is_floating_point()) for name, v in self.pdict.items()}
+        watch = _Watch({id(v): name for name, v in self.leaves.items()})
+        with torch.enable_grad(), watch:
+            self.losses, self.samples = per_sample_losses(op, self.lf, self.leaves, batch)
+        B = self.samples.size
+        self.other = watch.other
+        count: Dict[str, int] = {}
+        for use in watch.uses:
+            for name in use.names.values():
+                count[name] = count.get(name, 0) + 1
+        for name, n in count.items():
+            if n > 1:
+                self.other.setdefault(name, f"shared by {n} layers")
+        uses = [u for u in watch.uses if u.out.dim() >= 1 and u.out.shape[0] == B]
+        for u in watch.uses:
+            if u not in uses:
+                for name in u.names.values():
+                    self.other.setdefault(name, f"its {u.kind} output has no leading batch dim of size {B}")
+        # a use whose parameters all take the fallback needs no backward; the others keep their
+        # closed-form roles (a layer's bias keeps its closed form when its weight is tied)
+        self.uses = [u for u in uses if not all(n in self.other for n in u.names.values())]
+        self.methods: Dict[str, str] = {}
+        self.coupled = False  # set by norms(): did a layer's output rows fail to be the samples?
+        if self.uses and B and not self.losses.requires_grad:  # no parameter reaches the losses differentiably
+            for u in self.uses:
+                for name in u.names.values():
+                    self.methods.setdefault(name, "unused")
+            self.uses = []
+        elif not B:
+            for u in self.uses:
+                for name in u.names.values():
+                    if name not in self.other:
+                        self.methods[name] = f"ghost ({u.kind})"
+            self.uses = []
+
+    @property
+    def outputs(self) -> List[Tensor]:
+        """The closed-form layers' outputs, whose gradients :meth:`norms` needs (empty: none)."""
+        return [u.out for u in self.uses]
+
+    def norms(self, deltas: Optional[Sequence[Optional[Tensor]]], *, chunk_size: Optional[int], op: str) -> GradNorms:
+        """:class:`GradNorms` from ``deltas``, the gradients of ``losses.sum()`` at :attr:`outputs`
+        (None where there are none). Runs the row check (a partial backward of the per-sample
+        weighted losses; the graph is kept) and the vmap fallback."""
+        B = self.samples.size
+        losses, methods, other = self.losses, dict(self.methods), dict(self.other)
+        sq = torch.zeros(B, dtype=torch.float64, device=losses.device)
+        if self.uses:
+            w = _sample_weights(B, losses.device)
+            checks = torch.autograd.grad((losses * w.to(losses.dtype)).sum(), self.outputs, allow_unused=True,
+                                         retain_graph=True)
+            for u, d, c in zip(self.uses, deltas, checks):
+                if d is None:
+                    for name in u.names.values():
+                        methods.setdefault(name, "unused")
+                    continue
+                d = d.detach()
+                scaled = d * w.to(d.dtype).reshape(-1, *([1] * (d.dim() - 1)))
+                tol = 16 * torch.finfo(d.dtype).eps * scaled.reshape(B, -1).abs().amax(1)
+                if not bool(((c - scaled).reshape(B, -1).abs().amax(1) <= tol).all()):
+                    for name in u.names.values():
+                        other.setdefault(name, f"row i of its {u.kind} output is not sample i's alone")
+                    continue
+                for role, v in _sq_norms(u, d, B).items():
+                    if u.names[role] not in other:
+                        sq = sq + v
+                        methods[u.names[role]] = f"ghost ({u.kind})"
+        fallback = [n for n in self.pdict if n in other]
+        for n in self.pdict:
+            if n not in methods and n not in fallback:
+                methods[n] = "unused"  # no op saw it: its gradient is zero
+        self.coupled = any(u.names.get(r) in other and other[u.names[r]].startswith("row i of its")
+                           for u in self.uses for r in u.names)
+        if fallback and B and self.coupled:
+            # a layer's output rows are not the samples: the batch may couple its samples (batch
+            # statistics), and then a sample evaluated alone has another loss; the rows of the
+            # whole batch's Jacobian, from the kept graph, are right either way
+            leaves = [self.leaves[n] for n in fallback if self.leaves[n].requires_grad]
+            sq += _jacobian_row_sq(op, losses, leaves, chunk_size) if leaves else 0.0
+            for n in fallback:
+                methods[n] = f"Jacobian rows of the batch ({other[n]})"
+        elif fallback and B:
+            held = {n: v.detach() for n, v in self.pdict.items()}
+            sub = {n: held[n] for n in fallback}
+            one = single_sample_loss(self.lf, self.samples)
+
+            def grad_sub(s, *sample):
+                return tf.grad(lambda q: one({**held, **q}, *sample))(s)
+
+            for part_start, part in _chunks(self.samples, chunk_size):
+                g, path = map_samples(op, grad_sub, sub, part)
+                part_sq = sum(torch.linalg.vector_norm(v.reshape(part.size, -1), dim=1).double() ** 2
+                              for v in g.values())
+                sq[part_start:part_start + part.size] += part_sq
+            for n in fallback:
+                methods[n] = f"{path} ({other[n]})"
+        elif fallback:
+            for n in fallback:
+                methods[n] = f"vmap ({other[n]})"
+        return GradNorms(sq.sqrt(), methods, losses.detach())
+
+
+def jacobian_rows(op: str, losses: Tensor, leaves: List[Tensor], chunk_size: Optional[int]):
+    """Yields ``(start, grads)``: the rows ``start:start + c`` of d losses / d leaves, each of
+    ``grads`` ``[c, *leaf.shape]`` (None for a leaf the losses do not reach). Backwards of the kept
+    graph with rows of the identity as cotangents, ``chunk_size`` rows batched at a time
+    (``is_grads_batched``), or one by one where vmap cannot batch the backward."""
+    B = losses.shape[0]
+    eye = torch.eye(B, dtype=losses.dtype, device=losses.device)
+    step = B if chunk_size is None else max(1, chunk_size)
+    for s in range(0, B, step):
+        rows = eye[s:s + step]
+        try:
+            gs = torch.autograd.grad(losses, leaves, grad_outputs=rows, is_grads_batched=True, retain_graph=True,
+                                     allow_unused=True)
+        except (RuntimeError, NotImplementedError) as e:
+            reason = _known_failure(e, _VMAP_UNSUPPORTED)
+            warnings.warn(f"{op}: vmap cannot batch the backward of this model ({reason}); taking the Jacobian's "
+                          "rows one at a time instead (exact, slower)", PerSamplePathWarning, stacklevel=4)
+            per_row = [torch.autograd.grad(losses, leaves, grad_outputs=r, retain_graph=True, allow_unused=True)
+                       for r in rows]
+            gs = [None if rs[0] is None else torch.stack(rs) for rs in zip(*per_row)]
+        yield s, gs
+
+
+def _jacobian_row_sq(op: str, losses: Tensor, leaves: List[Tensor], chunk_size: Optional[int]) -> Tensor:
+    """``[B]`` float64 squared norms of the rows of d losses / d leaves (:func:`jacobian_rows`)."""
+    out = torch.zeros(losses.shape[0], dtype=torch.float64, device=losses.device)
+    for s, gs in jacobian_rows(op, losses, leaves, chunk_size):
+        for g in gs:
+            if g is not None:
+                out[s:s + g.shape[0]] += g.reshape(g.shape[0], -1).double().square().sum(1)
+    return out
 
 
 def _chunks(samples, chunk_size) -> List[Tuple[int, Any]]:

@@ -2,7 +2,7 @@ r"""``stationary_report``: the numbers of Theorem 4 at a given point, computed e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import torch
@@ -11,18 +11,18 @@ from torch import Tensor
 
 from ..curvature.api import per_sample_directional_derivatives, per_sample_hvp
 from ..curvature.checks import UnsupportedOpError
-from ..curvature.grad_norms import per_sample_grad_norms
-from ..curvature.per_sample import _known_failure, hvp, map_samples, single_sample_loss, split_batch
-from .layout import Params, flat_values, tree_dot, tree_norm, tree_scale
+from ..curvature.linearization import Linearization, NoDoubleBackward
+from ..curvature.per_sample import hvp, map_samples, single_sample_loss
+from .layout import Params, tree_dot, tree_norm, tree_scale
 from .mirror import Mirror, check_mirror_fits
 from .verification import Verification, _verify, condition_rtol
 
 __all__ = ["stationary_report", "StationaryReport"]
 
-# Up to this many columns, |O^T g_i| comes from k directional derivatives (Taylor mode, about one
-# forward and backward per direction, less on few touched parameters); above it from per-sample
-# gradients, whose cost does not grow with k (on the README MLP, for a mirror of first-layer
-# weights, both cost about 63 forward+backward passes at k = 128; at k = 64, 36 against 51).
+# Up to this many columns, |O^T g_i| and H O come from one backward per column of the kept
+# linearization (about 0.9 forward+backward passes each on the README MLP); above it, |O^T g_i|
+# comes from per-sample gradients, whose cost does not grow with k (about 51 passes there for a
+# mirror of first-layer weights), and the block check from n_pairs products of its own.
 _DIRECT_MAX_RANK = 64
 
 
@@ -36,12 +36,14 @@ class StationaryReport:
         grad_condition: ``[B]``, per-sample ``|O^T grad l(theta, x_i)|`` (part 1: zero on the
             condition); ``grad_norm``: ``[B]``, ``|grad l(theta, x_i)|`` for scale.
         mean_grad_condition: ``|O^T grad L(theta)|`` for the batch mean ``L``.
-        hessian_block: ``[n_pairs]``, ``|m^T H n|`` for random unit ``m`` in ``ker O^T`` and ``n``
-            in ``im O`` (H: Hessian of the batch-mean loss; part 2: zero on the condition);
+        hessian_block: ``[n_pairs]``, ``|m^T H n|`` for one random unit ``m`` in ``ker O^T`` and
+            ``n_pairs`` random unit ``n`` in ``im O`` (H: Hessian of the batch-mean loss; part 2:
+            zero on the condition);
             ``hessian_scale``: ``|H n|``, an upper bound of ``|m^T H n|``.
         per_sample_hessian_block: ``[B, n_pairs]`` (when ``per_sample_hessian=True``).
         eigenvalues, eigenvectors, eigen_residual: the eigen-decomposition of ``O^T H O`` (``[k]``;
-            eigenvectors as flat ``[D, k]`` in the params' flattening order), and
+            eigenvectors as flat ``[D, k]`` float64 in the params' flattening order, formed on first
+            access: for a small k it is as large as the model), and
             ``|H v - lambda v|`` per direction: zero when ``im O`` is an invariant subspace of H
             (part 2), i.e. these are eigenvectors of the full Hessian. None when skipped
             (``eigen_note`` says why).
@@ -61,11 +63,17 @@ class StationaryReport:
     hessian_scale: Tensor
     per_sample_hessian_block: Optional[Tensor]
     eigenvalues: Optional[Tensor]
-    eigenvectors: Optional[Tensor]
     eigen_residual: Optional[Tensor]
     eigen_note: str
     verification: Verification
     methods: Dict[str, str]
+    _eigenvectors: Any = field(default=None, repr=False, compare=False)  # a Tensor, or what makes it
+
+    @property
+    def eigenvectors(self) -> Optional[Tensor]:
+        if callable(self._eigenvectors):
+            self._eigenvectors = self._eigenvectors()
+        return self._eigenvectors
 
     def __str__(self) -> str:
         gc = self.grad_condition
@@ -102,13 +110,16 @@ def stationary_report(
 
     * ``|O^T theta|``: is theta on the stationary condition?
     * per-sample ``|O^T grad l(theta, x_i)|`` (part 1: zero on the condition, for every sample:
-      SGD cannot leave it), as the per-sample directional derivatives along the columns of O
-      (the curvature engine's Taylor mode, one pass for all k), or for k > 64 from per-sample
-      gradients of the touched parameters (``vmap(grad)``); and ``|grad l(theta, x_i)|`` for
-      scale, from :func:`symfast.curvature.grad_norms.per_sample_grad_norms` (one forward and
-      backward for linear, conv, embedding and layer-norm parameters, ``vmap`` for the others);
-    * ``|m^T H n|`` for ``m in ker O^T``, ``n in im O`` (part 2), via Hessian-vector products
-      (reverse over reverse: one linearization of ``grad``, one backward per product);
+      SGD cannot leave it), as the per-sample directional derivatives along the k columns of O
+      (for k <= 64: from the same backward per column that gives the Hessian-vector product
+      H O; for a model that has no double backward, the curvature engine's Taylor mode), or for
+      k > 64 from per-sample gradients of the touched parameters (``vmap(grad)``); and
+      ``|grad l(theta, x_i)|`` for scale, from the closed forms of
+      :func:`symfast.curvature.grad_norms.per_sample_grad_norms` in the same forward and backward
+      (linear, conv, embedding and layer-norm parameters; ``vmap`` for the others);
+    * ``|m^T H n|`` for a random unit ``m in ker O^T`` and ``n_pairs`` random unit ``n in im O``
+      (part 2), via Hessian-vector products (reverse over reverse: one backward per product of
+      one kept linearization, see :class:`symfast.curvature.linearization.Linearization`);
     * the eigen-decomposition of the Hessian restricted to ``im O`` (``O^T H O``, from k HVPs)
       and how far those directions are from eigenvectors of the full Hessian. For a DCS two-layer
       linear net at the origin this is eq. 6: per pair ``(w_i, u_i)`` the directions
@@ -137,88 +148,113 @@ def stationary_report(
     params = {k: v.detach() for k, v in params.items()} if isinstance(params, Mapping) else params.detach()
     methods: Dict[str, str] = {}
 
-    # ---- part 1: |g_i| from one forward and backward (closed forms per layer, see grad_norms)
-    norms = per_sample_grad_norms(loss_fn, params, batch, chunk_size=chunk_size, op=op)
-    losses, grad_norm = norms.losses, norms.norms
-    samples = split_batch(op, batch, losses.shape[0])
+    # ---- one forward and backward, kept: the losses, |g_i| (closed forms per layer, see
+    # grad_norms), the mean gradient; then one backward per direction for H v and J v
+    lin = Linearization(op, loss_fn, params, batch, chunk_size=chunk_size)
+    losses, grad_norm = lin.losses, lin.grad_norms.norms
+    samples = lin.samples
     dtype = losses.dtype
-    methods["per_sample_grad_norm"] = _summary(norms.methods)
+    methods["per_sample_grad_norm"] = _summary(lin.grad_norms.methods)
     one = single_sample_loss(loss_fn, samples)
-    grad_condition, methods["per_sample_grad_condition"] = _grad_condition(op, loss_fn, one, params, mirror, batch,
-                                                                           samples, chunk_size)
     cond = mirror.condition(params).double().norm().item()
-    tnorm = flat_values(params).double().norm().item()
+    tnorm = tree_norm(params).item()
 
     def mean_loss(p):
         return loss_fn(p, batch).mean()
 
-    # ---- part 2: block check
+    # ---- the random block-check directions: n = O c (unit c), one unit m in ker O^T for all pairs
     g = torch.Generator().manual_seed(seed)
-    blocks, scales, per_blocks = [], [], []
     k = mirror.rank
     do_eigen = eigen is True or (eigen == "auto" and k <= max_eigen_rank)
-    # n itself is needed only without the eigen part (its own HVP) or for the per-sample block;
-    # else H n comes from the columns H O, and |O z| = |z| (O's columns are orthonormal).
-    need_n = not do_eigen or per_sample_hessian
-    pairs = []  # (m, n, c with n = O c) per pair, drawn in a fixed order from the seeded generator
-    for _ in range(n_pairs):
-        z = torch.randn(mirror.rank, generator=g, dtype=torch.float64).to(dtype)
-        if need_n:
-            n = mirror.expand(z, like=params)
-            s = 1.0 / tree_norm(n)
-            n = tree_scale(n, s)
-        else:
-            n, s = None, 1.0 / torch.linalg.vector_norm(z)
-        m = mirror.symmetric_solution(_randn_like(params, g))
-        mn = tree_norm(m)
-        pairs.append(None if mn.item() == 0 else (tree_scale(m, 1.0 / mn), n, z * s))  # None: ker O^T = {0}
-    live = [p for p in pairs if p is not None]
-    # Every Hessian-vector product from one linearization of the gradient, which also gives the mean
-    # gradient. With the k columns H O at hand, H n = (H O) c for n = O c: no product of its own.
-    if do_eigen:
-        stacked = _expand_rows(mirror, torch.eye(k, dtype=dtype, device=losses.device), params)
-        if not isinstance(stacked, Tensor):
-            stacked = {n: v.to(params[n].dtype) for n, v in stacked.items()}
-        columns = list(stacked) if isinstance(params, Tensor) else [{n: v[j] for n, v in stacked.items()}
-                                                                   for j in range(k)]
-        mean_grad, HO, hvp_method = _hvps(op, mean_loss, params, columns)
-        HO = torch.stack(HO) if isinstance(params, Tensor) else {n: torch.stack([c[n] for c in HO]) for n in params}
-        Hns = [_combine(HO, c) for _, _, c in live]
+    cs = torch.randn(n_pairs, k, generator=g, dtype=torch.float64)
+    cs = (cs / torch.linalg.vector_norm(cs, dim=1, keepdim=True)).to(dtype)  # |O c| = |c|: O is orthonormal
+    m = mirror.symmetric_solution(_randn_like(params, g))
+    mn = tree_norm(m)
+    m = None if mn.item() == 0 else tree_scale(m, 1.0 / mn)  # None: im O is everything, ker O^T = {0}
+    columns_path = k <= _DIRECT_MAX_RANK or do_eigen
+    need_n = per_sample_hessian or not columns_path
+    ns = _expand_rows(mirror, cs, params) if need_n and m is not None else None
+    if ns is not None:
+        ns = [ns[j] for j in range(n_pairs)] if isinstance(ns, Tensor) else \
+            [{name: v[j].to(params[name].dtype) for name, v in ns.items()} for j in range(n_pairs)]
+
+    # ---- |O^T g_i| and the Hessian-vector products. For k <= _DIRECT_MAX_RANK (or for the eigen
+    # part): the k columns of O, one backward each, give both J O (|O^T g_i| is the norm of row i:
+    # O is orthonormal) and H O, from which H n = (H O) c and O^T H O. Else per-sample gradients
+    # (their cost does not grow with k) and one product per n.
+    HO = None
+    if columns_path:
+        columns = _touched_columns(mirror, params, k, dtype)
+        try:
+            JO, HO_cols = lin.directions(columns)
+            grad_condition = torch.linalg.vector_norm(JO.double(), dim=1)
+            methods["per_sample_grad_condition"] = (f"J O from the {k} column backwards of one linearization "
+                                                    "(double-backward trick)")
+            hvp_method = f"vjp(grad) (reverse over reverse, one linearization; the {k} columns H O)"
+        except NoDoubleBackward as e:
+            reason = str(e).split(": ", 1)[-1]
+            grad_condition, methods["per_sample_grad_condition"] = _grad_condition(
+                op, loss_fn, one, params, mirror, batch, samples, chunk_size, lin)
+            HO_cols, path = _hvps_forward(op, mean_loss, params, [_full(c, params) for c in columns])
+            hvp_method = f"{path} (no double backward: {reason})"
+        # H O per parameter as [k, numel] (the flat vector is one parameter, "theta")
+        HO = {name: torch.stack([c[name].reshape(-1) for c in HO_cols]) for name in HO_cols[0]} \
+            if not isinstance(params, Tensor) else {"theta": torch.stack(HO_cols)}
+        hvp_method += "; the block check's H n = (H O) c"
     else:
-        mean_grad, Hns, hvp_method = _hvps(op, mean_loss, params, [n for _, n, _ in live])
-    mean_grad_condition = mirror.condition(mean_grad).double().norm().item()
-    Hn_of = iter(Hns)
-    for pair in pairs:
-        if pair is None:  # im O is everything: ker O^T = {0}
-            blocks.append(torch.zeros((), dtype=torch.float64))
-            scales.append(torch.zeros((), dtype=torch.float64))
-            continue
-        m, n, _ = pair
-        Hn = next(Hn_of)
-        blocks.append(tree_dot(m, Hn).abs().double())
-        scales.append(tree_norm(Hn).double())
-        if per_sample_hessian:
+        grad_condition, methods["per_sample_grad_condition"] = _grad_condition(
+            op, loss_fn, one, params, mirror, batch, samples, chunk_size, lin)
+        if m is None:
+            Hns, hvp_method = [], "none needed (ker O^T = {0})"
+        else:
+            try:
+                Hns = lin.directions(ns)[1]
+                hvp_method = "vjp(grad) (reverse over reverse, one linearization)"
+            except NoDoubleBackward as e:
+                Hns, path = _hvps_forward(op, mean_loss, params, ns)
+                hvp_method = f"{path} (no double backward: {str(e).split(': ', 1)[-1]})"
+    methods["hvp"] = hvp_method
+    mean_grad_condition = mirror.condition(lin.mean_grad(None if isinstance(params, Tensor) else mirror.names))
+    mean_grad_condition = mean_grad_condition.double().norm().item()
+    del lin  # frees the kept graph
+
+    # ---- part 2: block check. From the columns, m^T H n = c^T (H O)^T m and |H n|^2 = c^T G c
+    # with the k x k Gram matrix G = (H O)^T (H O): no parameter-sized vector per pair.
+    blocks = torch.zeros(n_pairs, dtype=torch.float64)  # stays 0 where im O is everything: ker O^T = {0}
+    scales = torch.zeros(n_pairs, dtype=torch.float64)
+    per_blocks = []
+    if m is not None and HO is not None:
+        m2 = {"theta": m} if isinstance(params, Tensor) else m
+        r = sum(HO[name] @ m2[name].reshape(-1) for name in HO)
+        G = sum(v @ v.T for v in HO.values())
+        blocks = (cs @ r).abs().double()
+        scales = ((cs @ G) * cs).sum(1).clamp_min(0).sqrt().double()
+    elif m is not None:
+        blocks = torch.stack([tree_dot(m, Hn).abs() for Hn in Hns]).double()
+        scales = torch.stack([tree_norm(Hn) for Hn in Hns]).double()
+    if m is not None and per_sample_hessian:
+        for n in ns:
             vals, methods["per_sample_hessian"] = _per_sample_block(op, loss_fn, one, params, samples, batch, m, n,
                                                                     chunk_size)
             per_blocks.append(vals.abs().double())
-    methods["hvp"] = hvp_method + (f" (the {k} columns H O; the block check's H n = (H O) c)" if do_eigen else "")
 
     # ---- eigen-directions of O^T H O
     evals = evecs = resid = None
     note = ""
     if do_eigen:
         # O^T (H O) through the mirror's own (sparse) map; the rest in the parameters' dtype
-        A = (mirror.condition(HO) if isinstance(params, Tensor) else mirror.condition(HO, batch_dims=1)).double().T
+        A = (mirror.condition(HO["theta"]) if isinstance(params, Tensor) else
+             mirror.condition({name: HO[name].reshape(k, *params[name].shape) for name in HO},
+                              batch_dims=1)).double().T
         evals, V = torch.linalg.eigh((A + A.T) / 2)
-        evecs = _columns_like(mirror, V, params)  # [D, k] float64, O V
-        HOf = HO if isinstance(params, Tensor) else torch.cat([HO[n].reshape(k, -1) for n in params], 1)
-        resid = (HOf.T @ V.to(dtype) - evecs.to(dtype) * evals.to(dtype)).norm(dim=0).double()
+        evecs = lambda: _columns_like(mirror, V, params)  # noqa: E731  [D, k] float64, O V
+        resid = _eigen_residual(mirror, params, HO, V.to(dtype), evals.to(dtype))
         note = f"computed from {k} Hessian-vector products"
     else:
         note = f"skipped: k = {k} > max_eigen_rank = {max_eigen_rank}" if eigen == "auto" else "skipped: eigen=False"
 
     eps_rel = condition_rtol(dtype)
-    ver = _verify(loss_fn, params, mirror, [batch], rtol=None, atol=0.0, losses=[losses])
+    ver = _verify(loss_fn, params, mirror, [batch], rtol=None, atol=0.0, losses=[losses], norms=(cond, tnorm))
     return StationaryReport(
         condition_norm=cond,
         theta_norm=tnorm,
@@ -226,11 +262,11 @@ def stationary_report(
         grad_condition=grad_condition,
         grad_norm=grad_norm,
         mean_grad_condition=mean_grad_condition,
-        hessian_block=torch.stack(blocks),
-        hessian_scale=torch.stack(scales),
+        hessian_block=blocks,
+        hessian_scale=scales,
         per_sample_hessian_block=torch.stack(per_blocks, 1) if per_blocks else None,
         eigenvalues=evals,
-        eigenvectors=evecs,
+        _eigenvectors=evecs,
         eigen_residual=resid,
         eigen_note=note,
         verification=ver,
@@ -238,37 +274,69 @@ def stationary_report(
     )
 
 
-# What torch says when an op of the model has no double backward: only these send _hvps to forward over reverse.
-_NO_DOUBLE_BACKWARD = ("is not implemented", "double backward", "does not support higher order")
+def _eigen_residual(mirror: Mirror, params: Params, HO: Dict[str, Tensor], V: Tensor, evals: Tensor) -> Tensor:
+    """``[k]`` float64 ``|H v - lambda v|`` for the eigenvectors ``v = O V`` (``HO``: per parameter,
+    ``[k, numel]``). Where O is zero, ``H v`` alone counts, as the diagonal of ``V^T G V`` with that
+    part's k x k Gram matrix G (a sum of squares: no cancellation); on the parameters O touches, the
+    difference is formed explicitly, since there ``H v`` and ``lambda v`` can cancel to rounding."""
+    k = V.shape[0]
+    flat = isinstance(params, Tensor)
+    touched = {"theta"} if flat else set(mirror.names)
+    OV = _expand_rows(mirror, V.T, params if flat else {n: params[n] for n in touched})
+    OV = {"theta": OV} if flat else OV
+    sq = torch.zeros(k, dtype=torch.float64, device=V.device)
+    untouched = [v for name, v in HO.items() if name not in touched]
+    if untouched:
+        Gu = sum(v @ v.T for v in untouched)
+        sq = sq + ((V.T @ Gu) * V.T).sum(1).double()
+    for name in touched:
+        X = HO[name].T @ V - OV[name].reshape(k, -1).T.to(V.dtype) * evals
+        sq = sq + X.double().square().sum(0)
+    return sq.clamp_min(0).sqrt()
 
 
-def _hvps(op, f, params, vs):
-    """``(grad f, [H v for v in vs], path)`` for the scalar ``f`` at ``params``.
-
-    Reverse over reverse: one forward and backward that keeps its graph (``vjp`` of ``grad``),
-    then one backward of it per direction (H is symmetric, so the vjp is H v). For a model with an
-    op that has no double backward, :func:`~symfast.curvature.per_sample.hvp` per direction.
-    """
-    try:
-        g, vjp_fn = tf.vjp(tf.grad(f), params)
-        return g, [vjp_fn(v)[0] for v in vs], "vjp(grad) (reverse over reverse, one linearization)"
-    except (RuntimeError, NotImplementedError) as e:
-        reason = _known_failure(e, _NO_DOUBLE_BACKWARD)
+def _hvps_forward(op, f, params, vs):
+    """``([H v for v in vs], path)`` for the scalar ``f`` at ``params``, forward over reverse
+    (:func:`~symfast.curvature.per_sample.hvp`, one product per direction): the path for a model
+    that cannot be differentiated twice in reverse mode."""
     out, path = [], "jvp(grad)"
     for v in vs:
         hv, path = hvp(f, params, v, op)
         out.append(hv)
-    return tf.grad(f)(params), out, f"{path} (no double backward: {reason})"
+    return out, path
 
 
-def _grad_condition(op, loss_fn, one, params, mirror, batch, samples, chunk_size):
-    """``[B]`` float64 ``|O^T g_i|``, and how it was computed.
+def _touched_columns(mirror: Mirror, params: Params, k: int, dtype: torch.dtype) -> list:
+    """The k columns of O, each on the parameters the mirror touches only (a dict that leaves the
+    others out), or as flat vectors for a flat ``params``."""
+    first = params if isinstance(params, Tensor) else next(iter(params.values()))
+    eye = torch.eye(k, dtype=dtype, device=first.device)
+    if isinstance(params, Tensor):
+        rows = _expand_rows(mirror, eye, params)
+        return [rows[j] for j in range(k)]
+    sub = {n: params[n] for n in mirror.names}
+    rows = _expand_rows(mirror, eye, sub)
+    return [{n: v[j].to(sub[n].dtype) for n, v in rows.items()} for j in range(k)]
+
+
+def _full(v: Params, params: Params) -> Params:
+    """``v`` with zeros for the parameters it leaves out."""
+    if isinstance(v, Tensor):
+        return v
+    return {n: v[n] if n in v else torch.zeros_like(p) for n, p in params.items()}
+
+
+def _grad_condition(op, loss_fn, one, params, mirror, batch, samples, chunk_size, lin):
+    """``[B]`` float64 ``|O^T g_i|``, and how it was computed, where the column backwards of the
+    linearization ``lin`` are not taken.
 
     For ``k <= _DIRECT_MAX_RANK``: the per-sample directional derivatives along the k columns of O
     (:func:`symfast.per_sample_directional_derivatives`, Taylor mode: one pass of the batch for all
     k, tangents only on the parameters the mirror touches): ``|O^T g_i|`` is the norm of row i,
     since O's columns are orthonormal. For larger k, or a model the engine refuses, per-sample
-    gradients of the touched parameters by vmap, a chunk at a time, reduced at once.
+    gradients of the touched parameters by vmap, a chunk at a time, reduced at once; for a batch
+    that couples its samples (``lin.coupled``), the rows of the batch's Jacobian instead (a
+    sample evaluated alone would have another loss).
     """
     k = mirror.rank
     flat = isinstance(params, Tensor)
@@ -292,6 +360,14 @@ def _grad_condition(op, loss_fn, one, params, mirror, batch, samples, chunk_size
                     f"per_sample_directional_derivatives along the {k} columns of O (one pass)")
         except UnsupportedOpError as e:
             why = f"the curvature engine refuses the model: {str(e).splitlines()[0][:160]}"
+
+    if lin.coupled:
+        parts = []
+        for _, grads in lin.jacobian_rows(touched, chunk_size):
+            gcond = mirror.condition(grads["theta"]) if flat else mirror.condition(grads, batch_dims=1)
+            parts.append(gcond.double().norm(dim=-1))
+        out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        return out, f"Jacobian rows of {touched} (the batch couples its samples; {why})"
 
     def grad_sub(q, *sample):
         return tf.grad(lambda r: one({**rest, **r}["theta"] if flat else {**rest, **r}, *sample))(q)
@@ -337,13 +413,6 @@ def _per_sample_block(op, loss_fn, one, params, samples, batch, m, n, chunk_size
         return tree_dot(m, hvp(lambda r: one(r, *sample), q, n, op)[0])
 
     return map_samples(op, per_sample_block, params, samples, chunk_size)
-
-
-def _combine(HO: Params, c: Tensor) -> Params:
-    """sum_j c_j (H O)_j for the stacked columns ``HO`` (a ``[k, D]`` tensor or a dict of ``[k, *shape]``)."""
-    if isinstance(HO, Tensor):
-        return c @ HO
-    return {n: torch.tensordot(c, v, dims=1) for n, v in HO.items()}
 
 
 def _expand_rows(mirror: Mirror, C: Tensor, params: Params) -> Params:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.per_sample import per_sample_losses
-from .layout import Params, flat_values
+from .layout import Params, tree_norm
 from .mirror import Mirror, check_mirror_fits
 
 __all__ = ["verify", "Verification"]
@@ -86,9 +86,9 @@ def verify(
     return _verify(loss_fn, params, mirror, batches, rtol=rtol, atol=atol)
 
 
-def _verify(loss_fn, params, mirror, batches, *, rtol, atol, losses=None) -> Verification:
-    """:func:`verify`, with the losses at ``params`` given per batch when the caller has them
-    (``stationary_report`` computed them for the gradient norms: one forward less)."""
+def _verify(loss_fn, params, mirror, batches, *, rtol, atol, losses=None, norms=None) -> Verification:
+    """:func:`verify`, with the losses at ``params`` given per batch, and ``norms = (|O^T theta|,
+    |theta|)``, when the caller has them (``stationary_report`` computed them: one forward less)."""
     reflected = mirror.reflect(params)
     max_dev, scale, n, nb, dtype = 0.0, 0.0, 0, 0, None
     with torch.no_grad():
@@ -103,8 +103,10 @@ def _verify(loss_fn, params, mirror, batches, *, rtol, atol, losses=None) -> Ver
             n += a.shape[0]
             nb += 1
             dtype = a.dtype
-        cond = mirror.condition(params).double().norm().item()
-        tnorm = flat_values(params).double().norm().item()
+        if norms is None:
+            cond, tnorm = mirror.condition(params).double().norm().item(), tree_norm(params).item()
+        else:
+            cond, tnorm = norms
     if nb == 0:
         raise ValueError("verify: batches is empty; give at least one batch")
     rtol = default_rtol(dtype) if rtol is None else float(rtol)

@@ -213,7 +213,7 @@ def test_sequence_first_layout_is_detected_even_when_T_equals_B():
 
     params = {"W": W}
     out = per_sample_grad_norms(loss_fn, params, (x, y))
-    assert out.methods["W"] == "vmap (row i of its linear output is not sample i's alone)"
+    assert out.methods["W"] == "Jacobian rows of the batch (row i of its linear output is not sample i's alone)"
     ref = _vmap_norms(loss_fn, params, (x, y))
     torch.testing.assert_close(out.norms, ref, rtol=1e-10, atol=0)
     # what the closed form would have said, taking rows for samples: wrong, so the check matters
@@ -261,3 +261,20 @@ def test_bad_inputs_name_the_argument():
         per_sample_grad_norms(lambda p, b: b.sum(1), [torch.ones(2)], torch.ones(3, 2))
     with pytest.raises(ValueError, match=r"must return per-sample losses of shape \[B\] = \[3\], got shape \(\)"):
         per_sample_grad_norms(lambda p, b: F.linear(b, p["W"]).sum(), {"W": torch.ones(1, 2)}, torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_samples_coupled_by_batch_statistics_take_the_batch_jacobian_rows(chunk_size):
+    # training-mode batch norm couples the samples: |grad l_i| is that of loss_fn(params, batch)[i]
+    # (the batch convention), the norm of row i of the whole batch's Jacobian; a sample alone
+    # would have another loss (and batch norm refuses a batch of one)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    loss_fn, params = functional_loss(model, nn.CrossEntropyLoss(reduction="none"))
+    batch = (torch.randn(5, 4, generator=_gen(1), dtype=D64), torch.randint(0, 3, (5,), generator=_gen(2)))
+    out = per_sample_grad_norms(loss_fn, params, batch, chunk_size=chunk_size)
+    jac = tf.jacrev(lambda p: loss_fn(p, batch))(params)
+    ref = sum(j.reshape(5, -1).square().sum(1) for j in jac.values()).sqrt()
+    torch.testing.assert_close(out.norms, ref, rtol=1e-10, atol=0)
+    assert out.methods["0.weight"].startswith("Jacobian rows of the batch")
+    assert out.methods["3.weight"] == "ghost (linear)"  # its output rows are the samples

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from autograd_functions import OnceCube
 from symfast import symmetry as S
 from symfast.curvature import functional_loss
+from symfast.curvature.checks import UnsupportedOpError
 from symfast.symmetry import stationary
 
 D64 = torch.float64
@@ -40,11 +42,11 @@ def _loop(params, batch):
     return m, torch.stack(conds), torch.stack(norms)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["directional", "per_sample_grads"])
+@pytest.mark.parametrize("direct", [True, False], ids=["columns", "per_sample_grads"])
 @pytest.mark.parametrize("chunk_size", [None, 1, 4, 64])
 def test_per_sample_gradient_part_in_chunks_matches_the_loop(chunk_size, direct, monkeypatch):
     # x @ W.T is no layer with a closed-form norm: |g_i| takes the vmap fallback, in chunks; |O^T g_i|
-    # comes from directional derivatives, or (k above the limit) per-sample gradients in chunks
+    # comes from the column backwards (J O), or (k above the limit) per-sample gradients in chunks
     if not direct:
         monkeypatch.setattr(stationary, "_DIRECT_MAX_RANK", 0)
     params, batch = _params(), (_randn(7, 3, seed=4), _randn(7, 2, seed=5))
@@ -55,7 +57,7 @@ def test_per_sample_gradient_part_in_chunks_matches_the_loop(chunk_size, direct,
     assert conds.min() > 1e-3  # off the condition: the numbers are not all zero
     assert rep.methods["per_sample_grad_norm"].startswith("vmap (used by")
     how = rep.methods["per_sample_grad_condition"]
-    assert how.startswith("per_sample_directional_derivatives" if direct else "vmap per-sample gradients")
+    assert how.startswith("J O from the" if direct else "vmap per-sample gradients")
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -94,45 +96,82 @@ def test_per_sample_hessian_block_falls_back_where_the_engine_refuses():
     assert rep.methods["per_sample_hessian"] == "vmap"
     assert rep.hessian_block.min() > 1e-4
     torch.testing.assert_close(rep.per_sample_hessian_block[0], rep.hessian_block, rtol=1e-10, atol=1e-13)
-    # the engine refuses det for |O^T g_i| too: per-sample gradients instead, and the reason
-    assert "the curvature engine refuses the model" in rep.methods["per_sample_grad_condition"]
+    # |O^T g_i| comes from the column backwards, reverse mode, which is exact through det
+    assert rep.methods["per_sample_grad_condition"].startswith("J O from the")
 
 
-def test_block_check_from_the_columns_equals_its_own_products():
-    # with the eigen part, H n = (H O) c for n = O c; without it, H n is a product of its own
+def test_block_check_from_the_columns_equals_its_own_products(monkeypatch):
+    # with the columns H O (k <= _DIRECT_MAX_RANK, or the eigen part), H n = (H O) c for n = O c;
+    # else H n is a product of its own
     params = _params()
     m = S.unit_permutation_mirror(params, ["W1", "b1"], ["W2"], 0, 2)
     batch = (_randn(6, 3, seed=4), _randn(6, 2, seed=5))
     a = S.stationary_report(_loss_fn, params, m, batch, n_pairs=3, eigen=True)
+    monkeypatch.setattr(stationary, "_DIRECT_MAX_RANK", 0)
     b = S.stationary_report(_loss_fn, params, m, batch, n_pairs=3, eigen=False)
     assert a.hessian_block.min() > 1e-4  # off the condition: a real comparison
     torch.testing.assert_close(a.hessian_block, b.hessian_block, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(a.hessian_scale, b.hessian_scale, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(a.mean_grad_condition, b.mean_grad_condition, rtol=1e-10, atol=1e-13)
     assert "columns H O" in a.methods["hvp"] and "columns H O" not in b.methods["hvp"]
 
 
-def test_hvps_fall_back_only_on_a_missing_double_backward(monkeypatch):
+def _cube_loss(cube):
+    def loss_fn(p, b):
+        x, y = b
+        h = cube(x @ p["W1"].T + p["b1"])
+        return ((h @ p["W2"].T - y) ** 2).sum(1)
+    return loss_fn
+
+
+def test_a_once_differentiable_function_is_refused_by_name():
+    # reverse over reverse would silently drop the Function's part of H v and J v (its backward's
+    # result is cut off from the graph), and torch.func's jvp of grad gives it a zero tangent
     params = _params()
     m = S.unit_permutation_mirror(params, ["W1", "b1"], ["W2"], 0, 2)
     batch = (_randn(6, 3, seed=4), _randn(6, 2, seed=5))
-    ref = S.stationary_report(_loss_fn, params, m, batch, n_pairs=2)
+    with pytest.warns(UserWarning), pytest.raises(UnsupportedOpError, match=r"once_differentiable \(OnceCubeBackward\)"):
+        S.stationary_report(_cube_loss(OnceCube.apply), params, m, batch, n_pairs=2)
 
-    def no_double_backward(*args, **kwargs):
-        raise NotImplementedError("the derivative for '_cdist_backward' is not implemented.")
 
-    monkeypatch.setattr(stationary.tf, "vjp", no_double_backward)
-    rep = S.stationary_report(_loss_fn, params, m, batch, n_pairs=2)
-    assert rep.methods["hvp"].startswith("jvp(grad) (no double backward: the derivative for '_cdist_backward'")
-    torch.testing.assert_close(rep.eigenvalues, ref.eigenvalues, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(rep.hessian_scale, ref.hessian_scale, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(rep.mean_grad_condition, ref.mean_grad_condition, rtol=1e-10, atol=1e-13)
+class _FailsTwice(torch.autograd.Function):
+    """The identity, whose backward fails (out of memory, say) when it is differentiated."""
 
-    def unrelated(*args, **kwargs):
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(stationary.tf, "vjp", unrelated)
-    with pytest.raises(RuntimeError, match="out of memory"):  # any other error is the caller's to see
-        S.stationary_report(_loss_fn, params, m, batch, n_pairs=2)
+
+class _SquareWithFragileBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        return _FailsTwice.apply(2 * x * g)
+
+
+def test_only_a_missing_double_backward_changes_the_path():
+    # any other error of the second backward is the caller's to see
+    params = _params()
+    m = S.unit_permutation_mirror(params, ["W1", "b1"], ["W2"], 0, 2)
+    batch = (_randn(6, 3, seed=4), _randn(6, 2, seed=5))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        S.stationary_report(_cube_loss(_SquareWithFragileBackward.apply), params, m, batch, n_pairs=2)
 
 
 def test_closed_form_norms_in_the_report_match_the_loop():
@@ -150,3 +189,25 @@ def test_closed_form_norms_in_the_report_match_the_loop():
         norms.append(torch.cat([g.reshape(-1) for g in gs]).norm())
     torch.testing.assert_close(rep.grad_norm, torch.stack(norms), rtol=1e-10, atol=0)
     assert rep.methods["per_sample_grad_norm"] == "ghost (linear): 0.weight, 0.bias, 2.weight, 2.bias"
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["columns", "jacobian_rows"])
+def test_samples_coupled_by_batch_statistics_follow_the_batch_convention(direct, monkeypatch):
+    # training-mode batch norm: every per-sample number is that of loss_fn(params, batch)[i]
+    # (whole-batch statistics), on the column path and on the path for large k alike
+    if not direct:
+        monkeypatch.setattr(stationary, "_DIRECT_MAX_RANK", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).double().train()
+    loss_fn, params = functional_loss(model, nn.MSELoss(reduction="none"))
+    m = S.unit_permutation_mirror(params, ["0.weight", "0.bias", "1.weight", "1.bias"], ["3.weight"], 1, 3)
+    batch = (_randn(7, 3, seed=4), _randn(7, 2, seed=5))
+    rep = S.stationary_report(loss_fn, params, m, batch, n_pairs=1, eigen=False)
+    jac = torch.func.jacrev(lambda p: loss_fn(p, batch))(params)
+    conds = m.condition(jac, batch_dims=1).norm(dim=1)
+    norms = sum(j.reshape(7, -1).square().sum(1) for j in jac.values()).sqrt()
+    assert conds.min() > 1e-4
+    torch.testing.assert_close(rep.grad_condition, conds, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(rep.grad_norm, norms, rtol=1e-10, atol=0)
+    how = rep.methods["per_sample_grad_condition"]
+    assert how.startswith("J O from the" if direct else "Jacobian rows of")
