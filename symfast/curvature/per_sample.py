@@ -333,13 +333,24 @@ def _drop(_x: Any) -> None:
 
 def autograd_functions_of(f: Callable[[Any], Tensor], params: Dict[str, Tensor]) -> List[type]:
     """The Functions that ``f(params)`` runs on a path from ``params``, by one forward pass that
-    records the autograd graph but keeps none of its tensors (nothing is ever run backward).
+    records the autograd graph (never run backward).
 
-    Called outside torch.func transforms (fresh leaves that require grad cannot be made inside
-    one); inside one it returns [] and the caller's own checks stand.
+    Outside torch.func transforms the graph keeps none of its tensors (fresh leaves, saved tensors
+    dropped). Inside one, where fresh leaves that require grad cannot be made, the pass runs under
+    ``torch.func.vjp`` (whose graph is walked the same way; it holds the activations until it
+    returns).
     """
     if torch._C._are_functorch_transforms_active():
-        return []
+        found: List[type] = []
+
+        def watched(p):
+            out = f(p)
+            if isinstance(out, Tensor):
+                found.extend(autograd_functions(out))
+            return out
+
+        tf.vjp(watched, params)
+        return found
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _drop):
         out = f(leaves)

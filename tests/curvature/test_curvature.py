@@ -780,34 +780,22 @@ class _Cube(torch.autograd.Function):
         return _Cube.apply(x), in_dims[0]
 
 
-class _OnceCube(torch.autograd.Function):
-    """_Cube with a @once_differentiable backward and torch's generated vmap rule."""
+class _OnceCube(_Cube):
+    """_Cube with a @once_differentiable backward."""
 
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x ** 3
+    backward = staticmethod(torch.autograd.function.once_differentiable(_Cube.backward))
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x * x * g
-
-    @staticmethod
-    def jvp(ctx, t):
-        (x,) = ctx.saved_tensors
-        return 3 * x * x * t
+    def vmap(info, in_dims, x):
+        return _OnceCube.apply(x), in_dims[0]
 
 
 class _OnceCubeNoJvp(_OnceCube):
     jvp = torch.autograd.Function.jvp
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return _OnceCubeNoJvp.apply(x), in_dims[0]
 
 
 def _cube_model(fn):

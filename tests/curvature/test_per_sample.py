@@ -122,24 +122,11 @@ def test_hvp_without_a_forward_rule_runs_reverse_over_reverse_and_says_so():
     torch.testing.assert_close(Hv, 6 * w * v)
 
 
-class _OnceCube(torch.autograd.Function):
-    """x^3 with a @once_differentiable backward, no jvp, and torch's generated vmap rule."""
+class _OnceCube(_Cube):
+    """_Cube with a @once_differentiable backward and torch's generated vmap rule."""
 
     generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x ** 3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x ** 2 * g
+    backward = staticmethod(torch.autograd.function.once_differentiable(_Cube.backward))
 
 
 def test_reverse_over_reverse_refuses_a_once_differentiable_function_instead_of_returning_zero():
@@ -163,8 +150,17 @@ def test_autograd_functions_are_found_on_the_graph_and_classified():
     def f(p):
         return _OnceCube.apply(p["w"]).sum() + _Cube.apply(p["w"]).sum()
 
-    found = autograd_functions_of(f, {"w": torch.randn(3, dtype=DT)})
+    w = torch.randn(3, dtype=DT)
+    found = autograd_functions_of(f, {"w": w})
     assert set(found) == {_OnceCube, _Cube}
+    inside = []  # inside a transform (no fresh leaves can be made there), through torch.func.vjp
+
+    def per_sample(x):
+        inside.extend(autograd_functions_of(lambda p: _OnceCube.apply(p["w"] * x).sum(), {"w": w}))
+        return x.sum()
+
+    tf.vmap(per_sample)(torch.randn(2, 3, dtype=DT))  # _Cube has no vmap rule
+    assert set(inside) == {_OnceCube}
     assert is_once_differentiable(_OnceCube) and not is_once_differentiable(_Cube)
     assert not has_jvp(_OnceCube) and not has_jvp(_Cube)
 
