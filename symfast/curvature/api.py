@@ -247,7 +247,10 @@ def per_sample_curvatures(
     :class:`~symfast.curvature.per_sample.PerSamplePathWarning` naming the op, where the jets
     cannot follow the model (see the module doc). ``method="forward"``: jvp of jvp of
     the batch loss along each direction. ``method="reference"``: ``vmap`` over
-    samples of ``jvp(grad(loss))``. No path but the reference forms a
+    samples of ``jvp(grad(loss))``. Through an ``autograd.Function`` jvp of jvp is
+    silently wrong (torch.func does not differentiate the Function's jvp rule), so a
+    model that runs one takes the reference recipe instead, with a warning naming it
+    (an :class:`UnsupportedOpError` where the Function has no jvp). No path but the reference forms a
     per-sample parameter-sized tensor. Arguments as in
     :func:`per_sample_directional_derivatives`; results computed under
     ``torch.no_grad()`` inside ``loss_fn`` are constants on every method.
@@ -373,7 +376,9 @@ def per_sample_hvp(
 
         With ``onto``: ``[B, K]`` tensor of :math:`m_k^\top H(x_i) n =
         \partial_s \partial_t \ell(\theta + s m_k + t n, x_i)`, by nested
-        forward mode on the whole batch (no per-sample parameter-sized tensor).
+        forward mode on the whole batch (no per-sample parameter-sized tensor);
+        for a model that runs an ``autograd.Function``, forward over reverse per
+        sample, as in :func:`per_sample_curvatures`.
     """
     op = "symfast.per_sample_hvp"
     params, chunk_size, batch_chunk_size = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
