@@ -34,4 +34,12 @@ inline at::Tensor unneeded_gradient(const at::TensorOptions& options) {
   return at::empty({0}, options);
 }
 
+// The second tangent y2 of a jet op: [K, *S] (sizes) when second is true; for
+// a first-order call (second=false) not computed, and returned like an
+// unneeded gradient. Kernels get a null y2 pointer then and write nothing.
+inline at::Tensor second_tangent_output(bool second, at::IntArrayRef sizes,
+                                        const at::TensorOptions& options) {
+  return second ? at::empty(sizes, options) : unneeded_gradient(options);
+}
+
 }  // namespace symfast

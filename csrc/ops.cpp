@@ -75,19 +75,23 @@ TORCH_LIBRARY(symfast, m) {
   //   y1 = f'(x) x1,   y2 = f'(x) x2 + f''(x)[x1, x1],
   // in one pass. kind: gelu (erf), gelu_tanh, silu, tanh, sigmoid, relu,
   // softplus; beta and threshold are softplus's (linear where beta*x > threshold).
+  // Every jet op takes `second` last: with second=false it computes the
+  // first-order jet only (Taylor mode for directional derivatives) and y2 comes
+  // back as an empty (0,) tensor, so no memory traffic is spent on it (as the
+  // flags of dcs_backward).
   m.def(
       "jet_activation(Tensor x, Tensor? x1, Tensor? x2, str kind, float beta=1.0, "
-      "float threshold=20.0) -> (Tensor, Tensor, Tensor)");
+      "float threshold=20.0, bool second=True) -> (Tensor, Tensor, Tensor)");
   // Jet of dcs: theta = m ? w*u : v,
   //   y1 = m ? w1 u + w u1 : v1,   y2 = m ? w2 u + 2 w1 u1 + w u2 : v2.
   m.def(
       "jet_dcs(Tensor w, Tensor u, Tensor? v, Tensor? mask, Tensor? w1, Tensor? u1, "
-      "Tensor? v1, Tensor? w2, Tensor? u2, Tensor? v2) -> (Tensor, Tensor, Tensor)");
+      "Tensor? v1, Tensor? w2, Tensor? u2, Tensor? v2, bool second=True) -> (Tensor, Tensor, Tensor)");
   // Jet of dcs_group: theta = w * s (s broadcast along dim), s1, s2 of shape [K, G],
   //   y1 = w1 s + w s1,   y2 = w2 s + 2 w1 s1 + w s2.
   m.def(
       "jet_dcs_group(Tensor w, Tensor s, int dim, Tensor? w1, Tensor? s1, Tensor? w2, "
-      "Tensor? s2) -> (Tensor, Tensor, Tensor)");
+      "Tensor? s2, bool second=True) -> (Tensor, Tensor, Tensor)");
   // ---- end of the jet ops, pointwise family ----
 
   // ---- jet ops, row family (csrc/{cpu,cuda}/jet_rows.*) ----
@@ -96,19 +100,21 @@ TORCH_LIBRARY(symfast, m) {
   // F.layer_norm; weight and bias may carry their own jets, (K, *normalized_shape).
   m.def(
       "jet_layer_norm(Tensor x, Tensor? x1, Tensor? x2, int[] normalized_shape, Tensor? weight, "
-      "Tensor? bias, Tensor? weight1, Tensor? bias1, Tensor? weight2, Tensor? bias2, float eps) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? bias, Tensor? weight1, Tensor? bias1, Tensor? weight2, Tensor? bias2, float eps, "
+      "bool second=True) -> (Tensor, Tensor, Tensor)");
   // y = x * rsqrt(mean(x^2, normalized dims) + eps) * weight (F.rms_norm).
   m.def(
       "jet_rms_norm(Tensor x, Tensor? x1, Tensor? x2, int[] normalized_shape, Tensor? weight, "
-      "Tensor? weight1, Tensor? weight2, float eps) -> (Tensor, Tensor, Tensor)");
+      "Tensor? weight1, Tensor? weight2, float eps, bool second=True) -> (Tensor, Tensor, Tensor)");
   // softmax (log=False) or log_softmax (log=True) along dim.
-  m.def("jet_softmax(Tensor x, Tensor? x1, Tensor? x2, int dim, bool log) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "jet_softmax(Tensor x, Tensor? x1, Tensor? x2, int dim, bool log, bool second=True) "
+      "-> (Tensor, Tensor, Tensor)");
   // Per-sample cross-entropy of logits z (N, C) and class indices target (N,)
   // (reduction='none'): loss (N,), l1 and l2 (K, N); rows whose target is
   // ignore_index give 0.
   m.def(
-      "jet_cross_entropy(Tensor z, Tensor? z1, Tensor? z2, Tensor target, int ignore_index=-100) "
-      "-> (Tensor, Tensor, Tensor)");
+      "jet_cross_entropy(Tensor z, Tensor? z1, Tensor? z2, Tensor target, int ignore_index=-100, "
+      "bool second=True) -> (Tensor, Tensor, Tensor)");
   // ---- end of the jet ops, row family ----
 }

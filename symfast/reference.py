@@ -246,12 +246,16 @@ def jet_activation(
     kind: str,
     beta: float = 1.0,
     threshold: float = 20.0,
+    second: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jet of an activation: y = f(x), y1 = f'(x) x1, y2 = f'(x) x2 + f''(x) x1^2.
 
     relu is a select (y1 = x1 where x > 0, else 0; y2 likewise from x2), so a
     non-finite tangent where relu is flat gives 0, not 0 * inf = nan.
+    ``second=False``: first order only, y2 is an empty (0,) tensor (every jet op).
     """
+    if not second:
+        return _first_order(jet_activation(x, x1, x2, kind, beta, threshold))
     K = _jet_directions("symfast.jet_activation", (("x1", x1), ("x2", x2)))
     acc = _acc_dtype(x.dtype)
     f, d1, d2 = _activation_derivatives(x.to(acc), kind, beta, threshold)
@@ -270,6 +274,12 @@ def jet_activation(
     else:
         y2 = d2 * (x1.to(acc) * x1.to(acc))
     return f.to(x.dtype), y1, y2.to(x.dtype)
+
+
+def _first_order(jet: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, y1, empty (0,)): what a jet op returns with ``second=False`` (y and y1 as with True)."""
+    y, y1, _ = jet
+    return y, y1, y1.new_empty((0,))
 
 
 def _sum_of_products(shape, acc: torch.dtype, device, terms) -> torch.Tensor:
@@ -295,12 +305,15 @@ def jet_dcs(
     w2: Optional[torch.Tensor],
     u2: Optional[torch.Tensor],
     v2: Optional[torch.Tensor],
+    second: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jet of dcs: theta = m ? w u : v, and
     y1 = m ? w1 u + w u1 : v1,  y2 = m ? w2 u + 2 w1 u1 + w u2 : v2.
 
     v, v1 and v2 exist only with a mask (mask=None means theta = w u).
     """
+    if not second:
+        return _first_order(jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2))
     op = "symfast.jet_dcs"
     K = _jet_directions(op, (("w1", w1), ("u1", u1), ("v1", v1), ("w2", w2), ("u2", u2), ("v2", v2)))
     if mask is None and (v1 is not None or v2 is not None):
@@ -325,9 +338,12 @@ def jet_dcs_group(
     s1: Optional[torch.Tensor],
     w2: Optional[torch.Tensor],
     s2: Optional[torch.Tensor],
+    second: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jet of dcs_group: theta = w * s (s broadcast along dim), and
     y1 = w1 s + w s1,  y2 = w2 s + 2 w1 s1 + w s2, with s1, s2 of shape [K, G]."""
+    if not second:
+        return _first_order(jet_dcs_group(w, s, dim, w1, s1, w2, s2))
     K = _jet_directions("symfast.jet_dcs_group", (("w1", w1), ("s1", s1), ("w2", w2), ("s2", s2)))
     dim = dim % w.dim()
     acc, shape = _acc_dtype(w.dtype), (K,) + tuple(w.shape)
@@ -444,9 +460,13 @@ def jet_layer_norm(
     weight2: Optional[torch.Tensor],
     bias2: Optional[torch.Tensor],
     eps: float,
+    second: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jet of F.layer_norm(x, normalized_shape, weight, bias, eps) with u = x - mean(x)
     (see _jet_normalize), weight and bias carrying their own jets (see _jet_scale_shift)."""
+    if not second:
+        return _first_order(jet_layer_norm(x, x1, x2, normalized_shape, weight, bias, weight1, bias1, weight2,
+                                           bias2, eps))
     k = _jet_k(x1, x2, weight1, weight2, bias1, bias2)
     acc = _acc_dtype(x.dtype)
     nd = len(normalized_shape)
@@ -467,9 +487,12 @@ def jet_rms_norm(
     weight1: Optional[torch.Tensor],
     weight2: Optional[torch.Tensor],
     eps: float,
+    second: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jet of y = x * rsqrt(mean(x^2) + eps) * weight over the normalized dims
     (F.rms_norm): _jet_normalize with u = x (no centering)."""
+    if not second:
+        return _first_order(jet_rms_norm(x, x1, x2, normalized_shape, weight, weight1, weight2, eps))
     k = _jet_k(x1, x2, weight1, weight2)
     acc = _acc_dtype(x.dtype)
     nd = len(normalized_shape)
@@ -503,8 +526,11 @@ def jet_softmax(
     x2: Optional[torch.Tensor],
     dim: int,
     log: bool,
+    second: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jet of softmax(x, dim) (log=False) or log_softmax(x, dim) (log=True), see _softmax_jet."""
+    if not second:
+        return _first_order(jet_softmax(x, x1, x2, dim, log))
     k = _jet_k(x1, x2)
     acc = _acc_dtype(x.dtype)
     z = x.to(acc)
@@ -528,6 +554,7 @@ def jet_cross_entropy(
     z2: Optional[torch.Tensor],
     target: torch.Tensor,
     ignore_index: int = -100,
+    second: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jet of the per-sample loss F.cross_entropy(z, target, reduction='none'), z (N, C):
 
@@ -536,6 +563,8 @@ def jet_cross_entropy(
 
     the last two terms being the variance of z1 under s. Rows whose target is
     ignore_index give 0, 0, 0."""
+    if not second:
+        return _first_order(jet_cross_entropy(z, z1, z2, target, ignore_index))
     k = _jet_k(z1, z2)
     acc = _acc_dtype(z.dtype)
     zz = z.to(acc)

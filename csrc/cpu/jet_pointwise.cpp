@@ -53,6 +53,11 @@ std::vector<int64_t> jet_sizes(int64_t k, at::IntArrayRef s) {
   return out;
 }
 
+// second_tangent_output (common.h) from the cache of CPU output blocks.
+at::Tensor second_output(bool second, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return second ? empty_output(sizes, options) : unneeded_gradient(options);
+}
+
 // Primal elements per at::parallel_for task: kGrainSize elements of output
 // in all, each primal element carrying 1 + 2K of them.
 int64_t jet_grain(int64_t k) { return std::max<int64_t>(kBlock, kGrainSize / (1 + 2 * k)); }
@@ -204,14 +209,15 @@ void activation_range(const T* x, const T* x1, const T* x2, T* y, T* y1, T* y2, 
       const T* __restrict__ t1 = x1 ? x1 + off : nullptr;
       const T* __restrict__ t2 = x2 ? x2 + off : nullptr;
       T* __restrict__ o1 = y1 + off;
-      T* __restrict__ o2 = y2 + off;
+      T* __restrict__ o2 = y2 ? y2 + off : nullptr;  // null: first order only
       if constexpr (A == Activation::kRelu) {
         // A select, as in the reference: a non-finite tangent where relu is
         // flat gives 0, not 0 * inf.
         SYMFAST_NO_LOOP_DEPENDENCIES
-        for (int64_t i = 0; i < len; ++i) {
-          o1[i] = (t1 && d1[i] != acc_t(0)) ? t1[i] : T(0);
-          o2[i] = (t2 && d1[i] != acc_t(0)) ? t2[i] : T(0);
+        for (int64_t i = 0; i < len; ++i) o1[i] = (t1 && d1[i] != acc_t(0)) ? t1[i] : T(0);
+        if (o2) {
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < len; ++i) o2[i] = (t2 && d1[i] != acc_t(0)) ? t2[i] : T(0);
         }
         continue;
       }
@@ -221,6 +227,7 @@ void activation_range(const T* x, const T* x1, const T* x2, T* y, T* y1, T* y2, 
       } else {
         std::fill(o1, o1 + len, T(0));
       }
+      if (!o2) continue;
       if (t1 && t2) {
         SYMFAST_NO_LOOP_DEPENDENCIES
         for (int64_t i = 0; i < len; ++i) {
@@ -243,7 +250,8 @@ void activation_range(const T* x, const T* x1, const T* x2, T* y, T* y1, T* y2, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_activation_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& x1_in,
-    const c10::optional<at::Tensor>& x2_in, c10::string_view kind, double beta, double threshold) {
+    const c10::optional<at::Tensor>& x2_in, c10::string_view kind, double beta, double threshold,
+    bool second) {
   // Plain variables, not a structured binding: lambdas below capture them.
   const auto checked = check_jet_activation_args(x_in, x1_in, x2_in, kind, beta);
   const int64_t k_dirs = checked.first;
@@ -252,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_activation_cpu(
                    x2 = contiguous_or_undefined(x2_in);
   at::Tensor y = empty_output(x.sizes(), x.options());
   const auto js = jet_sizes(k_dirs, x.sizes());
-  at::Tensor y1 = empty_output(js, x.options()), y2 = empty_output(js, x.options());
+  at::Tensor y1 = empty_output(js, x.options()), y2 = second_output(second, js, x.options());
   const int64_t n = x.numel();
   if (n == 0) return {y, y1, y2};
 
@@ -263,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_activation_cpu(
     const scalar_t* x2p = data_or_null<scalar_t>(x2);
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     scalar_t* y1p = y1.mutable_data_ptr<scalar_t>();
-    scalar_t* y2p = y2.mutable_data_ptr<scalar_t>();
+    scalar_t* y2p = second ? y2.mutable_data_ptr<scalar_t>() : nullptr;
     const acc_t b = static_cast<acc_t>(beta), th = static_cast<acc_t>(threshold);
     activation_switch(act, [&](auto tag) {
       constexpr Activation A = decltype(tag)::value;
@@ -339,6 +347,7 @@ void jet_dcs_range(const DcsJetPtrs& p, int64_t n, int64_t k_dirs, int64_t begin
       if (w1) add_products<T>(acc, w1 + off, u + b, len);
       if (u1) add_products<T>(acc, w + b, u1 + off, len);
       store_selected<T>(y1 + off, acc, m, v1 ? v1 + off : nullptr, len);
+      if (y2 == nullptr) continue;  // first order only
       // y2 = m ? w2 u + 2 w1 u1 + w u2 : v2
       std::fill(acc, acc + len, acc_t(0));
       if (w2) add_products<T>(acc, w2 + off, u + b, len);
@@ -354,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_cpu(
     const c10::optional<at::Tensor>& mask_in, const c10::optional<at::Tensor>& w1_in,
     const c10::optional<at::Tensor>& u1_in, const c10::optional<at::Tensor>& v1_in,
     const c10::optional<at::Tensor>& w2_in, const c10::optional<at::Tensor>& u2_in,
-    const c10::optional<at::Tensor>& v2_in) {
+    const c10::optional<at::Tensor>& v2_in, bool second) {
   const auto checked =
       check_jet_dcs_args(w_in, u_in, v_in, mask_in, w1_in, u1_in, v1_in, w2_in, u2_in, v2_in);
   const int64_t k_dirs = checked.first;
@@ -366,14 +375,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_cpu(
   const at::Tensor m = mask.has_value() ? mask->expand(w.sizes()).contiguous() : at::Tensor();
   at::Tensor y = empty_output(w.sizes(), w.options());
   const auto js = jet_sizes(k_dirs, w.sizes());
-  at::Tensor y1 = empty_output(js, w.options()), y2 = empty_output(js, w.options());
+  at::Tensor y1 = empty_output(js, w.options()), y2 = second_output(second, js, w.options());
   const int64_t n = w.numel();
   if (n == 0) return {y, y1, y2};
 
   auto ptr = [](const at::Tensor& t) -> const void* { return t.defined() ? t.const_data_ptr() : nullptr; };
   const DcsJetPtrs p{ptr(w), ptr(u), ptr(v), ptr(w1), ptr(u1), ptr(v1), ptr(w2), ptr(u2), ptr(v2),
                      m.defined() ? static_cast<const uint8_t*>(m.const_data_ptr()) : nullptr,
-                     y.mutable_data_ptr(), y1.mutable_data_ptr(), y2.mutable_data_ptr()};
+                     y.mutable_data_ptr(), y1.mutable_data_ptr(), second ? y2.mutable_data_ptr() : nullptr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "symfast_jet_dcs_cpu", [&] {
     at::parallel_for(0, n, jet_grain(k_dirs), [&](int64_t begin, int64_t end) {
       jet_dcs_range<scalar_t>(p, n, k_dirs, begin, end);
@@ -424,6 +433,7 @@ void jet_dcs_group_range(const T* w, const T* s, const T* w1, const T* s1, const
       if (s1) add_products<T>(acc, w + b, gate1, len);
       SYMFAST_NO_LOOP_DEPENDENCIES
       for (int64_t i = 0; i < len; ++i) y1[off + i] = static_cast<T>(acc[i]);
+      if (y2 == nullptr) continue;  // first order only
       // y2 = w2 s + 2 w1 s1 + w s2
       std::fill(acc, acc + len, acc_t(0));
       if (w2) add_products<T>(acc, w2 + off, gate, len);
@@ -438,7 +448,7 @@ void jet_dcs_group_range(const T* w, const T* s, const T* w1, const T* s1, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_group_cpu(
     const at::Tensor& w_in, const at::Tensor& s_in, int64_t dim_in,
     const c10::optional<at::Tensor>& w1_in, const c10::optional<at::Tensor>& s1_in,
-    const c10::optional<at::Tensor>& w2_in, const c10::optional<at::Tensor>& s2_in) {
+    const c10::optional<at::Tensor>& w2_in, const c10::optional<at::Tensor>& s2_in, bool second) {
   const auto checked = check_jet_dcs_group_args(w_in, s_in, dim_in, w1_in, s1_in, w2_in, s2_in);
   const int64_t k_dirs = checked.first, dim = checked.second;
   const at::Tensor w = w_in.contiguous(), s = s_in.contiguous(),
@@ -446,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_group_cpu(
                    w2 = contiguous_or_undefined(w2_in), s2 = contiguous_or_undefined(s2_in);
   at::Tensor y = empty_output(w.sizes(), w.options());
   const auto js = jet_sizes(k_dirs, w.sizes());
-  at::Tensor y1 = empty_output(js, w.options()), y2 = empty_output(js, w.options());
+  at::Tensor y1 = empty_output(js, w.options()), y2 = second_output(second, js, w.options());
   const int64_t n = w.numel();
   if (n == 0) return {y, y1, y2};
   const int64_t groups = w.size(dim);
@@ -458,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_group_cpu(
                    *w1p = data_or_null<scalar_t>(w1), *s1p = data_or_null<scalar_t>(s1),
                    *w2p = data_or_null<scalar_t>(w2), *s2p = data_or_null<scalar_t>(s2);
     scalar_t *yp = y.mutable_data_ptr<scalar_t>(), *y1p = y1.mutable_data_ptr<scalar_t>(),
-             *y2p = y2.mutable_data_ptr<scalar_t>();
+             *y2p = second ? y2.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, n, jet_grain(k_dirs), [&](int64_t begin, int64_t end) {
       jet_dcs_group_range<scalar_t>(wp, sp, w1p, s1p, w2p, s2p, yp, y1p, y2p, n, groups, inner,
                                     k_dirs, begin, end);

@@ -80,7 +80,8 @@ void norm_jet_cpu(const NormJet<T>& a) {
   using acc_t = at::opmath_type<T>;
   const int64_t d = a.d, n = a.rows;
   const acc_t inv_d = acc_t(1) / static_cast<acc_t>(d);
-  const int64_t tangent_rows = a.k * ((a.x1 != nullptr) + (a.x2 != nullptr) + 2);
+  const bool want2 = a.y2 != nullptr;  // false: first order only (no y2 and none of its terms)
+  const int64_t tangent_rows = a.k * ((a.x1 != nullptr) + (a.x2 != nullptr) + 1 + want2);
   at::parallel_for(0, n, row_grain(d, tangent_rows), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> xh(d), g1(d), g2(d), v1(d), v2(d);
     auto at_ = [](const T* p, int64_t i) { return static_cast<acc_t>(p[i]); };
@@ -110,8 +111,8 @@ void norm_jet_cpu(const NormJet<T>& a) {
         const acc_t m1 = CENTER && t1 ? row_sum<acc_t>(d, [&](int64_t i) { return at_(t1, i); }) * inv_d : acc_t(0);
         const acc_t m2 = CENTER && t2 ? row_sum<acc_t>(d, [&](int64_t i) { return at_(t2, i); }) * inv_d : acc_t(0);
         acc_t s1 = 0, q = 0, s2r = 0;
-        if (t1) {
-          s1 = row_sum<acc_t>(d, [&](int64_t i) { return xh[i] * (at_(t1, i) - m1); }) * inv_d;
+        if (t1) s1 = row_sum<acc_t>(d, [&](int64_t i) { return xh[i] * (at_(t1, i) - m1); }) * inv_d;
+        if (t1 && want2) {
           q = row_sum<acc_t>(d, [&](int64_t i) {
                 const acc_t u1 = at_(t1, i) - m1;
                 return u1 * u1;
@@ -129,6 +130,27 @@ void norm_jet_cpu(const NormJet<T>& a) {
         } else {
           SYMFAST_NO_LOOP_DEPENDENCIES
           for (int64_t i = 0; i < d; ++i) g1[i] = (acc_t(0) - xh[i] * s1) / sigma;
+        }
+        T* o1 = a.y1 + off;
+        if (!want2) {
+          // y1 = x_hat' w + x_hat w1 + b1, the terms in the order of the second-order branch
+          if (a.w) {
+            SYMFAST_NO_LOOP_DEPENDENCIES
+            for (int64_t i = 0; i < d; ++i) v1[i] = g1[i] * at_(a.w, i);
+          } else {
+            std::copy(g1.begin(), g1.end(), v1.begin());
+          }
+          if (w1) {
+            SYMFAST_NO_LOOP_DEPENDENCIES
+            for (int64_t i = 0; i < d; ++i) v1[i] += xh[i] * at_(w1, i);
+          }
+          if (b1) {
+            SYMFAST_NO_LOOP_DEPENDENCIES
+            for (int64_t i = 0; i < d; ++i) v1[i] += at_(b1, i);
+          }
+          SYMFAST_NO_LOOP_DEPENDENCIES
+          for (int64_t i = 0; i < d; ++i) o1[i] = static_cast<T>(v1[i]);
+          continue;
         }
         if (t2) {
           SYMFAST_NO_LOOP_DEPENDENCIES
@@ -168,7 +190,6 @@ void norm_jet_cpu(const NormJet<T>& a) {
           SYMFAST_NO_LOOP_DEPENDENCIES
           for (int64_t i = 0; i < d; ++i) v2[i] += at_(b2, i);
         }
-        T* o1 = a.y1 + off;
         T* o2 = a.y2 + off;
         SYMFAST_NO_LOOP_DEPENDENCIES
         for (int64_t i = 0; i < d; ++i) {
@@ -186,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_jet_host(
     const c10::optional<at::Tensor>& x2_in, at::IntArrayRef ns, const c10::optional<at::Tensor>& w_in,
     const c10::optional<at::Tensor>& b_in, const c10::optional<at::Tensor>& w1_in,
     const c10::optional<at::Tensor>& b1_in, const c10::optional<at::Tensor>& w2_in,
-    const c10::optional<at::Tensor>& b2_in, int64_t k, double eps) {
+    const c10::optional<at::Tensor>& b2_in, int64_t k, double eps, bool second) {
   int64_t d = 1;
   for (int64_t s : ns) d *= s;
   const at::Tensor x = x_in.contiguous(), x1 = contiguous_or_undefined(x1_in),
@@ -197,7 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_jet_host(
   std::vector<int64_t> jet_shape{k};
   jet_shape.insert(jet_shape.end(), x.sizes().begin(), x.sizes().end());
   at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor y1 = at::empty(jet_shape, x.options()), y2 = at::empty(jet_shape, x.options());
+  at::Tensor y1 = at::empty(jet_shape, x.options()),
+             y2 = second_tangent_output(second, jet_shape, x.options());
   if (x.numel() == 0) return {y, y1, y2};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   CENTER ? "symfast_jet_layer_norm_cpu" : "symfast_jet_rms_norm_cpu", [&] {
@@ -206,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_jet_host(
                               data_or_null<scalar_t>(b), data_or_null<scalar_t>(w1),
                               data_or_null<scalar_t>(b1), data_or_null<scalar_t>(w2),
                               data_or_null<scalar_t>(b2), y.mutable_data_ptr<scalar_t>(),
-                              y1.mutable_data_ptr<scalar_t>(), y2.mutable_data_ptr<scalar_t>(),
+                              y1.mutable_data_ptr<scalar_t>(),
+                              second ? y2.mutable_data_ptr<scalar_t>() : nullptr,
                               x.numel() / d, d, k, eps};
     norm_jet_cpu<scalar_t, CENTER>(a);
   });
@@ -218,20 +241,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_layer_norm_cpu(
     at::IntArrayRef normalized_shape, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& weight1,
     const c10::optional<at::Tensor>& bias1, const c10::optional<at::Tensor>& weight2,
-    const c10::optional<at::Tensor>& bias2, double eps) {
+    const c10::optional<at::Tensor>& bias2, double eps, bool second) {
   const int64_t k = check_jet_layer_norm_args(x, x1, x2, normalized_shape, weight, bias, weight1,
                                               bias1, weight2, bias2);
   return norm_jet_host<true>(x, x1, x2, normalized_shape, weight, bias, weight1, bias1, weight2,
-                             bias2, k, eps);
+                             bias2, k, eps, second);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_rms_norm_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& x1, const c10::optional<at::Tensor>& x2,
     at::IntArrayRef normalized_shape, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& weight1, const c10::optional<at::Tensor>& weight2, double eps) {
+    const c10::optional<at::Tensor>& weight1, const c10::optional<at::Tensor>& weight2, double eps,
+    bool second) {
   const int64_t k = check_jet_rms_norm_args(x, x1, x2, normalized_shape, weight, weight1, weight2);
   return norm_jet_host<false>(x, x1, x2, normalized_shape, weight, c10::nullopt, weight1,
-                              c10::nullopt, weight2, c10::nullopt, k, eps);
+                              c10::nullopt, weight2, c10::nullopt, k, eps, second);
 }
 
 // ------------------------------------------------------------------ softmax
@@ -261,7 +285,8 @@ template <typename T, bool LOG>
 void softmax_jet_cpu(const SoftmaxJet<T>& a) {
   using acc_t = at::opmath_type<T>;
   const int64_t d = a.d, n = a.rows;
-  const int64_t tangent_rows = a.k * ((a.x1 != nullptr) + (a.x2 != nullptr) + 2);
+  const bool want2 = a.y2 != nullptr;  // false: first order only
+  const int64_t tangent_rows = a.k * ((a.x1 != nullptr) + (a.x2 != nullptr) + 1 + want2);
   at::parallel_for(0, n, row_grain(d, tangent_rows), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> s(d);
     for (int64_t r = r0; r < r1; ++r) {
@@ -277,13 +302,20 @@ void softmax_jet_cpu(const SoftmaxJet<T>& a) {
         const T* t1 = a.x1 ? a.x1 + off : nullptr;
         const T* t2 = a.x2 ? a.x2 + off : nullptr;
         const acc_t c1 = t1 ? row_sum<acc_t>(d, [&](int64_t i) { return s[i] * static_cast<acc_t>(t1[i]); }) : acc_t(0);
+        T* o1 = a.y1 + off;
+        if (!want2) {
+          for (int64_t i = 0; i < d; ++i) {
+            const acc_t a1 = t1 ? static_cast<acc_t>(t1[i]) - c1 : acc_t(0);
+            o1[i] = static_cast<T>(LOG ? a1 : s[i] * a1);
+          }
+          continue;
+        }
         const acc_t c2 = t2 ? row_sum<acc_t>(d, [&](int64_t i) { return s[i] * static_cast<acc_t>(t2[i]); }) : acc_t(0);
         const acc_t e = t1 ? row_sum<acc_t>(d, [&](int64_t i) {
                                const acc_t a1 = static_cast<acc_t>(t1[i]) - c1;
                                return s[i] * a1 * a1;
                              })
                            : acc_t(0);
-        T* o1 = a.y1 + off;
         T* o2 = a.y2 + off;
         for (int64_t i = 0; i < d; ++i) {
           const acc_t a1 = t1 ? static_cast<acc_t>(t1[i]) - c1 : acc_t(0);
@@ -304,7 +336,8 @@ void softmax_jet_cpu(const SoftmaxJet<T>& a) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_softmax_cpu(const at::Tensor& x_in,
                                                                const c10::optional<at::Tensor>& x1_in,
                                                                const c10::optional<at::Tensor>& x2_in,
-                                                               int64_t dim, bool log) {
+                                                               int64_t dim, bool log,
+                                                               bool second) {
   const int64_t d0 = check_jet_softmax_args(x_in, x1_in, x2_in, dim);
   const int64_t k = x1_in.has_value() ? x1_in->size(0) : x2_in->size(0);
   // The softmax dim, made last and contiguous (a copy unless it already is; a 0-d x is one row of one).
@@ -318,14 +351,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_softmax_cpu(const at::Tensor&
   std::vector<int64_t> jet_shape{k};
   jet_shape.insert(jet_shape.end(), x.sizes().begin(), x.sizes().end());
   at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor y1 = at::empty(jet_shape, x.options()), y2 = at::empty(jet_shape, x.options());
+  at::Tensor y1 = at::empty(jet_shape, x.options()),
+             y2 = second_tangent_output(second, jet_shape, x.options());
   const int64_t d = x.size(-1);
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "symfast_jet_softmax_cpu", [&] {
       const SoftmaxJet<scalar_t> a{x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(x1),
                                    data_or_null<scalar_t>(x2), y.mutable_data_ptr<scalar_t>(),
-                                   y1.mutable_data_ptr<scalar_t>(), y2.mutable_data_ptr<scalar_t>(),
-                                   x.numel() / d, d, k};
+                                   y1.mutable_data_ptr<scalar_t>(),
+                                   second ? y2.mutable_data_ptr<scalar_t>() : nullptr, x.numel() / d, d, k};
       log ? softmax_jet_cpu<scalar_t, true>(a) : softmax_jet_cpu<scalar_t, false>(a);
     });
   }
@@ -334,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_softmax_cpu(const at::Tensor&
   out_jet.insert(out_jet.end(), x_in.sizes().begin(), x_in.sizes().end());
   return {y.movedim(-1, d0).contiguous().reshape(x_in.sizes()),
           y1.movedim(-1, d0 + 1).contiguous().reshape(out_jet),
-          y2.movedim(-1, d0 + 1).contiguous().reshape(out_jet)};
+          second ? y2.movedim(-1, d0 + 1).contiguous().reshape(out_jet) : y2};
 }
 
 // ------------------------------------------------------------ cross entropy
@@ -345,14 +379,18 @@ template <typename T>
 void cross_entropy_jet_cpu(const T* z, const T* z1, const T* z2, const int64_t* target, T* loss,
                            T* l1, T* l2, int64_t n, int64_t c, int64_t k, int64_t ignore_index) {
   using acc_t = at::opmath_type<T>;
-  const int64_t tangent_rows = k * ((z1 != nullptr) + (z2 != nullptr) + 1);
+  const bool want2 = l2 != nullptr;  // false: first order only
+  const int64_t tangent_rows = k * ((z1 != nullptr) + (z2 != nullptr && want2) + 1);
   at::parallel_for(0, n, row_grain(c, tangent_rows), [&](int64_t r0, int64_t r1) {
     std::vector<acc_t> s(c);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = target[r];
       if (t == ignore_index) {
         loss[r] = T(0);
-        for (int64_t j = 0; j < k; ++j) l1[j * n + r] = l2[j * n + r] = T(0);
+        for (int64_t j = 0; j < k; ++j) l1[j * n + r] = T(0);
+        if (want2) {
+          for (int64_t j = 0; j < k; ++j) l2[j * n + r] = T(0);
+        }
         continue;
       }
       const T* zr = z + r * c;
@@ -365,18 +403,20 @@ void cross_entropy_jet_cpu(const T* z, const T* z1, const T* z2, const int64_t* 
         acc_t v1 = 0, v2 = 0;
         if (t1) {
           const acc_t c1 = row_sum<acc_t>(c, [&](int64_t i) { return s[i] * static_cast<acc_t>(t1[i]); });
-          const acc_t e = row_sum<acc_t>(c, [&](int64_t i) {
-            const acc_t a1 = static_cast<acc_t>(t1[i]) - c1;
-            return s[i] * a1 * a1;
-          });
           v1 = c1 - static_cast<acc_t>(t1[t]);
-          v2 = e;
+          if (want2) {
+            v2 = row_sum<acc_t>(c, [&](int64_t i) {
+              const acc_t a1 = static_cast<acc_t>(t1[i]) - c1;
+              return s[i] * a1 * a1;
+            });
+          }
         }
+        l1[j * n + r] = static_cast<T>(v1);
+        if (!want2) continue;
         if (t2) {
           const acc_t c2 = row_sum<acc_t>(c, [&](int64_t i) { return s[i] * static_cast<acc_t>(t2[i]); });
           v2 = v2 + (c2 - static_cast<acc_t>(t2[t]));
         }
-        l1[j * n + r] = static_cast<T>(v1);
         l2[j * n + r] = static_cast<T>(v2);
       }
     }
@@ -385,20 +425,22 @@ void cross_entropy_jet_cpu(const T* z, const T* z1, const T* z2, const int64_t* 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_cross_entropy_cpu(
     const at::Tensor& z_in, const c10::optional<at::Tensor>& z1_in,
-    const c10::optional<at::Tensor>& z2_in, const at::Tensor& target_in, int64_t ignore_index) {
+    const c10::optional<at::Tensor>& z2_in, const at::Tensor& target_in, int64_t ignore_index,
+    bool second) {
   const int64_t k = check_jet_cross_entropy_args(z_in, z1_in, z2_in, target_in);
   const int64_t n = z_in.size(0), c = z_in.size(1);
   check_cross_entropy_targets(target_in, c, ignore_index);
   const at::Tensor z = z_in.contiguous(), z1 = contiguous_or_undefined(z1_in),
                    z2 = contiguous_or_undefined(z2_in), target = target_in.contiguous();
   at::Tensor loss = at::empty({n}, z.options());
-  at::Tensor l1 = at::empty({k, n}, z.options()), l2 = at::empty({k, n}, z.options());
+  at::Tensor l1 = at::empty({k, n}, z.options()), l2 = second_tangent_output(second, {k, n}, z.options());
   if (n == 0) return {loss, l1, l2};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "symfast_jet_cross_entropy_cpu", [&] {
     cross_entropy_jet_cpu<scalar_t>(z.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(z1),
                                     data_or_null<scalar_t>(z2), target.const_data_ptr<int64_t>(),
                                     loss.mutable_data_ptr<scalar_t>(), l1.mutable_data_ptr<scalar_t>(),
-                                    l2.mutable_data_ptr<scalar_t>(), n, c, k, ignore_index);
+                                    second ? l2.mutable_data_ptr<scalar_t>() : nullptr, n, c, k,
+                                    ignore_index);
   });
   return {loss, l1, l2};
 }

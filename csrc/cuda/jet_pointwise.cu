@@ -79,10 +79,11 @@ __global__ void __launch_bounds__(kThreads)
         // A select, as on the CPU and in the reference: 0, not 0 * inf.
         const bool on = d.d1 != acc_t(0);
         y1[j] = (x1 != nullptr && on) ? x1[j] : T(0);
-        y2[j] = (x2 != nullptr && on) ? x2[j] : T(0);
+        if (y2 != nullptr) y2[j] = (x2 != nullptr && on) ? x2[j] : T(0);
       } else {
         const acc_t a = x1 != nullptr ? static_cast<acc_t>(x1[j]) : acc_t(0);
         y1[j] = x1 != nullptr ? static_cast<T>(mul_rn(d.d1, a)) : T(0);
+        if (y2 == nullptr) continue;  // first order only
         const acc_t curv = mul_rn(d.d2, mul_rn(a, a));
         if (x2 != nullptr) {
           const acc_t lin = mul_rn(d.d1, static_cast<acc_t>(x2[j]));
@@ -97,7 +98,8 @@ __global__ void __launch_bounds__(kThreads)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_activation_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& x1_in,
-    const c10::optional<at::Tensor>& x2_in, c10::string_view kind, double beta, double threshold) {
+    const c10::optional<at::Tensor>& x2_in, c10::string_view kind, double beta, double threshold,
+    bool second) {
   const auto checked = check_jet_activation_args(x_in, x1_in, x2_in, kind, beta);
   const int64_t k_dirs = checked.first;
   const Activation act = checked.second;
@@ -109,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_activation_cuda(
                    x2 = contiguous_or_undefined(x2_in);
   at::Tensor y = at::empty(x.sizes(), x.options());
   const auto js = jet_sizes(k_dirs, x.sizes());
-  at::Tensor y1 = at::empty(js, x.options()), y2 = at::empty(js, x.options());
+  at::Tensor y1 = at::empty(js, x.options()), y2 = second_tangent_output(second, js, x.options());
   const int64_t n = x.numel();
   if (n == 0) return {y, y1, y2};
   const c10::DeviceIndex dev = x.device().index();
@@ -120,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_activation_cuda(
       constexpr Activation A = decltype(tag)::value;
       launch(jet_activation_kernel<scalar_t, A>, n, dev, x.const_data_ptr<scalar_t>(),
              ptr_or_null<scalar_t>(x1), ptr_or_null<scalar_t>(x2), y.mutable_data_ptr<scalar_t>(),
-             y1.mutable_data_ptr<scalar_t>(), y2.mutable_data_ptr<scalar_t>(), n, k_dirs,
-             static_cast<acc_t>(beta), static_cast<acc_t>(threshold));
+             y1.mutable_data_ptr<scalar_t>(), second ? y2.mutable_data_ptr<scalar_t>() : nullptr, n,
+             k_dirs, static_cast<acc_t>(beta), static_cast<acc_t>(threshold));
     });
   });
   return {y, y1, y2};
@@ -161,6 +163,7 @@ __global__ void __launch_bounds__(kThreads) jet_dcs_kernel(const DcsJetArgs<T> p
       a1 = add_product(a1, p.w1, j, p.u, i);
       a1 = add_product(a1, p.w, i, p.u1, j);
       p.y1[j] = on ? static_cast<T>(a1) : (p.v1 != nullptr ? p.v1[j] : T(0));
+      if (p.y2 == nullptr) continue;  // first order only
       // y2 = m ? w2 u + 2 w1 u1 + w u2 : v2
       acc_t a2 = 0;
       a2 = add_product(a2, p.w2, j, p.u, i);
@@ -179,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_cuda(
     const c10::optional<at::Tensor>& mask_in, const c10::optional<at::Tensor>& w1_in,
     const c10::optional<at::Tensor>& u1_in, const c10::optional<at::Tensor>& v1_in,
     const c10::optional<at::Tensor>& w2_in, const c10::optional<at::Tensor>& u2_in,
-    const c10::optional<at::Tensor>& v2_in) {
+    const c10::optional<at::Tensor>& v2_in, bool second) {
   const auto checked =
       check_jet_dcs_args(w_in, u_in, v_in, mask_in, w1_in, u1_in, v1_in, w2_in, u2_in, v2_in);
   const int64_t k_dirs = checked.first;
@@ -193,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_cuda(
   const at::Tensor m = mask.has_value() ? mask->expand(w.sizes()).contiguous() : at::Tensor();
   at::Tensor y = at::empty(w.sizes(), w.options());
   const auto js = jet_sizes(k_dirs, w.sizes());
-  at::Tensor y1 = at::empty(js, w.options()), y2 = at::empty(js, w.options());
+  at::Tensor y1 = at::empty(js, w.options()), y2 = second_tangent_output(second, js, w.options());
   const int64_t n = w.numel();
   if (n == 0) return {y, y1, y2};
   const c10::DeviceIndex dev = w.device().index();
@@ -205,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_cuda(
         ptr_or_null<scalar_t>(w2), ptr_or_null<scalar_t>(u2), ptr_or_null<scalar_t>(v2),
         m.defined() ? static_cast<const uint8_t*>(m.const_data_ptr()) : nullptr,
         y.mutable_data_ptr<scalar_t>(), y1.mutable_data_ptr<scalar_t>(),
-        y2.mutable_data_ptr<scalar_t>()};
+        second ? y2.mutable_data_ptr<scalar_t>() : nullptr};
     launch(jet_dcs_kernel<scalar_t>, n, dev, p, n, k_dirs);
   });
   return {y, y1, y2};
@@ -233,6 +236,7 @@ __global__ void __launch_bounds__(kThreads)
       a1 = add_product(a1, w1, j, s, g);
       a1 = add_product(a1, w, i, s1, jg);
       y1[j] = static_cast<T>(a1);
+      if (y2 == nullptr) continue;  // first order only
       // y2 = w2 s + 2 w1 s1 + w s2
       acc_t a2 = 0;
       a2 = add_product(a2, w2, j, s, g);
@@ -249,7 +253,7 @@ __global__ void __launch_bounds__(kThreads)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_group_cuda(
     const at::Tensor& w_in, const at::Tensor& s_in, int64_t dim_in,
     const c10::optional<at::Tensor>& w1_in, const c10::optional<at::Tensor>& s1_in,
-    const c10::optional<at::Tensor>& w2_in, const c10::optional<at::Tensor>& s2_in) {
+    const c10::optional<at::Tensor>& w2_in, const c10::optional<at::Tensor>& s2_in, bool second) {
   const auto checked = check_jet_dcs_group_args(w_in, s_in, dim_in, w1_in, s1_in, w2_in, s2_in);
   const int64_t k_dirs = checked.first, dim = checked.second;
   TORCH_INTERNAL_ASSERT(w_in.is_cuda());
@@ -259,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_group_cuda(
                    w2 = contiguous_or_undefined(w2_in), s2 = contiguous_or_undefined(s2_in);
   at::Tensor y = at::empty(w.sizes(), w.options());
   const auto js = jet_sizes(k_dirs, w.sizes());
-  at::Tensor y1 = at::empty(js, w.options()), y2 = at::empty(js, w.options());
+  at::Tensor y1 = at::empty(js, w.options()), y2 = second_tangent_output(second, js, w.options());
   const int64_t n = w.numel();
   if (n == 0) return {y, y1, y2};
   const int64_t groups = w.size(dim);
@@ -271,8 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_dcs_group_cuda(
     launch(jet_dcs_group_kernel<scalar_t>, n, dev, w.const_data_ptr<scalar_t>(),
            s.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(w1), ptr_or_null<scalar_t>(s1),
            ptr_or_null<scalar_t>(w2), ptr_or_null<scalar_t>(s2), y.mutable_data_ptr<scalar_t>(),
-           y1.mutable_data_ptr<scalar_t>(), y2.mutable_data_ptr<scalar_t>(), n, groups, inner,
-           k_dirs);
+           y1.mutable_data_ptr<scalar_t>(), second ? y2.mutable_data_ptr<scalar_t>() : nullptr, n,
+           groups, inner, k_dirs);
   });
   return {y, y1, y2};
 }

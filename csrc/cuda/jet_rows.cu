@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) norm_jet_kernel(const NormJet<T> a) 
         if (b1) v1 += ld(b1, i);
         if (b2) v2 += ld(b2, i);
         a.y1[off + i] = static_cast<T>(v1);
-        a.y2[off + i] = static_cast<T>(v2);
+        if (a.y2 != nullptr) a.y2[off + i] = static_cast<T>(v2);  // null: first order only
       }
     }
   }
@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_jet_cuda(
     const c10::optional<at::Tensor>& x2_in, at::IntArrayRef ns, const c10::optional<at::Tensor>& w_in,
     const c10::optional<at::Tensor>& b_in, const c10::optional<at::Tensor>& w1_in,
     const c10::optional<at::Tensor>& b1_in, const c10::optional<at::Tensor>& w2_in,
-    const c10::optional<at::Tensor>& b2_in, int64_t k, double eps) {
+    const c10::optional<at::Tensor>& b2_in, int64_t k, double eps, bool second) {
   TORCH_INTERNAL_ASSERT(x_in.is_cuda());
   const c10::cuda::CUDAGuard guard(x_in.device());
   int64_t d = 1;
@@ -204,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_jet_cuda(
   std::vector<int64_t> jet_shape{k};
   jet_shape.insert(jet_shape.end(), x.sizes().begin(), x.sizes().end());
   at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor y1 = at::empty(jet_shape, x.options()), y2 = at::empty(jet_shape, x.options());
+  at::Tensor y1 = at::empty(jet_shape, x.options()),
+             y2 = second_tangent_output(second, jet_shape, x.options());
   if (x.numel() == 0) return {y, y1, y2};
   const c10::DeviceIndex dev = x.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
@@ -215,7 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_jet_cuda(
                               data_or_null<scalar_t>(b), data_or_null<scalar_t>(w1),
                               data_or_null<scalar_t>(b1), data_or_null<scalar_t>(w2),
                               data_or_null<scalar_t>(b2), y.mutable_data_ptr<scalar_t>(),
-                              y1.mutable_data_ptr<scalar_t>(), y2.mutable_data_ptr<scalar_t>(),
+                              y1.mutable_data_ptr<scalar_t>(),
+                              second ? y2.mutable_data_ptr<scalar_t>() : nullptr,
                               x.numel() / d, d, k, eps};
     const int blocks = row_blocks(norm_jet_kernel<scalar_t, CENTER>, a.rows, dev);
     norm_jet_kernel<scalar_t, CENTER><<<blocks, kThreads, 0, stream>>>(a);
@@ -229,20 +231,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_layer_norm_cuda(
     at::IntArrayRef normalized_shape, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& weight1,
     const c10::optional<at::Tensor>& bias1, const c10::optional<at::Tensor>& weight2,
-    const c10::optional<at::Tensor>& bias2, double eps) {
+    const c10::optional<at::Tensor>& bias2, double eps, bool second) {
   const int64_t k = check_jet_layer_norm_args(x, x1, x2, normalized_shape, weight, bias, weight1,
                                               bias1, weight2, bias2);
   return norm_jet_cuda<true>(x, x1, x2, normalized_shape, weight, bias, weight1, bias1, weight2,
-                             bias2, k, eps);
+                             bias2, k, eps, second);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_rms_norm_cuda(
     const at::Tensor& x, const c10::optional<at::Tensor>& x1, const c10::optional<at::Tensor>& x2,
     at::IntArrayRef normalized_shape, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& weight1, const c10::optional<at::Tensor>& weight2, double eps) {
+    const c10::optional<at::Tensor>& weight1, const c10::optional<at::Tensor>& weight2, double eps,
+    bool second) {
   const int64_t k = check_jet_rms_norm_args(x, x1, x2, normalized_shape, weight, weight1, weight2);
   return norm_jet_cuda<false>(x, x1, x2, normalized_shape, weight, c10::nullopt, weight1,
-                              c10::nullopt, weight2, c10::nullopt, k, eps);
+                              c10::nullopt, weight2, c10::nullopt, k, eps, second);
 }
 
 // ------------------------------------------------------------------ softmax
@@ -291,8 +294,9 @@ __global__ void __launch_bounds__(kThreads) softmax_jet_kernel(const SoftmaxJet<
         if (t2) c[1] += s * static_cast<acc_t>(t2[i]);
       }
       block_sum(c, shared);
+      const bool want2 = a.y2 != nullptr;  // false: first order only (the same for the whole block)
       acc_t e[1] = {0};
-      if (t1) {
+      if (t1 && want2) {
         for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
           const acc_t a1 = static_cast<acc_t>(t1[i]) - c[0];
           e[0] += prob(i) * a1 * a1;
@@ -304,11 +308,11 @@ __global__ void __launch_bounds__(kThreads) softmax_jet_kernel(const SoftmaxJet<
         const acc_t a2 = t2 ? static_cast<acc_t>(t2[i]) - c[1] : acc_t(0);
         if (LOG) {
           a.y1[off + i] = static_cast<T>(a1);
-          a.y2[off + i] = static_cast<T>(a2 - e[0]);
+          if (want2) a.y2[off + i] = static_cast<T>(a2 - e[0]);
         } else {
           const acc_t s = prob(i);
           a.y1[off + i] = static_cast<T>(s * a1);
-          a.y2[off + i] = static_cast<T>(s * (a1 * a1 + a2 - e[0]));
+          if (want2) a.y2[off + i] = static_cast<T>(s * (a1 * a1 + a2 - e[0]));
         }
       }
     }
@@ -318,7 +322,8 @@ __global__ void __launch_bounds__(kThreads) softmax_jet_kernel(const SoftmaxJet<
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_softmax_cuda(const at::Tensor& x_in,
                                                                 const c10::optional<at::Tensor>& x1_in,
                                                                 const c10::optional<at::Tensor>& x2_in,
-                                                                int64_t dim, bool log) {
+                                                                int64_t dim, bool log,
+                                                                bool second) {
   const int64_t d0 = check_jet_softmax_args(x_in, x1_in, x2_in, dim);
   TORCH_INTERNAL_ASSERT(x_in.is_cuda());
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -334,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_softmax_cuda(const at::Tensor
   std::vector<int64_t> jet_shape{k};
   jet_shape.insert(jet_shape.end(), x.sizes().begin(), x.sizes().end());
   at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor y1 = at::empty(jet_shape, x.options()), y2 = at::empty(jet_shape, x.options());
+  at::Tensor y1 = at::empty(jet_shape, x.options()),
+             y2 = second_tangent_output(second, jet_shape, x.options());
   const int64_t d = x.size(-1);
   if (x.numel() > 0) {
     const c10::DeviceIndex dev = x.device().index();
@@ -342,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_softmax_cuda(const at::Tensor
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "symfast_jet_softmax_cuda", [&] {
       const SoftmaxJet<scalar_t> a{x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(x1),
                                    data_or_null<scalar_t>(x2), y.mutable_data_ptr<scalar_t>(),
-                                   y1.mutable_data_ptr<scalar_t>(), y2.mutable_data_ptr<scalar_t>(),
-                                   x.numel() / d, d, k};
+                                   y1.mutable_data_ptr<scalar_t>(),
+                                   second ? y2.mutable_data_ptr<scalar_t>() : nullptr, x.numel() / d, d, k};
       if (log) {
         const int blocks = row_blocks(softmax_jet_kernel<scalar_t, true>, a.rows, dev);
         softmax_jet_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(a);
@@ -359,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_softmax_cuda(const at::Tensor
   out_jet.insert(out_jet.end(), x_in.sizes().begin(), x_in.sizes().end());
   return {y.movedim(-1, d0).contiguous().reshape(x_in.sizes()),
           y1.movedim(-1, d0 + 1).contiguous().reshape(out_jet),
-          y2.movedim(-1, d0 + 1).contiguous().reshape(out_jet)};
+          second ? y2.movedim(-1, d0 + 1).contiguous().reshape(out_jet) : y2};
 }
 
 // ------------------------------------------------------------ cross entropy
@@ -372,7 +378,10 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_jet_kernel(
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
     const int64_t t = target[r];
     if (t == ignore_index) {  // the same for the whole block
-      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) l1[j * n + r] = l2[j * n + r] = T(0);
+      for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+        l1[j * n + r] = T(0);
+        if (l2 != nullptr) l2[j * n + r] = T(0);  // null: first order only
+      }
       if (threadIdx.x == 0) loss[r] = T(0);
       continue;
     }
@@ -393,7 +402,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_jet_kernel(
       }
       block_sum(s, shared);
       acc_t e[1] = {0};
-      if (t1) {
+      if (t1 && l2 != nullptr) {  // the same for the whole block
         for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
           const acc_t a1 = static_cast<acc_t>(t1[i]) - s[0];
           e[0] += prob(i) * a1 * a1;
@@ -405,7 +414,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_jet_kernel(
         acc_t v2 = e[0];
         if (t2) v2 = v2 + (s[1] - static_cast<acc_t>(t2[t]));
         l1[j * n + r] = static_cast<T>(v1);
-        l2[j * n + r] = static_cast<T>(v2);
+        if (l2 != nullptr) l2[j * n + r] = static_cast<T>(v2);
       }
     }
   }
@@ -413,7 +422,8 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_jet_kernel(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_cross_entropy_cuda(
     const at::Tensor& z_in, const c10::optional<at::Tensor>& z1_in,
-    const c10::optional<at::Tensor>& z2_in, const at::Tensor& target_in, int64_t ignore_index) {
+    const c10::optional<at::Tensor>& z2_in, const at::Tensor& target_in, int64_t ignore_index,
+    bool second) {
   const int64_t k = check_jet_cross_entropy_args(z_in, z1_in, z2_in, target_in);
   TORCH_INTERNAL_ASSERT(z_in.is_cuda());
   const c10::cuda::CUDAGuard guard(z_in.device());
@@ -422,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_cross_entropy_cuda(
   const at::Tensor z = z_in.contiguous(), z1 = contiguous_or_undefined(z1_in),
                    z2 = contiguous_or_undefined(z2_in), target = target_in.contiguous();
   at::Tensor loss = at::empty({n}, z.options());
-  at::Tensor l1 = at::empty({k, n}, z.options()), l2 = at::empty({k, n}, z.options());
+  at::Tensor l1 = at::empty({k, n}, z.options()), l2 = second_tangent_output(second, {k, n}, z.options());
   if (n == 0) return {loss, l1, l2};
   const c10::DeviceIndex dev = z.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
@@ -431,7 +441,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> jet_cross_entropy_cuda(
     cross_entropy_jet_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         z.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(z1), data_or_null<scalar_t>(z2),
         target.const_data_ptr<int64_t>(), loss.mutable_data_ptr<scalar_t>(),
-        l1.mutable_data_ptr<scalar_t>(), l2.mutable_data_ptr<scalar_t>(), n, c, k, ignore_index);
+        l1.mutable_data_ptr<scalar_t>(), second ? l2.mutable_data_ptr<scalar_t>() : nullptr, n, c, k,
+        ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, l1, l2};

@@ -54,7 +54,15 @@ the jets cannot follow (in-place ops on activations, ``autograd.Function``\ s, c
 a jet rule) the engine says so with a
 :class:`~symfast.curvature.per_sample.PerSamplePathWarning` naming the op, and computes the call
 with nested forward mode on the batch (jvp of jvp of ``t -> loss_fn(params + t n)``), which
-``method="forward"`` selects explicitly. No tensor of per-sample parameter size is ever formed:
+``method="forward"`` selects explicitly. Nested forward mode is never used through an
+``autograd.Function``: torch.func's jvp of jvp drops the second derivative of a Function's
+``jvp`` rule, silently. A model that runs one (found by one forward pass that records the graph)
+is computed forward over reverse per sample, the reference recipe below, with a
+:class:`~symfast.curvature.per_sample.PerSamplePathWarning` naming it; a Function without a
+``jvp`` is refused with an :class:`UnsupportedOpError` naming it. Reverse over reverse (the
+engine's :func:`~symfast.curvature.per_sample.hvp` for models without forward-mode rules) refuses
+a Function whose backward is ``@once_differentiable``, where torch.func returns 0 for its part of
+the Hessian, silently (see :mod:`.per_sample`). No tensor of per-sample parameter size is ever formed:
 the tangents are K times parameter-sized, the activations K times batch-sized.
 ``chunk_size`` directions go through one pass (None: all of them); in forward mode
 ``chunk_size`` at a time run under ``torch.func.vmap`` (None: one at a time). The batch may also
@@ -105,10 +113,14 @@ decomposable route. The reference path keeps PyTorch's own ``layer_norm``
 where they can.
 
 Samples that interact: training-mode batch norm makes :math:`\ell_i` depend on
-the whole batch. The fast path differentiates the i-th entry of the full-batch
-loss vector, which is the meaningful per-sample quantity then; the reference
-path and ``batch_chunk_size`` would change it (a per-sample vmap normalizes
-each sample by its own statistics), so they refuse. The decomposed batch norm
+the whole batch. The convention is then the one ``loss_fn`` states, since it takes the batch:
+:math:`\ell_i(\theta)` is ``loss_fn(params, batch)[i]`` with the whole batch's statistics. The
+fast and forward paths (and ``per_sample_hvp``, whose full products then take one reverse pass
+per sample of the whole batch) differentiate exactly that; the reference path,
+``batch_chunk_size`` and every function mapped over the samples
+(:func:`~symfast.curvature.per_sample.map_samples`: ``metrics.gradient_magnitude``, the
+per-sample fallbacks of ``stationary_report``) would change it (each sample alone is normalized
+by its own statistics), so they refuse with a :class:`UnsupportedOpError` naming the op. The decomposed batch norm
 does not update running statistics: computing curvatures has no side effects.
 """
 

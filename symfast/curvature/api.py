@@ -26,7 +26,8 @@ from .checks import (
 from .exact import ExactMode, wrap_errors
 from . import replay
 from .jets import JetFallback, jet_derivatives
-from .per_sample import PerSamplePathWarning, Samples, single_sample_loss, split_batch
+from .per_sample import (PerSamplePathWarning, Samples, autograd_functions_of, function_names, has_jvp,
+                         single_sample_loss, split_batch)
 
 __all__ = [
     "per_sample_directional_derivatives",
@@ -246,7 +247,10 @@ def per_sample_curvatures(
     :class:`~symfast.curvature.per_sample.PerSamplePathWarning` naming the op, where the jets
     cannot follow the model (see the module doc). ``method="forward"``: jvp of jvp of
     the batch loss along each direction. ``method="reference"``: ``vmap`` over
-    samples of ``jvp(grad(loss))``. No path but the reference forms a
+    samples of ``jvp(grad(loss))``. Through an ``autograd.Function`` jvp of jvp is
+    silently wrong (torch.func does not differentiate the Function's jvp rule), so a
+    model that runs one takes the reference recipe instead, with a warning naming it
+    (an :class:`UnsupportedOpError` where the Function has no jvp). No path but the reference forms a
     per-sample parameter-sized tensor. Arguments as in
     :func:`per_sample_directional_derivatives`; results computed under
     ``torch.no_grad()`` inside ``loss_fn`` are constants on every method.
@@ -259,20 +263,24 @@ def per_sample_curvatures(
     directions, K = check_directions(op, "directions", directions, params, leading=True)
 
     if method == "reference":
-        hv = _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size)
-        B = next(iter(hv.values())).shape[1]
-        out = sum((hv[k] * directions[k].unsqueeze(1)).reshape(K, B, params[k].numel()).sum(-1) for k in params)
-        return out.T  # type: ignore[union-attr]
+        return _project(_reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size), directions, params,
+                        K).T
 
     if K == 0:
         with _fast_mode(op, False):
             return _empty_result(op, loss_fn, params, batch)
     try:
+        fallback = None
         if method == "fast":
             try:
                 return _fast_jets(op, loss_fn, params, directions, K, batch, chunk_size, batch_chunk_size, True)
             except JetFallback as exc:
-                _warn_fallback(op, exc, "nested forward mode (jvp of jvp of the whole batch loss per direction)")
+                fallback = exc
+        if _functions_need_forward_over_reverse(op, loss_fn, params, batch):
+            hv = _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size)
+            return _project(hv, directions, params, K).T
+        if fallback is not None:
+            _warn_fallback(op, fallback, "nested forward mode (jvp of jvp of the whole batch loss per direction)")
         with _fast_mode(op, batch_chunk_size is not None):
             def on(part):
                 second = _second_fn(op, loss_fn, params, part)
@@ -281,6 +289,42 @@ def per_sample_curvatures(
             return _over_batch(op, on, batch, batch_chunk_size)
     except NotImplementedError as exc:
         raise wrap_errors(op, exc) from exc
+
+
+def _project(hv: Dict[str, Tensor], directions: Dict[str, Tensor], params: Dict[str, Tensor], K: int) -> Tensor:
+    """[K, B] of n_k^T (H(x_i) n_k) from the per-sample products hv[name] ([K, B, *shape])."""
+    B = next(iter(hv.values())).shape[1]
+    return sum((hv[k] * directions[k].unsqueeze(1)).reshape(K, B, params[k].numel()).sum(-1)  # type: ignore
+               for k in params)
+
+
+def _functions_need_forward_over_reverse(op: str, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any) -> bool:
+    """Whether nested forward mode must be avoided: the model runs an ``autograd.Function``.
+
+    torch.func's jvp of jvp drops the second derivative of a Function with a ``jvp`` staticmethod
+    (the outer jvp does not differentiate the inner rule; see
+    :mod:`~symfast.curvature.per_sample`), a silently wrong h. Forward over reverse per sample
+    (the reference recipe, ``vmap`` of ``jvp(grad)``) is exact through it, so the caller takes
+    that path, announced by a :class:`PerSamplePathWarning` naming the Function(s). A Function
+    without ``jvp`` has no forward-mode derivative at all: an ``UnsupportedOpError`` names it.
+    The check is one forward pass of the batch that records the graph and keeps no tensor; it
+    runs only where nested forward mode would (never on the Taylor-mode fast path).
+    """
+    with _fast_mode(op, False):
+        found = autograd_functions_of(lambda p: check_losses(op, _call_loss(loss_fn, p, batch)), params)
+    if not found:
+        return False
+    missing = [c for c in found if not has_jvp(c)]
+    if missing:
+        raise UnsupportedOpError(
+            f"{op}: {function_names(missing)} has no jvp staticmethod, so forward mode cannot differentiate it "
+            "(and reverse over reverse is not exact for every Function: @once_differentiable backwards give 0). "
+            "Give it a jvp (and setup_context) staticmethod")
+    warnings.warn(
+        f"{op}: the model runs {function_names(found)}; nested forward mode (jvp of jvp) would drop its second "
+        "derivative (torch.func does not differentiate a Function's jvp rule), so this call runs forward over "
+        "reverse per sample (vmap over samples of jvp(grad), exact, slower)", PerSamplePathWarning, stacklevel=3)
+    return True
 
 
 def _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size) -> Dict[str, Tensor]:
@@ -332,7 +376,9 @@ def per_sample_hvp(
 
         With ``onto``: ``[B, K]`` tensor of :math:`m_k^\top H(x_i) n =
         \partial_s \partial_t \ell(\theta + s m_k + t n, x_i)`, by nested
-        forward mode on the whole batch (no per-sample parameter-sized tensor).
+        forward mode on the whole batch (no per-sample parameter-sized tensor);
+        for a model that runs an ``autograd.Function``, forward over reverse per
+        sample, as in :func:`per_sample_curvatures`.
     """
     op = "symfast.per_sample_hvp"
     params, chunk_size, batch_chunk_size = _common_checks(op, loss_fn, params, method, chunk_size, batch_chunk_size)
@@ -343,15 +389,14 @@ def per_sample_hvp(
     if method == "reference":
         hv = _reference_hvps(op, loss_fn, params, batch, {k: v.unsqueeze(0) for k, v in direction.items()}, 1, None)
         hv = {k: v[0] for k, v in hv.items()}
-        if onto is None:
-            return hv
-        B = next(iter(hv.values())).shape[0]
-        return sum(  # type: ignore[return-value]
-            torch.einsum("bp,kp->bk", hv[k].reshape(B, params[k].numel()), onto[k].reshape(K, params[k].numel()))
-            for k in params)
+        return hv if onto is None else _project_onto(hv, onto, params, K)
 
     if onto is not None:
         try:
+            if K and _functions_need_forward_over_reverse(op, loss_fn, params, batch):
+                hv = _reference_hvps(op, loss_fn, params, batch, {k: v.unsqueeze(0) for k, v in direction.items()},
+                                     1, None)
+                return _project_onto({k: v[0] for k, v in hv.items()}, onto, params, K)
             with _fast_mode(op, batch_chunk_size is not None):
                 if K == 0:
                     return _empty_result(op, loss_fn, params, batch)
@@ -376,6 +421,14 @@ def per_sample_hvp(
             "cannot be split: call it without batch_chunk_size"
         )
     return _coupled_hvp_full(op, loss_fn, params, direction, batch)
+
+
+def _project_onto(hv: Dict[str, Tensor], onto: Dict[str, Tensor], params: Dict[str, Tensor], K: int) -> Tensor:
+    """[B, K] of m_k^T (H(x_i) n) from the per-sample products hv[name] ([B, *shape])."""
+    B = next(iter(hv.values())).shape[0]
+    return sum(  # type: ignore[return-value]
+        torch.einsum("bp,kp->bk", hv[k].reshape(B, params[k].numel()), onto[k].reshape(K, params[k].numel()))
+        for k in params)
 
 
 def _per_sample_hvp_full(op, loss_fn, params, direction, batch, batch_chunk_size):

@@ -60,7 +60,8 @@ class JetMode(TorchFunctionMode):
 
     The jets live in a side table keyed by tensor identity, with weak references, so activations
     are freed as in a plain forward pass. ``second=False`` carries first-order jets only (x2 is
-    None everywhere and no second-order work is done).
+    None everywhere and no second-order work is done: the rules skip their second-order terms
+    and call the fused jet ops with ``second=False``, so those write no y2 either).
     """
 
     def __init__(self, exact: ExactMode, K: int, second: bool = True):
@@ -707,7 +708,8 @@ def _activation_rule(kind: str, names: Sequence[str] = ("input",), defaults=None
         if not _float_tensor(x) or k is None or not _jets_only_on(mode, flat, jets, [x]):
             return NotImplemented
         x1, x2 = mode.tangents(x)
-        y, y1, y2 = jk.jet_activation(x, x1, x2, k, float(o.get("beta", 1.0)), float(o.get("threshold", 20.0)))
+        y, y1, y2 = jk.jet_activation(x, x1, x2, k, float(o.get("beta", 1.0)), float(o.get("threshold", 20.0)),
+                                      mode.second)
         mode.put(y, y1, y2 if (mode.second and (x1 is not None or x2 is not None)) else None)
         return y
 
@@ -727,7 +729,7 @@ def _softmax_rule(log: bool, names: Sequence[str]):
         if not _float_tensor(x) or not _jets_only_on(mode, flat, jets, [x]):
             return NotImplemented
         x1, x2 = mode.tangents(x)
-        y, y1, y2 = jk.jet_softmax(x, x1, x2, o["dim"], log)
+        y, y1, y2 = jk.jet_softmax(x, x1, x2, o["dim"], log, mode.second)
         mode.put(y, y1, y2)
         return y
 
@@ -746,7 +748,7 @@ def _layer_norm_rule(mode, func, args, kwargs, flat, spec, jets):
     x1, x2 = mode.tangents(x)
     w1, w2 = mode.tangents(w)
     b1, b2 = mode.tangents(b)
-    y, y1, y2 = jk.jet_layer_norm(x, x1, x2, ns, w, b, w1, b1, w2, b2, float(o["eps"]))
+    y, y1, y2 = jk.jet_layer_norm(x, x1, x2, ns, w, b, w1, b1, w2, b2, float(o["eps"]), mode.second)
     mode.put(y, y1, y2)
     return y
 
@@ -761,7 +763,7 @@ def _rms_norm_rule(mode, func, args, kwargs, flat, spec, jets):
         return NotImplemented
     x1, x2 = mode.tangents(x)
     w1, w2 = mode.tangents(w)
-    y, y1, y2 = jk.jet_rms_norm(x, x1, x2, ns, w, w1, w2, o["eps"])
+    y, y1, y2 = jk.jet_rms_norm(x, x1, x2, ns, w, w1, w2, o["eps"], mode.second)
     mode.put(y, y1, y2)
     return y
 
@@ -780,7 +782,7 @@ def _cross_entropy_rule(mode, func, args, kwargs, flat, spec, jets):
             or not _jets_only_on(mode, flat, jets, [z])):
         return NotImplemented  # other forms: the generic rule (exact, slower)
     z1, z2 = mode.tangents(z)
-    y, y1, y2 = jk.jet_cross_entropy(z, z1, z2, t, int(o["ignore_index"]))
+    y, y1, y2 = jk.jet_cross_entropy(z, z1, z2, t, int(o["ignore_index"]), mode.second)
     mode.put(y, y1, y2)
     return y
 
@@ -792,7 +794,7 @@ def _dcs_rule(mode, func, args, kwargs, flat, spec, jets):
     w, u, v, mask = o["w"], o["u"], o["v"], o["mask"]
     (w1, w2), (u1, u2), (v1, v2) = mode.tangents(w), mode.tangents(u), mode.tangents(v)
     # the jet op's primal is the op's value (the same products, bit for bit): no second pass
-    y, y1, y2 = jk.jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2)
+    y, y1, y2 = jk.jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2, mode.second)
     mode.put(y, y1, y2)
     return y
 
@@ -803,7 +805,7 @@ def _dcs_group_rule(mode, func, args, kwargs, flat, spec, jets):
         return NotImplemented
     w, s, dim = o["w"], o["s"], o["dim"]
     (w1, w2), (s1, s2) = mode.tangents(w), mode.tangents(s)
-    y, y1, y2 = jk.jet_dcs_group(w, s, dim, w1, s1, w2, s2)
+    y, y1, y2 = jk.jet_dcs_group(w, s, dim, w1, s1, w2, s2, mode.second)
     mode.put(y, y1, y2)
     return y
 

@@ -14,6 +14,17 @@ leading dimension is ``B`` is split per sample: sample ``i`` sees ``leaf[i:i + 1
 ``loss_fn`` is always called on a batch. Every other leaf (a shared table, a scalar tensor, a
 non-tensor) is passed whole to every sample.
 
+Samples that interact
+---------------------
+Training-mode batch norm (batch statistics) makes each loss depend on the whole batch. The
+engine's convention is then the one ``loss_fn`` states: sample i's loss is
+``loss_fn(params, batch)[i]``, a function of the parameters with the statistics of the whole
+batch, which the curvature API's whole-batch paths (Taylor mode, nested forward mode) honour. A
+function mapped over the samples one at a time cannot (it would normalize each sample by its own
+statistics, or fail on a batch of one), so :func:`map_samples` refuses batch norm that uses batch
+statistics with a :class:`~symfast.curvature.checks.CoupledSamplesError` that names it, on the
+vmap path and on the loop alike, before any result is formed.
+
 Paths
 -----
 :func:`map_samples` maps a function over the samples with ``torch.func.vmap``. When vmap cannot
@@ -23,21 +34,47 @@ the same exact result, B calls instead of one. The path taken is returned, and t
 is a :class:`PerSamplePathWarning`. :func:`hvp` is forward over reverse (``jvp`` of ``grad``);
 for a model with an op that has no forward-mode rule it is reverse over reverse (``vjp`` of
 ``grad``: H is symmetric), again returned as its path and warned. Any other error propagates.
+
+``autograd.Function``\ s
+------------------------
+Two of torch.func's compositions are silently wrong through a custom ``autograd.Function``
+(checked on torch 2.13, float64, against closed forms):
+
+* reverse over reverse (``vjp`` of ``grad``) when its ``backward`` is ``@once_differentiable``:
+  the backward runs under ``no_grad``, so the outer transform sees the gradient as a constant and
+  returns 0 for the Function's part of the Hessian (plain autograd raises "trying to
+  differentiate twice"; torch.func does not);
+* forward over forward (``jvp`` of ``jvp``) through any Function with a ``jvp`` staticmethod,
+  ``@once_differentiable`` or not: the outer ``jvp`` does not differentiate the inner ``jvp``
+  rule, so the Function's second derivative is dropped.
+
+Forward over reverse (``jvp`` of ``grad``) and reverse over forward (``grad`` of ``jvp``) are
+exact through a Function with a ``jvp`` (its backward's ops carry tangents whatever
+``no_grad`` says). :func:`hvp` and :func:`vjp_of_grad` therefore refuse, with an
+:class:`~symfast.curvature.checks.UnsupportedOpError` naming the Function, to differentiate a
+``@once_differentiable`` backward in reverse mode, and the curvature API routes forward over
+forward away from Functions (see :func:`autograd_functions_of`).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.func as tf
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from torch.overrides import TorchFunctionMode
+
+from .checks import CoupledSamplesError, UnsupportedOpError
+
 __all__ = ["Samples", "split_batch", "per_sample_losses", "single_sample_loss", "map_samples", "hvp",
-           "PerSamplePathWarning"]
+           "vjp_of_grad", "autograd_functions", "autograd_functions_of", "function_names", "has_jvp",
+           "is_once_differentiable", "PerSamplePathWarning", "SamplesApart"]
 
 
 class PerSamplePathWarning(UserWarning):
@@ -146,17 +183,62 @@ def _known_failure(exc: BaseException, markers: Sequence[str]) -> str:
     return str(exc).splitlines()[0][:160]
 
 
+class SamplesApart(TorchFunctionMode):
+    """Refuses, naming the op, what couples the samples of a batch while a function runs on one
+    sample at a time: batch norm with batch statistics (training mode, or no running statistics)."""
+
+    def __init__(self, op: str, how: str):
+        super().__init__()
+        self.op = op
+        self.how = how
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        spec = _BATCH_NORMS.get(func)
+        if spec is not None:
+            name, positions = spec
+            mean, var, training = (kwargs.get(k, args[i] if len(args) > i else d) for k, i, d in positions)
+            if training or mean is None or var is None:
+                raise CoupledSamplesError(
+                    f"{self.op}: {name} with batch statistics (training mode) couples the samples of a batch: "
+                    f"sample i's loss is loss_fn(params, batch)[i], normalized by the whole batch's statistics, "
+                    f"but {self.how} evaluates one sample at a time, which would normalize each sample by its own "
+                    "statistics. Put the model in eval mode, or use the curvature API's whole-batch paths "
+                    "(symfast.per_sample_directional_derivatives / per_sample_curvatures / per_sample_hvp, "
+                    "method='fast' or 'forward', without batch_chunk_size)")
+        return func(*args, **kwargs)
+
+
+# batch norm entry points: (name, ((running_mean key, position, default), (running_var ...), (training ...)))
+_BATCH_NORMS = {
+    torch.nn.functional.batch_norm: ("F.batch_norm", (("running_mean", 1, None), ("running_var", 2, None),
+                                                      ("training", 5, False))),
+    torch.batch_norm: ("torch.batch_norm", (("running_mean", 3, None), ("running_var", 4, None),
+                                            ("training", 5, False))),
+    torch.native_batch_norm: ("torch.native_batch_norm", (("running_mean", 3, None), ("running_var", 4, None),
+                                                          ("training", 5, False))),
+}
+
+
 def map_samples(op: str, fn: Callable, params: Any, samples: Samples,
                 chunk_size: Optional[int] = None) -> Tuple[Any, str]:
     """``fn(params, *sample_leaves)`` for every sample, stacked along a leading ``B``; returns
-    ``(result, path)`` with path ``"vmap"`` or ``"loop (vmap failed: <reason>)"``."""
+    ``(result, path)`` with path ``"vmap"`` or ``"loop (vmap failed: <reason>)"``. Raises
+    :class:`~symfast.curvature.checks.CoupledSamplesError` for a model whose samples are coupled
+    by batch statistics (see the module doc)."""
+    apart = SamplesApart(op, "a function mapped over the samples (vmap, or a loop)")
     try:
-        return tf.vmap(fn, in_dims=(None, *samples.dims), chunk_size=chunk_size)(params, *samples.leaves), "vmap"
+        with apart:
+            return (tf.vmap(fn, in_dims=(None, *samples.dims), chunk_size=chunk_size)(params, *samples.leaves),
+                    "vmap")
+    except CoupledSamplesError:
+        raise
     except (RuntimeError, NotImplementedError) as e:
         reason = _known_failure(e, _VMAP_UNSUPPORTED)
     warnings.warn(f"{op}: vmap cannot batch this model ({reason}); computing the {samples.size} samples one at a "
                   "time instead (exact, slower)", PerSamplePathWarning, stacklevel=3)
-    outs = [fn(params, *samples.sample_leaves(i)) for i in range(samples.size)]
+    with apart:
+        outs = [fn(params, *samples.sample_leaves(i)) for i in range(samples.size)]
     flat, spec = tree_flatten(outs[0])
     stacked = [torch.stack([tree_flatten(o)[0][j] for o in outs]) for j in range(len(flat))]
     return tree_unflatten(stacked, spec), f"loop (vmap failed: {reason})"
@@ -165,12 +247,128 @@ def map_samples(op: str, fn: Callable, params: Any, samples: Samples,
 def hvp(f: Callable, params: Any, v: Any, op: str = "hvp") -> Tuple[Any, str]:
     """Exact Hessian-vector product ``H v`` of the scalar ``f`` at ``params``; returns ``(Hv, path)``
     with path ``"jvp(grad)"`` (forward over reverse) or ``"vjp(grad)"`` (reverse over reverse, for
-    a model with an op that has no forward-mode rule)."""
+    a model with an op that has no forward-mode rule). Reverse over reverse refuses a model with a
+    ``@once_differentiable`` Function (see the module doc) instead of returning its part as 0."""
     try:
         return tf.jvp(tf.grad(f), (params,), (v,))[1], "jvp(grad)"
     except (RuntimeError, NotImplementedError) as e:
         reason = _known_failure(e, _NO_FORWARD_RULE)
+    _, vjp_fn = vjp_of_grad(f, params, op, why=f"forward over reverse failed ({reason})")
     warnings.warn(f"{op}: an op of this model has no forward-mode rule ({reason}); Hessian-vector products run "
                   "reverse over reverse instead (exact)", PerSamplePathWarning, stacklevel=3)
-    _, vjp_fn = tf.vjp(tf.grad(f), params)
     return vjp_fn(v)[0], "vjp(grad)"
+
+
+def vjp_of_grad(f: Callable, params: Any, op: str = "hvp", why: str = "") -> Tuple[Any, Callable]:
+    """``torch.func.vjp(torch.func.grad(f), params)``: the gradient and its pullback, whose
+    value at ``v`` is ``H v`` (reverse over reverse, H symmetric), checked to be exact.
+
+    The autograd graph of ``f`` under ``grad`` is walked once (the forward pass this linearization
+    runs anyway); a ``@once_differentiable`` Function on it would make every ``H v`` silently miss
+    that Function's part, so it raises :class:`~symfast.curvature.checks.UnsupportedOpError`
+    naming the Function(s) before any product is formed. ``why``: the caller's reason for this path.
+    """
+    once: List[type] = []
+
+    def watched(p):
+        out = f(p)
+        if isinstance(out, Tensor):
+            once.extend(c for c in autograd_functions(out) if is_once_differentiable(c))
+        return out
+
+    g, vjp_fn = tf.vjp(tf.grad(watched), params)
+    if once:
+        advice = ("give it a jvp staticmethod (forward over reverse is then exact)" if not all(map(has_jvp, once))
+                  else "drop @once_differentiable from its backward (or use a forward-over-reverse path)")
+        raise UnsupportedOpError(
+            f"{op}: reverse-over-reverse Hessian-vector products{' (' + why + ')' if why else ''} cannot "
+            f"differentiate {function_names(once)}: its backward is marked @once_differentiable, so torch.func "
+            f"would treat the gradient through it as a constant and return 0 for its part of the Hessian, "
+            f"silently. To fix: {advice}")
+    return g, vjp_fn
+
+
+# =================================================== autograd.Functions on a graph
+# once_differentiable wraps every backward in the same inner function: its code object marks one.
+_ONCE_DIFFERENTIABLE_CODE = once_differentiable(lambda ctx: None).__code__
+_FUNCTION_JVP = torch.autograd.Function.jvp
+
+
+def _user_function(cls: type) -> type:
+    """The user's Function behind a node class: under torch.func's grad/vjp, a node's class is a
+    per-level ``<Name>Generated`` wrapper whose backward closes over the user's class."""
+    fn = cls.__dict__.get("backward")
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is not None and "autograd_function" in code.co_freevars and fn.__closure__:
+        inner = fn.__closure__[code.co_freevars.index("autograd_function")].cell_contents
+        if isinstance(inner, type):
+            return inner
+    return cls
+
+
+def autograd_functions(out: Tensor) -> List[type]:
+    """The ``autograd.Function`` classes on ``out``'s autograd graph (each once, in the order met),
+    resolved to the user's classes. Works inside torch.func's grad/vjp (their graph is a real one)."""
+    found: List[type] = []
+    seen = set()
+    todo = [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)  # only Python Function nodes (BackwardCFunction) have it
+        if cls is not None:
+            cls = _user_function(cls)
+            if cls not in found:
+                found.append(cls)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def _drop(_x: Any) -> None:
+    return None
+
+
+def autograd_functions_of(f: Callable[[Any], Tensor], params: Dict[str, Tensor]) -> List[type]:
+    """The Functions that ``f(params)`` runs on a path from ``params``, by one forward pass that
+    records the autograd graph (never run backward).
+
+    Outside torch.func transforms the graph keeps none of its tensors (fresh leaves, saved tensors
+    dropped). Inside one, where fresh leaves that require grad cannot be made, the pass runs under
+    ``torch.func.vjp`` (whose graph is walked the same way; it holds the activations until it
+    returns).
+    """
+    if torch._C._are_functorch_transforms_active():
+        found: List[type] = []
+
+        def watched(p):
+            out = f(p)
+            if isinstance(out, Tensor):
+                found.extend(autograd_functions(out))
+            return out
+
+        tf.vjp(watched, params)
+        return found
+    leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _drop):
+        out = f(leaves)
+    return autograd_functions(out) if isinstance(out, Tensor) else []
+
+
+def is_once_differentiable(cls: type) -> bool:
+    """Whether the Function's backward is wrapped by ``@once_differentiable``."""
+    fn = getattr(cls, "backward", None)
+    return getattr(fn, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE
+
+
+def has_jvp(cls: type) -> bool:
+    """Whether the Function defines a forward-mode rule (a ``jvp`` staticmethod of its own)."""
+    return getattr(cls, "jvp", _FUNCTION_JVP) is not _FUNCTION_JVP
+
+
+def function_names(classes: Sequence[type]) -> str:
+    """``autograd.Function 'A'`` / ``autograd.Functions 'A', 'B'``, for messages."""
+    names = ", ".join(repr(getattr(c, "__qualname__", c.__name__)) for c in classes)
+    return f"autograd.Function{'s' if len(classes) > 1 else ''} {names}"

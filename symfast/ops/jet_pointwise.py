@@ -187,24 +187,25 @@ def check_jet_dcs_group(
 
 
 # -------------------------------------------------------------- fake kernels
-def _empty_jet(p: Tensor, k: int) -> Jet:
+def _empty_jet(p: Tensor, k: int, second: bool) -> Jet:
+    """y, y1 and y2, or with second=False an empty (0,) y2 (first order only)."""
     y = torch.empty_like(p, memory_format=torch.contiguous_format)
-    return y, p.new_empty((k,) + tuple(p.shape)), p.new_empty((k,) + tuple(p.shape))
+    return y, p.new_empty((k,) + tuple(p.shape)), p.new_empty((k,) + tuple(p.shape) if second else (0,))
 
 
 @torch.library.register_fake("symfast::jet_activation")
-def _jet_activation_fake(x, x1, x2, kind, beta=1.0, threshold=20.0):
-    return _empty_jet(x, check_jet_activation(x, x1, x2, kind, beta))
+def _jet_activation_fake(x, x1, x2, kind, beta=1.0, threshold=20.0, second=True):
+    return _empty_jet(x, check_jet_activation(x, x1, x2, kind, beta), second)
 
 
 @torch.library.register_fake("symfast::jet_dcs")
-def _jet_dcs_fake(w, u, v, mask, w1, u1, v1, w2, u2, v2):
-    return _empty_jet(w, check_jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2))
+def _jet_dcs_fake(w, u, v, mask, w1, u1, v1, w2, u2, v2, second=True):
+    return _empty_jet(w, check_jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2), second)
 
 
 @torch.library.register_fake("symfast::jet_dcs_group")
-def _jet_dcs_group_fake(w, s, dim, w1, s1, w2, s2):
-    return _empty_jet(w, check_jet_dcs_group(w, s, dim, w1, s1, w2, s2))
+def _jet_dcs_group_fake(w, s, dim, w1, s1, w2, s2, second=True):
+    return _empty_jet(w, check_jet_dcs_group(w, s, dim, w1, s1, w2, s2), second)
 
 
 # ------------------------------------------------------------------ autograd
@@ -257,6 +258,8 @@ def jet_activation(
     kind: str,
     beta: float = 1.0,
     threshold: float = 20.0,
+    *,
+    second: bool = True,
 ) -> Jet:
     """Jet of an activation: y = f(x), y1 = f'(x) x1, y2 = f'(x) x2 + f''(x) x1^2.
 
@@ -269,10 +272,13 @@ def jet_activation(
         beta, threshold: softplus's, as in torch.nn.functional.softplus
             (linear where beta * x > threshold); ignored by the other kinds.
 
+        second: False computes the first-order jet only (y2 comes back empty,
+            shape (0,)); the same keyword on every jet op.
+
     Returns (y, y1, y2), contiguous, y of shape S and y1, y2 of shape [K, *S].
     """
     check_jet_activation(x, x1, x2, kind, beta)
-    return _lib_ops.jet_activation(x, x1, x2, kind, beta, threshold)
+    return _lib_ops.jet_activation(x, x1, x2, kind, beta, threshold, second)
 
 
 def jet_dcs(
@@ -286,6 +292,8 @@ def jet_dcs(
     w2: Optional[Tensor],
     u2: Optional[Tensor],
     v2: Optional[Tensor],
+    *,
+    second: bool = True,
 ) -> Jet:
     """Jet of :func:`symfast.dcs` (theta = m ? w u : v):
     y1 = m ? w1 u + w u1 : v1,  y2 = m ? w2 u + 2 w1 u1 + w u2 : v2.
@@ -294,7 +302,7 @@ def jet_dcs(
     are [K, *w.shape] or None (zero), at least one given.
     """
     check_jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2)
-    return _lib_ops.jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2)
+    return _lib_ops.jet_dcs(w, u, v, mask, w1, u1, v1, w2, u2, v2, second)
 
 
 def jet_dcs_group(
@@ -305,6 +313,8 @@ def jet_dcs_group(
     s1: Optional[Tensor],
     w2: Optional[Tensor],
     s2: Optional[Tensor],
+    *,
+    second: bool = True,
 ) -> Jet:
     """Jet of :func:`symfast.dcs_group` (theta = w * s broadcast along dim):
     y1 = w1 s + w s1,  y2 = w2 s + 2 w1 s1 + w s2.
@@ -313,4 +323,4 @@ def jet_dcs_group(
     at least one given.
     """
     check_jet_dcs_group(w, s, dim, w1, s1, w2, s2)
-    return _lib_ops.jet_dcs_group(w, s, dim, w1, s1, w2, s2)
+    return _lib_ops.jet_dcs_group(w, s, dim, w1, s1, w2, s2, second)

@@ -183,35 +183,38 @@ def check_jet_cross_entropy(z, z1, z2, target) -> int:
 
 
 # ------------------------------------------------------------- fake kernels
-def _empty_jet(x: Tensor, k: int, shape=None) -> Jet:
+def _empty_jet(x: Tensor, k: int, second: bool, shape=None) -> Jet:
+    """y, y1 and y2, or with second=False an empty (0,) y2 (first order only)."""
     shape = tuple(x.shape) if shape is None else tuple(shape)
-    return x.new_empty(shape), x.new_empty((k,) + shape), x.new_empty((k,) + shape)
+    return x.new_empty(shape), x.new_empty((k,) + shape), x.new_empty((k,) + shape if second else (0,))
 
 
 @torch.library.register_fake("symfast::jet_layer_norm")
-def _jet_layer_norm_fake(x, x1, x2, normalized_shape, weight, bias, weight1, bias1, weight2, bias2, eps):
+def _jet_layer_norm_fake(x, x1, x2, normalized_shape, weight, bias, weight1, bias1, weight2, bias2, eps,
+                         second=True):
     k = check_jet_layer_norm(x, x1, x2, normalized_shape, weight, bias, weight1, bias1, weight2, bias2)
-    return _empty_jet(x, k)
+    return _empty_jet(x, k, second)
 
 
 @torch.library.register_fake("symfast::jet_rms_norm")
-def _jet_rms_norm_fake(x, x1, x2, normalized_shape, weight, weight1, weight2, eps):
-    return _empty_jet(x, check_jet_rms_norm(x, x1, x2, normalized_shape, weight, weight1, weight2))
+def _jet_rms_norm_fake(x, x1, x2, normalized_shape, weight, weight1, weight2, eps, second=True):
+    return _empty_jet(x, check_jet_rms_norm(x, x1, x2, normalized_shape, weight, weight1, weight2), second)
 
 
 @torch.library.register_fake("symfast::jet_softmax")
-def _jet_softmax_fake(x, x1, x2, dim, log):
-    return _empty_jet(x, check_jet_softmax(x, x1, x2, dim))
+def _jet_softmax_fake(x, x1, x2, dim, log, second=True):
+    return _empty_jet(x, check_jet_softmax(x, x1, x2, dim), second)
 
 
 @torch.library.register_fake("symfast::jet_cross_entropy")
-def _jet_cross_entropy_fake(z, z1, z2, target, ignore_index=-100):
-    return _empty_jet(z, check_jet_cross_entropy(z, z1, z2, target), (z.shape[0],))
+def _jet_cross_entropy_fake(z, z1, z2, target, ignore_index=-100, second=True):
+    return _empty_jet(z, check_jet_cross_entropy(z, z1, z2, target), second, (z.shape[0],))
 
 
 # ----------------------------------------------------------------- autograd
-def _layer_norm_twin(x, x1, x2, weight, bias, weight1, bias1, weight2, bias2, normalized_shape, eps):
-    return reference.jet_layer_norm(x, x1, x2, normalized_shape, weight, bias, weight1, bias1, weight2, bias2, eps)
+def _layer_norm_twin(x, x1, x2, weight, bias, weight1, bias1, weight2, bias2, normalized_shape, eps, second):
+    return reference.jet_layer_norm(x, x1, x2, normalized_shape, weight, bias, weight1, bias1, weight2, bias2, eps,
+                                    second)
 
 
 def _register_autograd() -> None:
@@ -235,12 +238,13 @@ def _register_autograd() -> None:
         inner = _VjpOfReference(twin, n)
         torch.library.register_autograd(name, backward, setup_context=setup_context)
 
-    reorder("symfast::jet_layer_norm", _layer_norm_twin, [0, 1, 2, 4, 5, 6, 7, 8, 9], 11)
+    reorder("symfast::jet_layer_norm", _layer_norm_twin, [0, 1, 2, 4, 5, 6, 7, 8, 9], 12)
     reorder("symfast::jet_rms_norm",
-            lambda x, x1, x2, w, w1, w2, ns, eps: reference.jet_rms_norm(x, x1, x2, ns, w, w1, w2, eps),
-            [0, 1, 2, 4, 5, 6], 8)
-    reorder("symfast::jet_softmax", reference.jet_softmax, [0, 1, 2], 5)
-    reorder("symfast::jet_cross_entropy", reference.jet_cross_entropy, [0, 1, 2, 3], 5)
+            lambda x, x1, x2, w, w1, w2, ns, eps, second: reference.jet_rms_norm(x, x1, x2, ns, w, w1, w2, eps,
+                                                                                  second),
+            [0, 1, 2, 4, 5, 6], 9)
+    reorder("symfast::jet_softmax", reference.jet_softmax, [0, 1, 2], 6)
+    reorder("symfast::jet_cross_entropy", reference.jet_cross_entropy, [0, 1, 2, 3], 6)
 
 
 class _VjpOfReference:
@@ -297,6 +301,8 @@ def jet_layer_norm(
     weight2: Optional[Tensor] = None,
     bias2: Optional[Tensor] = None,
     eps: float = 1e-5,
+    *,
+    second: bool = True,
 ) -> Jet:
     r"""Second-order jet of ``F.layer_norm(x, normalized_shape, weight, bias, eps)``.
 
@@ -309,11 +315,12 @@ def jet_layer_norm(
     y1 = x̂' w + x̂ w1 + b1 and y2 = x̂'' w + 2 x̂' w1 + x̂ w2 + b2.
 
     x1, x2: (K, *x.shape) or None (zero); weight1/bias1/weight2/bias2: (K, *normalized_shape) or
-    None, each only with its weight or bias. Returns y (x.shape), y1 and y2 (K, *x.shape).
+    None, each only with its weight or bias. Returns y (x.shape), y1 and y2 (K, *x.shape); with
+    ``second=False`` (every jet op) the first-order jet only, y2 an empty (0,) tensor.
     """
     check_jet_layer_norm(x, x1, x2, normalized_shape, weight, bias, weight1, bias1, weight2, bias2)
     return _lib_ops.jet_layer_norm(x, x1, x2, list(normalized_shape), weight, bias, weight1, bias1, weight2,
-                                   bias2, float(eps))
+                                   bias2, float(eps), bool(second))
 
 
 def jet_rms_norm(
@@ -325,6 +332,8 @@ def jet_rms_norm(
     weight1: Optional[Tensor] = None,
     weight2: Optional[Tensor] = None,
     eps: Optional[float] = None,
+    *,
+    second: bool = True,
 ) -> Jet:
     r"""Second-order jet of ``F.rms_norm``: y = x * rsqrt(mean(x², normalized dims) + eps) * weight.
 
@@ -333,10 +342,11 @@ def jet_rms_norm(
     """
     check_jet_rms_norm(x, x1, x2, normalized_shape, weight, weight1, weight2)
     eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
-    return _lib_ops.jet_rms_norm(x, x1, x2, list(normalized_shape), weight, weight1, weight2, eps)
+    return _lib_ops.jet_rms_norm(x, x1, x2, list(normalized_shape), weight, weight1, weight2, eps, second)
 
 
-def jet_softmax(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], dim: int, *, log: bool = False) -> Jet:
+def jet_softmax(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], dim: int, *, log: bool = False,
+                second: bool = True) -> Jet:
     r"""Second-order jet of ``softmax(x, dim)`` (or ``log_softmax`` with ``log=True``).
 
     With s = softmax(x), :math:`a_j = x_j - \langle s, x_j\rangle` along dim and
@@ -344,11 +354,12 @@ def jet_softmax(x: Tensor, x1: Optional[Tensor], x2: Optional[Tensor], dim: int,
     log_softmax gives y1 = a1, y2 = a2 - e.
     """
     check_jet_softmax(x, x1, x2, dim)
-    return _lib_ops.jet_softmax(x, x1, x2, int(dim), bool(log))
+    return _lib_ops.jet_softmax(x, x1, x2, int(dim), bool(log), bool(second))
 
 
 def jet_cross_entropy(
-    z: Tensor, z1: Optional[Tensor], z2: Optional[Tensor], target: Tensor, *, ignore_index: int = -100
+    z: Tensor, z1: Optional[Tensor], z2: Optional[Tensor], target: Tensor, *, ignore_index: int = -100,
+    second: bool = True
 ) -> Jet:
     r"""Second-order jet of ``F.cross_entropy(z, target, reduction='none')``, z of shape (N, C).
 
@@ -356,4 +367,4 @@ def jet_cross_entropy(
     (s = softmax(z)); rows whose target is ``ignore_index`` give 0. Returns loss (N,), l1, l2 (K, N).
     """
     check_jet_cross_entropy(z, z1, z2, target)
-    return _lib_ops.jet_cross_entropy(z, z1, z2, target, int(ignore_index))
+    return _lib_ops.jet_cross_entropy(z, z1, z2, target, int(ignore_index), bool(second))

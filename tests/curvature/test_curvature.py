@@ -780,19 +780,79 @@ class _Cube(torch.autograd.Function):
         return _Cube.apply(x), in_dims[0]
 
 
-def test_autograd_function_falls_back_with_a_warning_naming_the_op():
+class _OnceCube(_Cube):
+    """_Cube with a @once_differentiable backward."""
+
+    backward = staticmethod(torch.autograd.function.once_differentiable(_Cube.backward))
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return _OnceCube.apply(x), in_dims[0]
+
+
+class _OnceCubeNoJvp(_OnceCube):
+    jvp = torch.autograd.Function.jvp
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return _OnceCubeNoJvp.apply(x), in_dims[0]
+
+
+def _cube_model(fn):
+    """l_i = sum_j c(x_i . w_j) + 0.5 |w|^2 with c(z) = z^3 by ``fn``: closed-form derivatives."""
     params = {"w": _randn(3, 4)}
 
     def loss_fn(p, x):
-        return _Cube.apply(x @ p["w"].T).sum(1)
+        return fn.apply(x @ p["w"].T).sum(1) + 0.5 * (p["w"] ** 2).sum()
 
-    x = _randn(B, 4, seed=3)
+    return loss_fn, params, _randn(B, 4, seed=3)
+
+
+def _cube_second(params, x, n, m):
+    """m^T H_i n = sum_j 6 (x_i . w_j)(x_i . n_j)(x_i . m_j) + m . n, per sample."""
+    return (6 * (x @ params["w"].T) * (x @ n["w"].T) * (x @ m["w"].T)).sum(1) + (n["w"] * m["w"]).sum()
+
+
+@pytest.mark.parametrize("fn", [_Cube, _OnceCube], ids=["jvp", "jvp-once-differentiable"])
+@pytest.mark.parametrize("method", ["fast", "forward"])
+def test_autograd_function_with_jvp_routes_to_forward_over_reverse_and_is_exact(fn, method):
+    # torch.func's jvp of jvp drops the Function's second derivative (the outer jvp does not
+    # differentiate its jvp rule): the nested-forward path would give 6 z (x.n)^2 -> 0 here.
+    loss_fn, params, x = _cube_model(fn)
     dirs = _directions(params, K=2)
-    with pytest.warns(PerSamplePathWarning, match=r"cannot follow sum \(an input was computed outside the jet mode"
-                                                  r" \(by a _CubeBackward.*with nested forward mode"):
-        h = per_sample_curvatures(loss_fn, params, dirs, x)
-    # the path taken: nested forward mode, whatever the Function's forward-mode rule gives
-    torch.testing.assert_close(h, per_sample_curvatures(loss_fn, params, dirs, x, method="forward"))
+    with pytest.warns(PerSamplePathWarning, match=rf"runs autograd.Function '{fn.__qualname__}'; nested forward "
+                                                  r"mode .* forward over reverse per sample"):
+        h = per_sample_curvatures(loss_fn, params, dirs, x, method=method)
+    exact = torch.stack([_cube_second(params, x, *[{"w": dirs["w"][k]}] * 2) for k in range(2)], 1)
+    torch.testing.assert_close(h, exact, rtol=1e-12, atol=1e-12)
+    fd = torch.stack([fd_second(loss_fn, params, {"w": dirs["w"][k]}, x) for k in range(2)], 1)
+    _assert_fd_close(h, fd, "Function with jvp")
+
+    n, onto = {"w": dirs["w"][0]}, _directions(params, K=2, seed=4)
+    with pytest.warns(PerSamplePathWarning, match="forward over reverse per sample"):
+        proj = per_sample_hvp(loss_fn, params, n, x, onto=onto)
+    exact = torch.stack([_cube_second(params, x, n, {"w": onto["w"][k]}) for k in range(2)], 1)
+    torch.testing.assert_close(proj, exact, rtol=1e-12, atol=1e-12)
+    # first order (one jvp) and reverse over forward (grad of jvp) are exact through the Function
+    g = per_sample_directional_derivatives(loss_fn, params, dirs, x, method="forward")
+    fd1 = torch.stack([fd_first(loss_fn, params, {"w": dirs["w"][k]}, x) for k in range(2)], 1)
+    _assert_fd_close(g, fd1, "Function with jvp: g")
+    full = per_sample_hvp(loss_fn, params, n, x)["w"]
+    torch.testing.assert_close(torch.einsum("bij,kij->bk", full, onto["w"]), exact, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["fast", "forward", "reference"])
+def test_autograd_function_without_jvp_is_refused_naming_it(method):
+    loss_fn, params, x = _cube_model(_OnceCubeNoJvp)
+    dirs = _directions(params, K=1)
+    match = "_OnceCubeNoJvp' has no jvp staticmethod" if method != "reference" else "implement the jvp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no path change is announced: the call stops
+        with pytest.raises((UnsupportedOpError, NotImplementedError), match=match):
+            per_sample_curvatures(loss_fn, params, dirs, x, method=method)
+        if method != "reference":
+            with pytest.raises(UnsupportedOpError, match=match):
+                per_sample_hvp(loss_fn, params, {"w": dirs["w"][0]}, x, onto=dirs, method=method)
 
 
 def _many_ops(p, batch):

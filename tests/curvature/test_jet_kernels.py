@@ -202,3 +202,45 @@ def test_linear_rule_matches_nested_jvp(lead, which):
     y, y1, y2 = _linear_jets(x, w, b, t, second=False)
     assert y2 is None
     torch.testing.assert_close(y1, got[1], rtol=1e-12, atol=1e-12)
+
+
+class _JetOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ``second`` flag of every symfast jet op the engine calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        if name.startswith("symfast::jet_"):
+            schema_args = func._schema.arguments
+            second = kwargs.get("second", args[len(schema_args) - 1] if len(args) == len(schema_args) else True)
+            self.seen.setdefault(name.split("::")[1], set()).add(bool(second))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_first_order_quantities_call_every_jet_op_first_order_only(first_order):
+    import symfast
+    from symfast.curvature import per_sample_curvatures, per_sample_directional_derivatives
+
+    params = {"W": _r(6, 4, seed=1), "g": _r(6, seed=2), "w": _r(5, 6, seed=3), "u": _r(5, 6, seed=4),
+              "V": _r(3, 5, seed=5)}
+
+    def loss_fn(p, batch):
+        x, t = batch
+        h = F.gelu(F.layer_norm(x @ p["W"].T, (6,), p["g"]))
+        h = torch.tanh(h @ symfast.dcs(p["w"], p["u"]).T)
+        return F.cross_entropy(torch.softmax(h, -1) @ p["V"].T, t, reduction="none")
+
+    batch = (_r(7, 4, seed=6), torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(7)))
+    dirs = {k: _r(K, *v.shape, seed=8 + i) for i, (k, v) in enumerate(params.items())}
+    calls = _JetOpCalls()
+    with calls:
+        fn = per_sample_directional_derivatives if first_order else per_sample_curvatures
+        fn(loss_fn, params, dirs, batch)
+    assert set(calls.seen) == {"jet_activation", "jet_layer_norm", "jet_dcs", "jet_softmax", "jet_cross_entropy"}
+    # g needs no second tangent: not one y2 is computed; h needs them all
+    assert all(flags == {not first_order} for flags in calls.seen.values()), calls.seen

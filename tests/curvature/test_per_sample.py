@@ -3,18 +3,25 @@
 Oracles: per-sample gradients from a plain loop over torch.autograd.grad, and closed forms.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.func as tf
 
 import symfast
+from symfast.curvature.checks import CoupledSamplesError
 from symfast.curvature.per_sample import (
     PerSamplePathWarning,
+    autograd_functions_of,
+    has_jvp,
     hvp,
+    is_once_differentiable,
     map_samples,
     per_sample_losses,
     single_sample_loss,
     split_batch,
+    vjp_of_grad,
 )
 
 DT = torch.float64
@@ -113,6 +120,95 @@ def test_hvp_without_a_forward_rule_runs_reverse_over_reverse_and_says_so():
         Hv, path = hvp(lambda p: _Cube.apply(p).sum(), w, v)
     assert path == "vjp(grad)"
     torch.testing.assert_close(Hv, 6 * w * v)
+
+
+class _OnceCube(_Cube):
+    """_Cube with a @once_differentiable backward and torch's generated vmap rule."""
+
+    generate_vmap_rule = True
+    backward = staticmethod(torch.autograd.function.once_differentiable(_Cube.backward))
+
+
+def test_reverse_over_reverse_refuses_a_once_differentiable_function_instead_of_returning_zero():
+    # torch.func's vjp(grad) through it gives 0 for the cube's part of H, silently.
+    torch.manual_seed(3)
+    w, v, x = torch.randn(5, dtype=DT), torch.randn(5, dtype=DT), torch.randn(4, 5, dtype=DT)
+    match = r"cannot differentiate autograd.Function '_OnceCube': its backward is marked @once_differentiable"
+    with pytest.raises(symfast.UnsupportedOpError, match=match):
+        hvp(lambda p: _OnceCube.apply(p).sum() + (p * p).sum(), w, v)
+    with pytest.raises(symfast.UnsupportedOpError, match=match):  # per sample, as stationary_report calls it
+        tf.vmap(lambda xi: hvp(lambda p: _OnceCube.apply(p * xi).sum(), w, v)[0])(x)
+    with pytest.raises(symfast.UnsupportedOpError, match=match):
+        vjp_of_grad(lambda p: (p * p).sum() + _OnceCube.apply(p).sum(), w)
+    # the guard names only what is wrong: a twice-differentiable backward keeps the exact path
+    g, pullback = vjp_of_grad(lambda p: _Cube.apply(p).sum(), w)
+    torch.testing.assert_close(g, 3 * w ** 2)
+    torch.testing.assert_close(pullback(v)[0], 6 * w * v)
+
+
+def test_autograd_functions_are_found_on_the_graph_and_classified():
+    def f(p):
+        return _OnceCube.apply(p["w"]).sum() + _Cube.apply(p["w"]).sum()
+
+    w = torch.randn(3, dtype=DT)
+    found = autograd_functions_of(f, {"w": w})
+    assert set(found) == {_OnceCube, _Cube}
+    inside = []  # inside a transform (no fresh leaves can be made there), through torch.func.vjp
+
+    def per_sample(x):
+        inside.extend(autograd_functions_of(lambda p: _OnceCube.apply(p["w"] * x).sum(), {"w": w}))
+        return x.sum()
+
+    tf.vmap(per_sample)(torch.randn(2, 3, dtype=DT))  # _Cube has no vmap rule
+    assert set(inside) == {_OnceCube}
+    assert is_once_differentiable(_OnceCube) and not is_once_differentiable(_Cube)
+    assert not has_jvp(_OnceCube) and not has_jvp(_Cube)
+
+
+def _bn_loss(training):
+    """Conv -> batch norm without running statistics (batch statistics in training mode) -> linear."""
+    def loss_fn(p, xb):
+        h = torch.nn.functional.conv2d(xb, p["k"], padding=1)
+        h = torch.nn.functional.batch_norm(h, None if training else mean, None if training else var,
+                                           p["g"], None, training=training)
+        return torch.tanh(h).flatten(1) @ p["v"]
+
+    g = torch.Generator().manual_seed(5)
+    params = {"k": torch.randn(2, 1, 3, 3, generator=g, dtype=DT), "g": torch.rand(2, generator=g, dtype=DT) + 0.5,
+              "v": torch.randn(32, generator=g, dtype=DT)}
+    mean, var = torch.randn(2, generator=g, dtype=DT) * 0.1, torch.rand(2, generator=g, dtype=DT) + 0.5
+    return loss_fn, params, torch.randn(6, 1, 4, 4, generator=g, dtype=DT)
+
+
+def test_samples_coupled_by_batch_statistics_are_refused_by_the_per_sample_map():
+    # Each sample alone would be normalized by its own statistics: a silently different loss.
+    loss_fn, params, x = _bn_loss(training=True)
+    _, samples = per_sample_losses("op", loss_fn, params, x)
+    match = r"op: F.batch_norm with batch statistics \(training mode\) couples the samples .* loss_fn\(params, batch\)\[i\]"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerSamplePathWarning)  # refused on the vmap path, no loop either
+        with pytest.raises(CoupledSamplesError, match=match):
+            map_samples("op", tf.grad(single_sample_loss(loss_fn, samples)), params, samples)
+        with pytest.raises(CoupledSamplesError, match="gradient_magnitude: F.batch_norm with batch statistics"):
+            symfast.metrics.gradient_magnitude(loss_fn, params, x)
+    # the whole-batch convention, which the curvature API follows: row i of the loss vector's Jacobian
+    jac = tf.jacrev(lambda p: loss_fn(p, x))(params)
+    dirs = {k: torch.randn((2,) + v.shape, generator=torch.Generator().manual_seed(6), dtype=DT)
+            for k, v in params.items()}
+    expected = sum(torch.einsum("bp,kp->bk", jac[k].reshape(6, -1), dirs[k].reshape(2, -1)) for k in params)
+    for method in ("fast", "forward"):
+        g = symfast.per_sample_directional_derivatives(loss_fn, params, dirs, x, method=method)
+        torch.testing.assert_close(g, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_eval_mode_batch_norm_maps_over_samples():
+    loss_fn, params, x = _bn_loss(training=False)
+    _, samples = per_sample_losses("op", loss_fn, params, x)
+    g, path = map_samples("op", tf.grad(single_sample_loss(loss_fn, samples)), params, samples)
+    assert path == "vmap"
+    jac = tf.jacrev(lambda p: loss_fn(p, x))(params)  # samples do not interact: the same rows
+    for k in params:
+        torch.testing.assert_close(g[k], jac[k])
 
 
 @pytest.mark.parametrize("bad, error, match", [

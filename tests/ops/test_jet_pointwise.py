@@ -309,6 +309,31 @@ def test_opcheck(device):
     torch.library.opcheck(ops.jet_dcs.default, (x, u, None, None, None, x2, None, x1, None, None))
     s, s1 = _randn((4,), dt, device, 4).requires_grad_(), _randn((K, 4), dt, device, 5).requires_grad_()
     torch.library.opcheck(ops.jet_dcs_group.default, (x, s, 1, x1, s1, None, s1))
+    # first order only (second=False): y2 is an empty (0,) tensor
+    torch.library.opcheck(ops.jet_activation.default, (x, x1, None, "silu", 1.0, 20.0, False))
+    torch.library.opcheck(ops.jet_dcs.default, (x, u, v, mask, x1, None, x2, None, None, None, False))
+    torch.library.opcheck(ops.jet_dcs_group.default, (x, s, 1, x1, s1, None, None, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_order_calls_give_y_and_y1_bit_for_bit_and_an_empty_y2(device, dtype):
+    K, sh = 3, (5, 7)
+    x, u, v = (_randn(sh, dtype, device, s) for s in (1, 2, 3))
+    x1, x2, v1 = (_randn((K,) + sh, dtype, device, s) for s in (4, 5, 6))
+    s, s1 = _randn((7,), dtype, device, 7), _randn((K, 7), dtype, device, 8)
+    mask = torch.rand(sh, device=device) > 0.5
+    calls = [(ops.jet_activation, ref.jet_activation, (x, x1, x2, kind, 1.5, 2.0)) for kind in KINDS]
+    calls += [(ops.jet_dcs, ref.jet_dcs, (x, u, v, mask, x1, x2, v1, x2, x1, None)),
+              (ops.jet_dcs, ref.jet_dcs, (x, u, None, None, x1, None, None, None, None, None)),
+              (ops.jet_dcs_group, ref.jet_dcs_group, (x, s, 1, x1, s1, x2, None))]
+    for op, twin, args in calls:
+        full, first = op(*args), op(*args, second=False)
+        assert torch.equal(first[0], full[0]) and torch.equal(first[1], full[1]), op
+        assert first[2].shape == (0,) and first[2].dtype == dtype and first[2].device == x.device, op
+        mirrored = twin(*args, second=False)
+        assert mirrored[2].shape == (0,), twin
+        torch.testing.assert_close(mirrored[1], first[1])
 
 
 # ---------------------------------------------------------- torch.compile

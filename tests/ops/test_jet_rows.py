@@ -272,6 +272,11 @@ def _grad_cases(device):
     yield "softmax", ops.jet_softmax.default, (x, x1, x2, 0, False)
     yield "log_softmax", ops.jet_softmax.default, (x, None, x2, 1, True)
     yield "cross_entropy", ops.jet_cross_entropy.default, (x, x1, x2, target, -100)
+    # first order only (second=False): y2 is an empty (0,) tensor
+    yield "layer_norm-first-order", ops.jet_layer_norm.default, (x, x1, x2, [3], w, b, w1, None, None, b2, 1e-5,
+                                                                 False)
+    yield "softmax-first-order", ops.jet_softmax.default, (x, x1, None, 1, False, False)
+    yield "cross_entropy-first-order", ops.jet_cross_entropy.default, (x, x1, None, target, -100, False)
 
 
 def _grad_case_ids():
@@ -298,6 +303,24 @@ def test_gradcheck_gradgradcheck_opcheck(device, case):
     full = case in ("layer_norm", "cross_entropy")
     utils = None if full else ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(op, args, **({} if full else {"test_utils": utils}))
+
+
+_TWINS = {"jet_layer_norm": ref.jet_layer_norm, "jet_rms_norm": ref.jet_rms_norm, "jet_softmax": ref.jet_softmax,
+          "jet_cross_entropy": ref.jet_cross_entropy}  # the ops' positional signatures
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("case", [c for c in _grad_case_ids() if not c.endswith("first-order")])
+def test_first_order_call_gives_y_and_y1_bit_for_bit_and_an_empty_y2(device, dtype, case):
+    _, op, args = next(c for c in _grad_cases(device) if c[0] == case)
+    args = [a.detach().to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    full, first = op(*args), op(*args, second=False)
+    assert torch.equal(first[0], full[0]) and torch.equal(first[1], full[1])
+    assert first[2].shape == (0,) and first[2].dtype == dtype and first[2].device == full[2].device
+    twin = _TWINS[op.name().split("::")[1]](*args, second=False)
+    assert twin[2].shape == (0,)
+    torch.testing.assert_close(twin[1], first[1])
 
 
 def test_compile_fullgraph():
