@@ -59,10 +59,10 @@ with nested forward mode on the batch (jvp of jvp of ``t -> loss_fn(params + t n
 ``jvp`` rule, silently. A model that runs one (found by one forward pass that records the graph)
 is computed forward over reverse per sample, the reference recipe below, with a
 :class:`~symfast.curvature.per_sample.PerSamplePathWarning` naming it; a Function without a
-``jvp`` is refused with an :class:`UnsupportedOpError` naming it. Reverse over reverse (the
-engine's :func:`~symfast.curvature.per_sample.hvp` for models without forward-mode rules) refuses
-a Function whose backward is ``@once_differentiable``, where torch.func returns 0 for its part of
-the Hessian, silently (see :mod:`.per_sample`). No tensor of per-sample parameter size is ever formed:
+``jvp`` is refused with an :class:`UnsupportedOpError` naming it, and so is, on every
+second-order path, a Function whose backward is ``@once_differentiable``: torch.func returns 0
+for its part of the Hessian in reverse over reverse and loses the part through its input in
+forward over reverse, silently (see :mod:`.per_sample`). No tensor of per-sample parameter size is ever formed:
 the tangents are K times parameter-sized, the activations K times batch-sized.
 ``chunk_size`` directions go through one pass (None: all of them); in forward mode
 ``chunk_size`` at a time run under ``torch.func.vmap`` (None: one at a time). The batch may also

@@ -5,7 +5,7 @@ products, and ``functional_loss`` for modules. See the package docstring for the
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -26,8 +26,8 @@ from .checks import (
 from .exact import ExactMode, wrap_errors
 from . import replay
 from .jets import JetFallback, jet_derivatives
-from .per_sample import (PerSamplePathWarning, Samples, autograd_functions_of, function_names, has_jvp,
-                         single_sample_loss, split_batch)
+from .per_sample import (PerSamplePathWarning, Samples, autograd_functions, autograd_functions_of, function_names,
+                         has_jvp, refuse_once_differentiable, single_sample_loss, split_batch)
 
 __all__ = [
     "per_sample_directional_derivatives",
@@ -250,7 +250,8 @@ def per_sample_curvatures(
     samples of ``jvp(grad(loss))``. Through an ``autograd.Function`` jvp of jvp is
     silently wrong (torch.func does not differentiate the Function's jvp rule), so a
     model that runs one takes the reference recipe instead, with a warning naming it
-    (an :class:`UnsupportedOpError` where the Function has no jvp). No path but the reference forms a
+    (an :class:`UnsupportedOpError` where the Function has no jvp, or a ``@once_differentiable``
+    backward, through which no second-order path is exact). No path but the reference forms a
     per-sample parameter-sized tensor. Arguments as in
     :func:`per_sample_directional_derivatives`; results computed under
     ``torch.no_grad()`` inside ``loss_fn`` are constants on every method.
@@ -314,11 +315,12 @@ def _functions_need_forward_over_reverse(op: str, loss_fn: LossFn, params: Dict[
         found = autograd_functions_of(lambda p: check_losses(op, _call_loss(loss_fn, p, batch)), params)
     if not found:
         return False
+    refuse_once_differentiable(op, found, "forward over reverse (the exact path through a Function with a jvp)")
     missing = [c for c in found if not has_jvp(c)]
     if missing:
         raise UnsupportedOpError(
             f"{op}: {function_names(missing)} has no jvp staticmethod, so forward mode cannot differentiate it "
-            "(and reverse over reverse is not exact for every Function: @once_differentiable backwards give 0). "
+            "(and reverse over reverse is not exact through every Function). "
             "Give it a jvp (and setup_context) staticmethod")
     warnings.warn(
         f"{op}: the model runs {function_names(found)}; nested forward mode (jvp of jvp) would drop its second "
@@ -330,9 +332,15 @@ def _functions_need_forward_over_reverse(op: str, loss_fn: LossFn, params: Dict[
 def _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size) -> Dict[str, Tensor]:
     """{name: [K, B, *shape]} = H(x_i) n_k by vmap over samples of jvp(grad)."""
     single, samples = _per_sample_loss(op, loss_fn, batch)
+    found: List[type] = []
+
+    def watched(p, *sample):  # records the autograd.Functions on the graph under grad
+        out = single(p, *sample)
+        found.extend(autograd_functions(out))
+        return out
 
     def hvp_one(n, *sample):
-        return torch.func.jvp(lambda p: torch.func.grad(single)(p, *sample), (params,), (n,))[1]
+        return torch.func.jvp(lambda p: torch.func.grad(watched)(p, *sample), (params,), (n,))[1]
 
     per_sample = torch.func.vmap(hvp_one, in_dims=(None, *samples.dims))
     with ExactMode(op, decompose_norms=False, per_sample="method='reference' (vmap over samples)"):
@@ -340,9 +348,13 @@ def _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size) -> Di
             return {name: p.new_zeros((0, samples.size) + tuple(p.shape)) for name, p in params.items()}
         if chunk_size is None or chunk_size == 1 or K == 1:
             outs = [per_sample(_direction(directions, k), *samples.leaves) for k in range(K)]
-            return {name: torch.stack([o[name] for o in outs]) for name in params}
-        shared = (None,) * len(samples.leaves)
-        return torch.func.vmap(per_sample, in_dims=(0, *shared), chunk_size=chunk_size)(directions, *samples.leaves)
+            out = {name: torch.stack([o[name] for o in outs]) for name in params}
+        else:
+            shared = (None,) * len(samples.leaves)
+            out = torch.func.vmap(per_sample, in_dims=(0, *shared), chunk_size=chunk_size)(directions,
+                                                                                           *samples.leaves)
+    refuse_once_differentiable(op, found, "forward over reverse (vmap over samples of jvp(grad))")
+    return out
 
 
 def per_sample_hvp(

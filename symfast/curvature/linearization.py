@@ -25,9 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .checks import UnsupportedOpError
 from .grad_norms import GradNorms, WatchedForward, jacobian_rows
-from .per_sample import Samples, _known_failure
+from .per_sample import Samples, _known_failure, autograd_functions, refuse_once_differentiable
 
 __all__ = ["Linearization", "NoDoubleBackward"]
 
@@ -72,7 +71,10 @@ class Linearization:
             grads = [None] * len(inputs)
         # g = J^T u, the summed loss's gradient, differentiable in u and the parameters
         self._g: Dict[str, Optional[Tensor]] = dict(zip(self._diff, grads[:len(self._diff)]))
-        self._once = _once_differentiable(fw.losses, [g for g in self._g.values() if g is not None])
+        # a @once_differentiable Function's backward, run with create_graph, returns its gradient
+        # behind a DelayedError node whose input is a detached copy: a second backward never
+        # reaches the parameters through it, so its part of H v and J v would be a silent zero
+        self._functions = autograd_functions(fw.losses)
         self.grad_norms: GradNorms = fw.norms(grads[len(self._diff):] if fw.outputs else None,
                                               chunk_size=chunk_size, op=op)
         self._fw = fw
@@ -110,14 +112,7 @@ class Linearization:
         is zero. One backward per direction; raises :class:`NoDoubleBackward` when an op of the
         model has no double backward, and :class:`~symfast.curvature.checks.UnsupportedOpError`
         for an ``@once_differentiable`` Function (no exact second derivative exists through it)."""
-        if self._once:
-            # forward over reverse is no way out: the decorator runs the backward under no_grad,
-            # which torch.func's jvp of grad goes through with a zero tangent, silently
-            raise UnsupportedOpError(
-                f"{self.op}: the model uses an autograd.Function whose backward is marked @once_differentiable "
-                f"({self._once}): torch cannot differentiate that backward, so second derivatives through it "
-                "(Hessian-vector products) would be silently wrong; write its backward in differentiable torch ops "
-                "and drop the decorator")
+        refuse_once_differentiable(self.op, self._functions, "reverse-over-reverse Hessian-vector products")
         B = self.samples.size
         jv = torch.zeros(B, len(vs), dtype=self.losses.dtype, device=self.losses.device)
         hvs: List[Any] = []
@@ -144,38 +139,3 @@ class Linearization:
         full = {n: (parts.get(n) if parts.get(n) is not None else torch.zeros_like(self._leaves[n]))
                 for n in (self._leaves if only is None else only)}
         return full["theta"] if self._flat else full
-
-
-def _once_differentiable(losses: Tensor, grads: Sequence[Tensor]) -> str:
-    """The names of the ``@once_differentiable`` autograd.Functions in the graph, or ``""``.
-
-    Such a Function's backward, run with ``create_graph``, returns its gradient behind a
-    ``DelayedError`` node (``Error`` in the graph) whose input is a detached copy: a second backward never reaches the
-    parameters through it, so its part of H v and J v would be a silent zero, not an error.
-    """
-    if not any(type(n).__name__ in ("Error", "DelayedError") for n in _nodes([g.grad_fn for g in grads])):
-        return ""
-    names = sorted({type(n).__name__ for n in _nodes([losses.grad_fn]) if _once_wrapped(n)})
-    return ", ".join(names) or "a backward returned a DelayedError"
-
-
-def _once_wrapped(node: Any) -> bool:
-    """Is ``node`` the backward of an autograd.Function whose backward is ``@once_differentiable``
-    (the decorator's wrapper, defined in torch.autograd.function, around the user's function)?"""
-    bw = getattr(getattr(node, "_forward_cls", None), "backward", None)
-    code = getattr(bw, "__code__", None)
-    return getattr(bw, "__wrapped__", None) is not None and code is not None and \
-        code.co_filename.replace("\\", "/").endswith("torch/autograd/function.py")
-
-
-def _nodes(roots) -> List[Any]:
-    """Every autograd node reachable from ``roots`` (iterative: graphs can be deep)."""
-    seen, stack, out = set(), [r for r in roots if r is not None], []
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        out.append(n)
-        stack.extend(f for f, _ in n.next_functions if f is not None)
-    return out

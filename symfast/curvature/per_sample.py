@@ -37,23 +37,25 @@ for a model with an op that has no forward-mode rule it is reverse over reverse 
 
 ``autograd.Function``\ s
 ------------------------
-Two of torch.func's compositions are silently wrong through a custom ``autograd.Function``
+torch.func's compositions are silently wrong through some custom ``autograd.Function``\ s
 (checked on torch 2.13, float64, against closed forms):
 
-* reverse over reverse (``vjp`` of ``grad``) when its ``backward`` is ``@once_differentiable``:
-  the backward runs under ``no_grad``, so the outer transform sees the gradient as a constant and
-  returns 0 for the Function's part of the Hessian (plain autograd raises "trying to
-  differentiate twice"; torch.func does not);
+* through one whose ``backward`` is ``@once_differentiable``, every second-order composition but
+  forward over forward: the decorator runs the backward under ``no_grad``, so reverse over
+  reverse (``vjp`` of ``grad``) returns 0 for the Function's part of the Hessian (plain autograd
+  raises "trying to differentiate twice"; torch.func does not), and forward over reverse
+  (``jvp`` of ``grad``) loses the part that flows through the Function's saved input (exact only
+  when nothing upstream of the Function depends on the parameters);
 * forward over forward (``jvp`` of ``jvp``) through any Function with a ``jvp`` staticmethod,
   ``@once_differentiable`` or not: the outer ``jvp`` does not differentiate the inner ``jvp``
   rule, so the Function's second derivative is dropped.
 
 Forward over reverse (``jvp`` of ``grad``) and reverse over forward (``grad`` of ``jvp``) are
-exact through a Function with a ``jvp`` (its backward's ops carry tangents whatever
-``no_grad`` says). :func:`hvp` and :func:`vjp_of_grad` therefore refuse, with an
-:class:`~symfast.curvature.checks.UnsupportedOpError` naming the Function, to differentiate a
-``@once_differentiable`` backward in reverse mode, and the curvature API routes forward over
-forward away from Functions (see :func:`autograd_functions_of`).
+exact through a Function with a ``jvp`` and a differentiable backward. :func:`hvp` and
+:func:`vjp_of_grad` therefore refuse, with an :class:`~symfast.curvature.checks.UnsupportedOpError`
+naming the Function (:func:`refuse_once_differentiable`), a ``@once_differentiable`` backward on
+the graph, and the curvature API routes forward over forward away from Functions (see
+:func:`autograd_functions_of`).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ from .checks import CoupledSamplesError, UnsupportedOpError
 
 __all__ = ["Samples", "split_batch", "per_sample_losses", "single_sample_loss", "map_samples", "hvp",
            "vjp_of_grad", "autograd_functions", "autograd_functions_of", "function_names", "has_jvp",
-           "is_once_differentiable", "PerSamplePathWarning", "SamplesApart"]
+           "is_once_differentiable", "refuse_once_differentiable", "PerSamplePathWarning", "SamplesApart"]
 
 
 class PerSamplePathWarning(UserWarning):
@@ -247,12 +249,16 @@ def map_samples(op: str, fn: Callable, params: Any, samples: Samples,
 def hvp(f: Callable, params: Any, v: Any, op: str = "hvp") -> Tuple[Any, str]:
     """Exact Hessian-vector product ``H v`` of the scalar ``f`` at ``params``; returns ``(Hv, path)``
     with path ``"jvp(grad)"`` (forward over reverse) or ``"vjp(grad)"`` (reverse over reverse, for
-    a model with an op that has no forward-mode rule). Reverse over reverse refuses a model with a
-    ``@once_differentiable`` Function (see the module doc) instead of returning its part as 0."""
+    a model with an op that has no forward-mode rule). Both refuse a model with a
+    ``@once_differentiable`` Function (see the module doc) instead of returning a wrong number."""
+    watched, found = _watching(f)
     try:
-        return tf.jvp(tf.grad(f), (params,), (v,))[1], "jvp(grad)"
+        hv = tf.jvp(tf.grad(watched), (params,), (v,))[1]
     except (RuntimeError, NotImplementedError) as e:
         reason = _known_failure(e, _NO_FORWARD_RULE)
+    else:
+        refuse_once_differentiable(op, found, "forward-over-reverse Hessian-vector products")
+        return hv, "jvp(grad)"
     _, vjp_fn = vjp_of_grad(f, params, op, why=f"forward over reverse failed ({reason})")
     warnings.warn(f"{op}: an op of this model has no forward-mode rule ({reason}); Hessian-vector products run "
                   "reverse over reverse instead (exact)", PerSamplePathWarning, stacklevel=3)
@@ -268,24 +274,37 @@ def vjp_of_grad(f: Callable, params: Any, op: str = "hvp", why: str = "") -> Tup
     that Function's part, so it raises :class:`~symfast.curvature.checks.UnsupportedOpError`
     naming the Function(s) before any product is formed. ``why``: the caller's reason for this path.
     """
-    once: List[type] = []
+    watched, found = _watching(f)
+    g, vjp_fn = tf.vjp(tf.grad(watched), params)
+    refuse_once_differentiable(op, found, "reverse-over-reverse Hessian-vector products" +
+                               (f" ({why})" if why else ""))
+    return g, vjp_fn
+
+
+def _watching(f: Callable) -> Tuple[Callable, List[type]]:
+    """``f`` that also records the autograd.Functions on its output's graph (works inside
+    torch.func's grad, whose graph is a real one), and the list they go to."""
+    found: List[type] = []
 
     def watched(p):
         out = f(p)
         if isinstance(out, Tensor):
-            once.extend(c for c in autograd_functions(out) if is_once_differentiable(c))
+            found.extend(autograd_functions(out))
         return out
 
-    g, vjp_fn = tf.vjp(tf.grad(watched), params)
+    return watched, found
+
+
+def refuse_once_differentiable(op: str, found: Sequence[type], what: str) -> None:
+    """Raises :class:`~symfast.curvature.checks.UnsupportedOpError` naming the ``@once_differentiable``
+    Functions among ``found``: ``what`` (a second-order path) cannot differentiate their backward."""
+    once = list(dict.fromkeys(c for c in found if is_once_differentiable(c)))  # each once, in the order met
     if once:
-        advice = ("give it a jvp staticmethod (forward over reverse is then exact)" if not all(map(has_jvp, once))
-                  else "drop @once_differentiable from its backward (or use a forward-over-reverse path)")
         raise UnsupportedOpError(
-            f"{op}: reverse-over-reverse Hessian-vector products{' (' + why + ')' if why else ''} cannot "
-            f"differentiate {function_names(once)}: its backward is marked @once_differentiable, so torch.func "
-            f"would treat the gradient through it as a constant and return 0 for its part of the Hessian, "
-            f"silently. To fix: {advice}")
-    return g, vjp_fn
+            f"{op}: {what} cannot differentiate {function_names(once)}: its backward is marked "
+            "@once_differentiable, so torch runs it under no_grad, and a second derivative through it would be "
+            "silently wrong (reverse over reverse returns 0 for its part, forward over reverse loses the part "
+            "through its input). To fix: drop the decorator (write the backward in differentiable torch ops)")
 
 
 # =================================================== autograd.Functions on a graph

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import symfast
+from autograd_functions import Cube, CubeJvp, OnceCubeJvp
 from symfast.curvature import (
     UnsupportedOpError,
     functional_loss,
@@ -755,47 +756,23 @@ def test_symfast_ops_stay_on_the_fast_path(spelling):
                                rtol=1e-10, atol=1e-10)
 
 
-class _Cube(torch.autograd.Function):
-    @staticmethod
-    def forward(x):
-        return x ** 3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x * x * g
-
-    @staticmethod
-    def jvp(ctx, t):
-        (x,) = ctx.saved_tensors
-        return 3 * x * x * t
-
+# the vmap rules let the reference path (vmap over samples) batch them
+class _Cube(CubeJvp):
     @staticmethod
     def vmap(info, in_dims, x):
         return _Cube.apply(x), in_dims[0]
 
 
-class _OnceCube(_Cube):
-    """_Cube with a @once_differentiable backward."""
-
-    backward = staticmethod(torch.autograd.function.once_differentiable(_Cube.backward))
-
+class _OnceCube(OnceCubeJvp):
     @staticmethod
     def vmap(info, in_dims, x):
         return _OnceCube.apply(x), in_dims[0]
 
 
-class _OnceCubeNoJvp(_OnceCube):
-    jvp = torch.autograd.Function.jvp
-
+class _CubeNoJvp(Cube):
     @staticmethod
     def vmap(info, in_dims, x):
-        return _OnceCubeNoJvp.apply(x), in_dims[0]
+        return _CubeNoJvp.apply(x), in_dims[0]
 
 
 def _cube_model(fn):
@@ -813,11 +790,11 @@ def _cube_second(params, x, n, m):
     return (6 * (x @ params["w"].T) * (x @ n["w"].T) * (x @ m["w"].T)).sum(1) + (n["w"] * m["w"]).sum()
 
 
-@pytest.mark.parametrize("fn", [_Cube, _OnceCube], ids=["jvp", "jvp-once-differentiable"])
 @pytest.mark.parametrize("method", ["fast", "forward"])
-def test_autograd_function_with_jvp_routes_to_forward_over_reverse_and_is_exact(fn, method):
+def test_autograd_function_with_jvp_routes_to_forward_over_reverse_and_is_exact(method):
     # torch.func's jvp of jvp drops the Function's second derivative (the outer jvp does not
     # differentiate its jvp rule): the nested-forward path would give 6 z (x.n)^2 -> 0 here.
+    fn = _Cube
     loss_fn, params, x = _cube_model(fn)
     dirs = _directions(params, K=2)
     with pytest.warns(PerSamplePathWarning, match=rf"runs autograd.Function '{fn.__qualname__}'; nested forward "
@@ -842,10 +819,30 @@ def test_autograd_function_with_jvp_routes_to_forward_over_reverse_and_is_exact(
 
 
 @pytest.mark.parametrize("method", ["fast", "forward", "reference"])
+def test_a_once_differentiable_function_is_refused_even_with_a_jvp(method):
+    # forward over reverse runs its backward under no_grad and loses the part of H that flows
+    # through the Function's input (see test_per_sample): no second-order path is exact, so every
+    # method refuses, naming it. The full per-sample product (grad of jvp) differentiates the jvp
+    # rule, not the backward, and stays exact.
+    loss_fn, params, x = _cube_model(_OnceCube)
+    dirs = _directions(params, K=2)
+    match = r"cannot differentiate autograd.Function '_OnceCube': its backward is marked @once_differentiable"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PerSamplePathWarning)
+        with pytest.raises(UnsupportedOpError, match=match):
+            per_sample_curvatures(loss_fn, params, dirs, x, method=method)
+        with pytest.raises(UnsupportedOpError, match=match):
+            per_sample_hvp(loss_fn, params, {"w": dirs["w"][0]}, x, onto=dirs, method=method)
+        n, m = {"w": dirs["w"][0]}, {"w": dirs["w"][1]}
+        full = per_sample_hvp(loss_fn, params, n, x)["w"]
+    torch.testing.assert_close((full * m["w"]).sum((1, 2)), _cube_second(params, x, n, m), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["fast", "forward", "reference"])
 def test_autograd_function_without_jvp_is_refused_naming_it(method):
-    loss_fn, params, x = _cube_model(_OnceCubeNoJvp)
+    loss_fn, params, x = _cube_model(_CubeNoJvp)
     dirs = _directions(params, K=1)
-    match = "_OnceCubeNoJvp' has no jvp staticmethod" if method != "reference" else "implement the jvp"
+    match = "_CubeNoJvp' has no jvp staticmethod" if method != "reference" else "implement the jvp"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no path change is announced: the call stops
         with pytest.raises((UnsupportedOpError, NotImplementedError), match=match):

@@ -10,6 +10,7 @@ import torch
 import torch.func as tf
 
 import symfast
+from autograd_functions import Cube, OnceCube, OnceCubeJvp
 from symfast.curvature.checks import CoupledSamplesError
 from symfast.curvature.per_sample import (
     PerSamplePathWarning,
@@ -93,23 +94,6 @@ def test_other_errors_are_not_retried():
         map_samples("op", tf.grad(single_sample_loss(loss_fn, samples)), w, samples)
 
 
-class _Cube(torch.autograd.Function):
-    """x^3 with a backward rule and no forward-mode (jvp) rule."""
-
-    @staticmethod
-    def forward(x):
-        return x ** 3
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x ** 2 * g
-
-
 def test_hvp_without_a_forward_rule_runs_reverse_over_reverse_and_says_so():
     torch.manual_seed(2)
     w, v = torch.randn(5, dtype=DT), torch.randn(5, dtype=DT)
@@ -117,16 +101,15 @@ def test_hvp_without_a_forward_rule_runs_reverse_over_reverse_and_says_so():
     assert path == "jvp(grad)"
     torch.testing.assert_close(Hv, 6 * w * v)
     with pytest.warns(PerSamplePathWarning, match="no forward-mode rule"):
-        Hv, path = hvp(lambda p: _Cube.apply(p).sum(), w, v)
+        Hv, path = hvp(lambda p: Cube.apply(p).sum(), w, v)
     assert path == "vjp(grad)"
     torch.testing.assert_close(Hv, 6 * w * v)
 
 
-class _OnceCube(_Cube):
-    """_Cube with a @once_differentiable backward and torch's generated vmap rule."""
+class _OnceCube(OnceCube):
+    """OnceCube with torch's generated vmap rule."""
 
     generate_vmap_rule = True
-    backward = staticmethod(torch.autograd.function.once_differentiable(_Cube.backward))
 
 
 def test_reverse_over_reverse_refuses_a_once_differentiable_function_instead_of_returning_zero():
@@ -141,18 +124,41 @@ def test_reverse_over_reverse_refuses_a_once_differentiable_function_instead_of_
     with pytest.raises(symfast.UnsupportedOpError, match=match):
         vjp_of_grad(lambda p: (p * p).sum() + _OnceCube.apply(p).sum(), w)
     # the guard names only what is wrong: a twice-differentiable backward keeps the exact path
-    g, pullback = vjp_of_grad(lambda p: _Cube.apply(p).sum(), w)
+    g, pullback = vjp_of_grad(lambda p: Cube.apply(p).sum(), w)
     torch.testing.assert_close(g, 3 * w ** 2)
     torch.testing.assert_close(pullback(v)[0], 6 * w * v)
 
 
+def test_forward_over_reverse_refuses_a_once_differentiable_function_with_a_jvp():
+    # torch.func's jvp(grad) runs the decorated backward under no_grad and loses the part of H
+    # that flows through the Function's input once something upstream of it depends on the
+    # parameters (here W1): the refusal is needed, not a precaution
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 3, generator=g, dtype=DT), torch.randn(6, generator=g, dtype=DT)
+    p = {"W1": 0.5 * torch.randn(5, 3, generator=g, dtype=DT), "w2": torch.randn(5, generator=g, dtype=DT)}
+    v = {k: torch.randn(t.shape, generator=g, dtype=DT) for k, t in p.items()}
+
+    def loss(cube):
+        return lambda q: ((cube(x @ q["W1"].T) @ q["w2"] - y) ** 2).sum()
+
+    exact = tf.jvp(tf.grad(loss(lambda z: z ** 3)), (p,), (v,))[1]
+    raw = tf.jvp(tf.grad(loss(OnceCubeJvp.apply)), (p,), (v,))[1]
+    assert (raw["W1"] - exact["W1"]).abs().max() > 0.1 * exact["W1"].abs().max()  # what torch.func gives
+    match = r"cannot differentiate autograd.Function 'OnceCubeJvp': its backward is marked @once_differentiable"
+    with pytest.raises(symfast.UnsupportedOpError, match=match):
+        hvp(loss(OnceCubeJvp.apply), p, v)
+    Hv, path = hvp(loss(lambda z: z ** 3), p, v)  # the plain ops stay on the exact path
+    assert path == "jvp(grad)"
+    torch.testing.assert_close(Hv, exact)
+
+
 def test_autograd_functions_are_found_on_the_graph_and_classified():
     def f(p):
-        return _OnceCube.apply(p["w"]).sum() + _Cube.apply(p["w"]).sum()
+        return _OnceCube.apply(p["w"]).sum() + Cube.apply(p["w"]).sum()
 
     w = torch.randn(3, dtype=DT)
     found = autograd_functions_of(f, {"w": w})
-    assert set(found) == {_OnceCube, _Cube}
+    assert set(found) == {_OnceCube, Cube}
     inside = []  # inside a transform (no fresh leaves can be made there), through torch.func.vjp
 
     def per_sample(x):
@@ -161,8 +167,8 @@ def test_autograd_functions_are_found_on_the_graph_and_classified():
 
     tf.vmap(per_sample)(torch.randn(2, 3, dtype=DT))  # _Cube has no vmap rule
     assert set(inside) == {_OnceCube}
-    assert is_once_differentiable(_OnceCube) and not is_once_differentiable(_Cube)
-    assert not has_jvp(_OnceCube) and not has_jvp(_Cube)
+    assert is_once_differentiable(_OnceCube) and not is_once_differentiable(Cube)
+    assert not has_jvp(_OnceCube) and not has_jvp(Cube)
 
 
 def _bn_loss(training):
