@@ -167,7 +167,8 @@ def stationary_report(
     k = mirror.rank
     do_eigen = eigen is True or (eigen == "auto" and k <= max_eigen_rank)
     cs = torch.randn(n_pairs, k, generator=g, dtype=torch.float64)
-    cs = (cs / torch.linalg.vector_norm(cs, dim=1, keepdim=True)).to(dtype)  # |O c| = |c|: O is orthonormal
+    # unit c: |O c| = |c|, O's columns are orthonormal
+    cs = (cs / torch.linalg.vector_norm(cs, dim=1, keepdim=True)).to(dtype=dtype, device=losses.device)
     m = mirror.symmetric_solution(_randn_like(params, g))
     mn = tree_norm(m)
     m = None if mn.item() == 0 else tree_scale(m, 1.0 / mn)  # None: im O is everything, ker O^T = {0}
@@ -220,8 +221,9 @@ def stationary_report(
 
     # ---- part 2: block check. From the columns, m^T H n = c^T (H O)^T m and |H n|^2 = c^T G c
     # with the k x k Gram matrix G = (H O)^T (H O): no parameter-sized vector per pair.
-    blocks = torch.zeros(n_pairs, dtype=torch.float64)  # stays 0 where im O is everything: ker O^T = {0}
-    scales = torch.zeros(n_pairs, dtype=torch.float64)
+    # 0 where im O is everything (ker O^T = {0})
+    blocks = torch.zeros(n_pairs, dtype=torch.float64, device=losses.device)
+    scales = torch.zeros(n_pairs, dtype=torch.float64, device=losses.device)
     per_blocks = []
     if m is not None and HO is not None:
         m2 = {"theta": m} if isinstance(params, Tensor) else m
