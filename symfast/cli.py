@@ -521,7 +521,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, threshold=args.threshold,
                       width=args.width, depth=args.depth, context=args.context, quick=args.quick,
                       seed=0 if args.seed is None else args.seed, eval_every=args.eval_every,
-                      baseline_lr=args.baseline_lr, baselines=args.baselines, lr_grid=args.lr_grid,
+                      baseline_lr=args.baseline_lr, one_shot_lr=args.one_shot_lr, baselines=args.baselines, lr_grid=args.lr_grid,
                       target_sparsity=args.target_sparsity, clip_grad=args.clip_grad, warmup_steps=args.warmup_steps)
     if args.sweep:
         return _cmd_train_sweep(cfg, args, device)
@@ -665,12 +665,15 @@ def _add_train(sub) -> None:
                    help=f"DCS's peak learning rate (also the w*u control's), > 0 (warm-up 5%%, cosine decay; "
                    f"{_train_defaults_text('lr')})")
     p.add_argument("--baseline-lr", type=_float_from(0, inclusive=False), default=None,
-                   help=f"peak learning rate of the plain-weight baselines, > 0 "
-                   f"({_train_defaults_text('baseline_lr')})")
+                   help=f"peak learning rate of the plain-weight GMP baselines (global and per-layer), > 0, and "
+                   f"of one-shot unless --one-shot-lr is given ({_train_defaults_text('baseline_lr')})")
+    p.add_argument("--one-shot-lr", type=_float_from(0, inclusive=False), default=None,
+                   help=f"peak learning rate of the one-shot baseline's dense model, > 0 (default: --baseline-lr "
+                   f"when given, else {_train_defaults_text('one_shot_lr').removeprefix('default: ')})")
     p.add_argument("--lr-grid", type=_float_list, default=None, metavar="LR,LR,...",
                    help="train every arm at each of these learning rates and keep, per arm, the one with the "
                    "lowest final loss on 10%% of the training data held out for it (not the reported val set); "
-                   "replaces --lr and --baseline-lr, and multiplies the run's time by their number")
+                   "replaces --lr, --baseline-lr and --one-shot-lr, and multiplies the run's time by their number")
     p.add_argument("--baselines", type=_baseline_list, default=None, metavar="NAMES",
                    help="comma-separated subset of one_shot_magnitude, gradual_magnitude, "
                    "gradual_magnitude_uniform, gradual_magnitude_wu, or 'all' (default) or 'none'")

@@ -201,7 +201,9 @@ def test_a_diverged_arm_stops_the_run_naming_the_arm_and_layer(tmp_path, monkeyp
     assert main(["train", "--task", "digits", "--steps", "8", "--width", "2", "--eval-every", "4", "--no-progress",
                  "--baselines", baselines, "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert f"symfast train: the {arm} arm (lr 0.01) diverged: symfast.train" in err, err
+    d = task.defaults("digits", "elementwise", quick=False)
+    lr = d["one_shot_lr"] if arm == "one_shot_magnitude" else d["lr"]  # the message names the arm's own lr
+    assert f"symfast train: the {arm} arm (lr {lr:g}) diverged: symfast.train" in err, err
     assert "non-finite values (NaN or inf)" in err and "the training run diverged" in err and "layer " in err
     assert f"Nothing was written to {tmp_path}" in err and "Traceback" not in err
     assert not (tmp_path / "metrics.json").exists()

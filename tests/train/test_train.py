@@ -239,6 +239,25 @@ def test_cli_sgd_with_clipping_and_warmup_reaches_every_arm(tmp_path):
         task.TrainConfig(task="digits", clip_grad=0.0).resolved()
 
 
+def test_each_arm_trains_at_its_own_default_lr_and_baseline_lr_alone_sets_one_shot_too(tmp_path):
+    # The digits defaults give the three lr roles (DCS and the w*u control, GMP, one-shot) three different
+    # values, so a run that routed an arm to another role's lr would show it.
+    assert _run_cli(tmp_path, "--baselines", "one_shot_magnitude,gradual_magnitude,gradual_magnitude_wu") == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    d = task.defaults("digits", "elementwise", quick=False)
+    assert len({d["lr"], d["baseline_lr"], d["one_shot_lr"]}) == 3
+    assert m["lr"] == d["lr"]
+    assert {arm: b["lr"] for arm, b in m["baselines"].items()} == {
+        "one_shot_magnitude": d["one_shot_lr"], "gradual_magnitude": d["baseline_lr"], "gradual_magnitude_wu": d["lr"]}
+    for arm, b in {**m["baselines"], "dcs": m}.items():  # the lr recorded is the one the arm trained at
+        assert max(h["lr"] for h in m["history"][arm]) == pytest.approx(b["lr"]), arm
+    only = task.TrainConfig(task="digits", baseline_lr=0.07).resolved()
+    assert (only.baseline_lr, only.one_shot_lr, only.lr) == (0.07, 0.07, d["lr"])
+    both = task.TrainConfig(task="digits", baseline_lr=0.07, one_shot_lr=0.002).resolved()
+    assert (both.baseline_lr, both.one_shot_lr) == (0.07, 0.002)
+    assert task.TrainConfig(task="lm").resolved().one_shot_lr == task.defaults("lm", "elementwise", quick=False)["baseline_lr"]
+
+
 def test_prune_like_is_global_magnitude_pruning():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Conv1d(7, 4, 1), nn.Linear(3, 2))
@@ -439,6 +458,7 @@ def test_baseline_line_says_when_its_sparsity_is_not_the_dcs_models(tmp_path, mo
                               "'1e-2,0'"),
     (["--lr-grid", "fast"], "argument --lr-grid: expected distinct comma-separated finite numbers > 0, got 'fast'"),
     (["--baseline-lr", "-1"], "argument --baseline-lr: expected a finite number > 0, got '-1'"),
+    (["--one-shot-lr", "0"], "argument --one-shot-lr: expected a finite number > 0, got '0'"),
     (["--baselines", "gmp"], "argument --baselines: expected 'all', 'none' or distinct comma-separated names from "
                              "one_shot_magnitude, gradual_magnitude"),
     (["--target-sparsity", "1"], "argument --target-sparsity: expected a number with 0 < S < 1, got '1'"),
@@ -559,7 +579,8 @@ def test_cli_train_help_documents_flags_and_defaults(capsys):
                  "--seed SEED random seed", "--structure {elementwise,group,lowrank} the DCS structure",
                  "default: lm 128, digits 16", "fine-tune it with its mask for the last 10% of the budget",
                  "warm-up 5%,", "--lr-grid LR,LR,...", "--baselines NAMES", "--target-sparsity S",
-                 "default: lm 0.02, digits 0.01", "--baseline-lr BASELINE_LR",
+                 "default: lm 0.02, digits 0.03", "--baseline-lr BASELINE_LR", "default: lm 0.01, digits 0.02",
+                 "--one-shot-lr ONE_SHOT_LR", "default: --baseline-lr when given, else lm 0.01, digits 0.005",
                  "start the child with spawn", "torch.set_num_threads(1) before the ops and the fork"):
         assert part in text, part
     assert "%%" not in text and "about a minute" not in text
