@@ -34,6 +34,7 @@ the kept graph (``methods``: ``"Jacobian rows of the batch (...)"``).
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ class _Watch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        hit = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and id(t) in self.leaves]
+        hit = [t for t in _tensor_args(args, kwargs) if id(t) in self.leaves]
         if not hit:
             return out
         use = self._closed_form(func, args, kwargs, out)
@@ -135,6 +136,17 @@ class _Watch(TorchFunctionMode):
             return _Use("conv2d", names, inp.detach(), out,
                         {"kernel": tuple(w.shape[2:]), "stride": stride, "padding": padding, "dilation": dilation})
         return None
+
+
+def _tensor_args(args, kwargs):
+    """The tensors among an op's arguments. Most arguments are tensors or plain values: only
+    containers are flattened (pytree flattening of every call cost the watched forward a third of
+    a plain one on the README MLP)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (list, tuple, dict)):
+            yield from (t for t in tree_leaves(a) if isinstance(t, Tensor))
 
 
 def _role_tensors(func, args, kwargs) -> Dict[str, Any]:
@@ -193,7 +205,9 @@ def _sq_norms(use: _Use, delta: Tensor, B: int) -> Dict[str, Tensor]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def _sample_weights(B: int, device) -> Tensor:
+    # fixed per (B, device), so drawn once; callers only read it
     g = torch.Generator().manual_seed(0)
     e = torch.randint(-8, 9, (B,), generator=g).double()
     s = torch.randint(0, 2, (B,), generator=g).double() * 2 - 1
@@ -297,19 +311,26 @@ class WatchedForward:
             w = _sample_weights(B, losses.device)
             checks = torch.autograd.grad((losses * w.to(losses.dtype)).sum(), self.outputs, allow_unused=True,
                                          retain_graph=True)
-            for u, d, c in zip(self.uses, deltas, checks):
+            # row i of every output gradient must scale by exactly w_i: all layers' verdicts with
+            # one host sync
+            verdicts = []
+            for d, c in zip(deltas, checks):
+                if d is None:
+                    continue
+                scaled = d.detach() * w.to(d.dtype).reshape(-1, *([1] * (d.dim() - 1)))
+                tol = 16 * torch.finfo(d.dtype).eps * scaled.reshape(B, -1).abs().amax(1)
+                verdicts.append(((c - scaled).reshape(B, -1).abs().amax(1) <= tol).all())
+            rows_ok = iter(torch.stack(verdicts).tolist() if verdicts else [])
+            for u, d in zip(self.uses, deltas):
                 if d is None:
                     for name in u.names.values():
                         methods.setdefault(name, "unused")
                     continue
-                d = d.detach()
-                scaled = d * w.to(d.dtype).reshape(-1, *([1] * (d.dim() - 1)))
-                tol = 16 * torch.finfo(d.dtype).eps * scaled.reshape(B, -1).abs().amax(1)
-                if not bool(((c - scaled).reshape(B, -1).abs().amax(1) <= tol).all()):
+                if not next(rows_ok):
                     for name in u.names.values():
                         other.setdefault(name, f"row i of its {u.kind} output is not sample i's alone")
                     continue
-                for role, v in _sq_norms(u, d, B).items():
+                for role, v in _sq_norms(u, d.detach(), B).items():
                     if u.names[role] not in other:
                         sq = sq + v
                         methods[u.names[role]] = f"ghost ({u.kind})"
