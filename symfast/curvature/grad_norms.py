@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -47,6 +46,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .checks import CoupledSamplesError
 from .per_sample import (_VMAP_UNSUPPORTED, PerSamplePathWarning, _known_failure, map_samples,
                          per_sample_losses, single_sample_loss)
 
@@ -340,6 +340,19 @@ class WatchedForward:
                 methods[n] = "unused"  # no op saw it: its gradient is zero
         self.coupled = any(u.names.get(r) in other and other[u.names[r]].startswith("row i of its")
                            for u in self.uses for r in u.names)
+        if fallback and B and not self.coupled:
+            try:
+                sq = sq + self._vmap_sq(fallback, chunk_size, op)
+                path = self._path
+            except CoupledSamplesError:
+                # batch statistics that no row check saw (no closed-form layer upstream of them):
+                # the per-sample map refused them
+                self.coupled = True
+                for n in fallback:
+                    other[n] = f"{other[n]}; batch statistics couple the samples"
+            else:
+                for n in fallback:
+                    methods[n] = f"{path} ({other[n]})"
         if fallback and B and self.coupled:
             # a layer's output rows are not the samples: the batch may couple its samples (batch
             # statistics), and then a sample evaluated alone has another loss; the rows of the
@@ -348,25 +361,27 @@ class WatchedForward:
             sq += _jacobian_row_sq(op, losses, leaves, chunk_size) if leaves else 0.0
             for n in fallback:
                 methods[n] = f"Jacobian rows of the batch ({other[n]})"
-        elif fallback and B:
-            held = {n: v.detach() for n, v in self.pdict.items()}
-            sub = {n: held[n] for n in fallback}
-            one = single_sample_loss(self.lf, self.samples)
-
-            def grad_sub(s, *sample):
-                return tf.grad(lambda q: one({**held, **q}, *sample))(s)
-
-            for part_start, part in _chunks(self.samples, chunk_size):
-                g, path = map_samples(op, grad_sub, sub, part)
-                part_sq = sum(torch.linalg.vector_norm(v.reshape(part.size, -1), dim=1).double() ** 2
-                              for v in g.values())
-                sq[part_start:part_start + part.size] += part_sq
-            for n in fallback:
-                methods[n] = f"{path} ({other[n]})"
-        elif fallback:
+        if fallback and not B:
             for n in fallback:
                 methods[n] = f"vmap ({other[n]})"
         return GradNorms(sq.sqrt(), methods, losses.detach())
+
+    def _vmap_sq(self, names: List[str], chunk_size: Optional[int], op: str) -> Tensor:
+        """``[B]`` float64 squared norms of the per-sample gradients of ``names``, each sample
+        alone (vmap of grad, chunk by chunk); the path taken is left in ``self._path``."""
+        held = {n: v.detach() for n, v in self.pdict.items()}
+        sub = {n: held[n] for n in names}
+        one = single_sample_loss(self.lf, self.samples)
+
+        def grad_sub(s, *sample):
+            return tf.grad(lambda q: one({**held, **q}, *sample))(s)
+
+        sq = torch.zeros(self.samples.size, dtype=torch.float64, device=self.losses.device)
+        for part_start, part in _chunks(self.samples, chunk_size):
+            g, self._path = map_samples(op, grad_sub, sub, part)
+            sq[part_start:part_start + part.size] = sum(
+                torch.linalg.vector_norm(v.reshape(part.size, -1), dim=1).double() ** 2 for v in g.values())
+        return sq
 
 
 def jacobian_rows(op: str, losses: Tensor, leaves: List[Tensor], chunk_size: Optional[int]):

@@ -278,3 +278,19 @@ def test_samples_coupled_by_batch_statistics_take_the_batch_jacobian_rows(chunk_
     torch.testing.assert_close(out.norms, ref, rtol=1e-10, atol=0)
     assert out.methods["0.weight"].startswith("Jacobian rows of the batch")
     assert out.methods["3.weight"] == "ghost (linear)"  # its output rows are the samples
+
+
+def test_batch_statistics_with_no_closed_form_layer_take_the_batch_jacobian_rows():
+    # no row check runs (x @ W.T is no closed-form layer), so the per-sample map meets the batch
+    # norm itself and refuses it; the norms then come from the batch's Jacobian rows
+    W = torch.randn(6, 4, generator=_gen(3), dtype=D64)
+    x = torch.randn(5, 4, generator=_gen(4), dtype=D64)
+
+    def loss_fn(p, b):
+        h = F.batch_norm(b @ p["W"].T, None, None, training=True)
+        return torch.tanh(h).square().sum(1)
+
+    out = per_sample_grad_norms(loss_fn, {"W": W}, x)
+    jac = tf.jacrev(lambda p: loss_fn(p, x))({"W": W})["W"].reshape(5, -1)
+    torch.testing.assert_close(out.norms, jac.norm(dim=1), rtol=1e-10, atol=0)
+    assert out.methods["W"].startswith("Jacobian rows of the batch") and "batch statistics" in out.methods["W"]
