@@ -360,14 +360,7 @@ def autograd_functions_of(f: Callable[[Any], Tensor], params: Dict[str, Tensor])
     returns).
     """
     if torch._C._are_functorch_transforms_active():
-        found: List[type] = []
-
-        def watched(p):
-            out = f(p)
-            if isinstance(out, Tensor):
-                found.extend(autograd_functions(out))
-            return out
-
+        watched, found = _watching(f)
         tf.vjp(watched, params)
         return found
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
