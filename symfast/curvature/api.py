@@ -5,7 +5,7 @@ products, and ``functional_loss`` for modules. See the package docstring for the
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -26,8 +26,8 @@ from .checks import (
 from .exact import ExactMode, wrap_errors
 from . import replay
 from .jets import JetFallback, jet_derivatives
-from .per_sample import (PerSamplePathWarning, Samples, autograd_functions, autograd_functions_of, function_names,
-                         has_jvp, refuse_once_differentiable, single_sample_loss, split_batch)
+from .per_sample import (PerSamplePathWarning, Samples, autograd_functions_of, function_names, has_jvp,
+                         refuse_once_differentiable, single_sample_loss, split_batch, watching_functions)
 
 __all__ = [
     "per_sample_directional_derivatives",
@@ -332,12 +332,7 @@ def _functions_need_forward_over_reverse(op: str, loss_fn: LossFn, params: Dict[
 def _reference_hvps(op, loss_fn, params, batch, directions, K, chunk_size) -> Dict[str, Tensor]:
     """{name: [K, B, *shape]} = H(x_i) n_k by vmap over samples of jvp(grad)."""
     single, samples = _per_sample_loss(op, loss_fn, batch)
-    found: List[type] = []
-
-    def watched(p, *sample):  # records the autograd.Functions on the graph under grad
-        out = single(p, *sample)
-        found.extend(autograd_functions(out))
-        return out
+    watched, found = watching_functions(single)  # the Functions on the graph under grad
 
     def hvp_one(n, *sample):
         return torch.func.jvp(lambda p: torch.func.grad(watched)(p, *sample), (params,), (n,))[1]

@@ -342,8 +342,8 @@ class WatchedForward:
                            for u in self.uses for r in u.names)
         if fallback and B and not self.coupled:
             try:
-                sq = sq + self._vmap_sq(fallback, chunk_size, op)
-                path = self._path
+                part_sq, path = self._vmap_sq(fallback, chunk_size, op)
+                sq = sq + part_sq
             except CoupledSamplesError:
                 # batch statistics that no row check saw (no closed-form layer upstream of them):
                 # the per-sample map refused them
@@ -366,9 +366,9 @@ class WatchedForward:
                 methods[n] = f"vmap ({other[n]})"
         return GradNorms(sq.sqrt(), methods, losses.detach())
 
-    def _vmap_sq(self, names: List[str], chunk_size: Optional[int], op: str) -> Tensor:
+    def _vmap_sq(self, names: List[str], chunk_size: Optional[int], op: str) -> Tuple[Tensor, str]:
         """``[B]`` float64 squared norms of the per-sample gradients of ``names``, each sample
-        alone (vmap of grad, chunk by chunk); the path taken is left in ``self._path``."""
+        alone (vmap of grad, chunk by chunk), and the path :func:`map_samples` took."""
         held = {n: v.detach() for n, v in self.pdict.items()}
         sub = {n: held[n] for n in names}
         one = single_sample_loss(self.lf, self.samples)
@@ -377,11 +377,12 @@ class WatchedForward:
             return tf.grad(lambda q: one({**held, **q}, *sample))(s)
 
         sq = torch.zeros(self.samples.size, dtype=torch.float64, device=self.losses.device)
+        path = "vmap"
         for part_start, part in _chunks(self.samples, chunk_size):
-            g, self._path = map_samples(op, grad_sub, sub, part)
+            g, path = map_samples(op, grad_sub, sub, part)
             sq[part_start:part_start + part.size] = sum(
                 torch.linalg.vector_norm(v.reshape(part.size, -1), dim=1).double() ** 2 for v in g.values())
-        return sq
+        return sq, path
 
 
 def jacobian_rows(op: str, losses: Tensor, leaves: List[Tensor], chunk_size: Optional[int]):

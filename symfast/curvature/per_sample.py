@@ -76,7 +76,8 @@ from .checks import CoupledSamplesError, UnsupportedOpError
 
 __all__ = ["Samples", "split_batch", "per_sample_losses", "single_sample_loss", "map_samples", "hvp",
            "vjp_of_grad", "autograd_functions", "autograd_functions_of", "function_names", "has_jvp",
-           "is_once_differentiable", "refuse_once_differentiable", "PerSamplePathWarning", "SamplesApart"]
+           "is_once_differentiable", "refuse_once_differentiable", "watching_functions", "PerSamplePathWarning",
+           "SamplesApart"]
 
 
 class PerSamplePathWarning(UserWarning):
@@ -251,7 +252,7 @@ def hvp(f: Callable, params: Any, v: Any, op: str = "hvp") -> Tuple[Any, str]:
     with path ``"jvp(grad)"`` (forward over reverse) or ``"vjp(grad)"`` (reverse over reverse, for
     a model with an op that has no forward-mode rule). Both refuse a model with a
     ``@once_differentiable`` Function (see the module doc) instead of returning a wrong number."""
-    watched, found = _watching(f)
+    watched, found = watching_functions(f)
     try:
         hv = tf.jvp(tf.grad(watched), (params,), (v,))[1]
     except (RuntimeError, NotImplementedError) as e:
@@ -274,20 +275,20 @@ def vjp_of_grad(f: Callable, params: Any, op: str = "hvp", why: str = "") -> Tup
     that Function's part, so it raises :class:`~symfast.curvature.checks.UnsupportedOpError`
     naming the Function(s) before any product is formed. ``why``: the caller's reason for this path.
     """
-    watched, found = _watching(f)
+    watched, found = watching_functions(f)
     g, vjp_fn = tf.vjp(tf.grad(watched), params)
     refuse_once_differentiable(op, found, "reverse-over-reverse Hessian-vector products" +
                                (f" ({why})" if why else ""))
     return g, vjp_fn
 
 
-def _watching(f: Callable) -> Tuple[Callable, List[type]]:
+def watching_functions(f: Callable) -> Tuple[Callable, List[type]]:
     """``f`` that also records the autograd.Functions on its output's graph (works inside
     torch.func's grad, whose graph is a real one), and the list they go to."""
     found: List[type] = []
 
-    def watched(p):
-        out = f(p)
+    def watched(*args):
+        out = f(*args)
         if isinstance(out, Tensor):
             found.extend(autograd_functions(out))
         return out
@@ -360,7 +361,7 @@ def autograd_functions_of(f: Callable[[Any], Tensor], params: Dict[str, Tensor])
     returns).
     """
     if torch._C._are_functorch_transforms_active():
-        watched, found = _watching(f)
+        watched, found = watching_functions(f)
         tf.vjp(watched, params)
         return found
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
