@@ -382,7 +382,7 @@ def _check_train_flags(args: argparse.Namespace, world: int) -> None:
 
     parser = args.train_parser
     if args.task != "lm":
-        given = [f"--{k}" for k in LM_ONLY if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in LM_ONLY if getattr(args, k) is not None]
         if given:
             verb = "apply" if len(given) > 1 else "applies"
             parser.error(f"argument {given[0]}: {' and '.join(given)} {verb} only to --task lm, not to --task "
@@ -522,7 +522,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       width=args.width, depth=args.depth, context=args.context, quick=args.quick,
                       seed=0 if args.seed is None else args.seed, eval_every=args.eval_every,
                       baseline_lr=args.baseline_lr, one_shot_lr=args.one_shot_lr, baselines=args.baselines, lr_grid=args.lr_grid,
-                      target_sparsity=args.target_sparsity, clip_grad=args.clip_grad, warmup_steps=args.warmup_steps)
+                      target_sparsity=args.target_sparsity, clip_grad=args.clip_grad, warmup_steps=args.warmup_steps,
+                      embedding_lr_scale=args.embedding_lr_scale)
     if args.sweep:
         return _cmd_train_sweep(cfg, args, device)
     clean = False  # whether the processes may still meet at a barrier before the group is destroyed
@@ -690,6 +691,9 @@ def _add_train(sub) -> None:
     p.add_argument("--warmup-steps", type=_int_in(0), default=None, metavar="N",
                    help="linear lr warm-up steps of every arm's training phase, 0 <= N <= the phase's steps "
                    "(default: 5%% of them); the masked fine-tunes have none")
+    p.add_argument("--embedding-lr-scale", type=_float_from(0, inclusive=False), default=None, metavar="K",
+                   help="lm only: multiply the lr of the embeddings' parameters by K > 0 in every arm (they start at "
+                   "N(0, 1), so the same Adam step moves them relatively less than the Linear weights); default: 1")
     p.add_argument("--threshold", type=_float_from(0, inclusive=True), default=None,
                    help="export threshold, >= 0: factor-product entries (groups, singular values) of size <= it "
                    f"become exact zeros ({_train_defaults_text('threshold')})")

@@ -135,9 +135,33 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, *, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam or SGD (momentum 0.9) over :func:`symfast.param_groups` (the DCS penalty as coupled decay)."""
+def make_optimizer(model: nn.Module, name: str, lr: float, *, weight_decay: float = 0.0,
+                   embedding_lr_scale: Optional[float] = None) -> torch.optim.Optimizer:
+    """Adam or SGD (momentum 0.9) over :func:`symfast.param_groups` (the DCS penalty as coupled decay).
+
+    ``embedding_lr_scale`` multiplies the lr of the parameters of every ``nn.Embedding`` (DCS twins and
+    tied weights included) through groups of their own with the same decay, so :func:`fit`'s schedule
+    keeps the ratio. Why: embeddings start at N(0, 1), an order of magnitude above a Linear's weights,
+    so the same Adam step moves them relatively less (on ``theta = w * u`` about ``lr / sqrt|theta|``,
+    on a plain weight ``lr / |theta|``).
+    """
     groups = param_groups(model, weight_decay=weight_decay)
+    if embedding_lr_scale is not None:
+        if not (isinstance(embedding_lr_scale, (int, float)) and math.isfinite(embedding_lr_scale)
+                and embedding_lr_scale > 0):
+            raise ValueError("symfast.train.fit: embedding_lr_scale must be None or a finite number > 0, "
+                             f"got {embedding_lr_scale!r}")
+        emb = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        if not emb:
+            raise ValueError("symfast.train.fit: embedding_lr_scale was given, but the model has no nn.Embedding")
+        split = []
+        for g in groups:
+            rest = {k: v for k, v in g.items() if k != "params"}
+            scaled = [p for p in g["params"] if id(p) in emb]
+            plain = [p for p in g["params"] if id(p) not in emb]
+            split += [{**rest, "params": plain}] if plain else []
+            split += [{**rest, "params": scaled, "lr": lr * embedding_lr_scale}] if scaled else []
+        groups = split
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     if name == "sgd":
@@ -226,6 +250,7 @@ def fit(
     meta: Any = None,
     after_step: Optional[Callable[[int], None]] = None,
     clip_grad: Optional[float] = None,
+    embedding_lr_scale: Optional[float] = None,
 ) -> FitResult:
     r"""Trains ``model`` for ``steps`` steps on ``train_data``; returns a :class:`FitResult`.
 
@@ -250,7 +275,7 @@ def fit(
     resumed past step ``k``, it stops (checkpointed) after the next step.
 
     The checkpoint also records ``steps``, ``batch_size``, ``lr``, ``warmup``, ``final_lr_fraction``,
-    ``seed``, ``clip_grad`` and the optimizer's name; resuming with any of them different is a ``ValueError`` (the
+    ``seed``, ``clip_grad``, ``embedding_lr_scale`` and the optimizer's name; resuming with any of them different is a ``ValueError`` (the
     world size may differ). ``meta`` (anything picklable, e.g. the settings of the whole experiment)
     is saved with it as ``"meta"``, for the caller to check before resuming; ``fit`` does not read it.
 
@@ -259,6 +284,9 @@ def fit(
     of a DCS model (the penalty's gradient) is added by the optimizer after it and is not clipped: it
     is bounded by the weights already. It makes plain SGD robust to the rare huge gradients that can
     blow a run up; with DDP it clips the averaged gradient, with FSDP2 the full one.
+
+    ``embedding_lr_scale``, when given, multiplies the lr of every ``nn.Embedding``'s parameters (see
+    :func:`make_optimizer`); the optimizer must then be given by name.
 
     ``after_step(k)``, when given, is called after the optimizer step that completes step ``k`` (before
     that step's validation and checkpoint), e.g. to apply pruning masks or to adapt a penalty. It
@@ -314,10 +342,15 @@ def fit(
                 raise ValueError("symfast.train.fit: parallel='fsdp' needs FSDP2 (fully_shard, torch >= 2.4); "
                                  f"torch {torch.__version__} has none: use parallel='ddp'") from None
         fully_shard(model)  # parameters become DTensor shards: the optimizer must be built after this
-    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(model, optimizer, lr)
+    if isinstance(optimizer, torch.optim.Optimizer) and embedding_lr_scale is not None:
+        raise ValueError("symfast.train.fit: embedding_lr_scale applies to an optimizer given by name; an optimizer "
+                         "object carries its own per-group lrs")
+    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(
+        model, optimizer, lr, embedding_lr_scale=embedding_lr_scale)
     base_lrs = [g["lr"] / lr if lr else 1.0 for g in opt.param_groups]  # per-group scale of the schedule
     run_config = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
                   "final_lr_fraction": final_lr_fraction, "seed": seed, "clip_grad": clip_grad,
+                  "embedding_lr_scale": embedding_lr_scale,
                   "optimizer": optimizer if isinstance(optimizer, str) else type(optimizer).__name__}
 
     result = FitResult(steps=steps)

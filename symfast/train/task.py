@@ -95,8 +95,8 @@ TASKS = ("lm", "digits")
 PARALLEL = ("ddp", "fsdp")
 #: Attention heads of the lm task's transformer: ``width`` must be divisible by it.
 LM_HEADS = 4
-#: Settings that only the lm task has (digits has neither blocks nor a context).
-LM_ONLY = ("depth", "context")
+#: Settings that only the lm task has (digits has no blocks, context or embedding).
+LM_ONLY = ("depth", "context", "embedding_lr_scale")
 #: The baselines of every run (``--baselines`` chooses a subset): one-shot global magnitude pruning of the
 #: trained dense model; gradual magnitude pruning (GMP) with a global threshold, with a per-layer-uniform
 #: one, and on the unpenalized ``theta = w * u`` (the control that separates the reparametrization from
@@ -137,6 +137,7 @@ class TrainConfig:
     target_sparsity: Optional[float] = None
     clip_grad: Optional[float] = None
     warmup_steps: Optional[int] = None
+    embedding_lr_scale: Optional[float] = None
 
     def resolved(self) -> "TrainConfig":
         d = defaults(self.task, self.structure, quick=self.quick)
@@ -168,6 +169,9 @@ class TrainConfig:
             raise ValueError(f"symfast train: optimizer must be one of {OPTIMIZERS}, got {out.optimizer!r}")
         if out.clip_grad is not None and not (math.isfinite(out.clip_grad) and out.clip_grad > 0):
             raise ValueError(f"symfast train: clip_grad must be a finite number > 0, got {out.clip_grad}")
+        if out.embedding_lr_scale is not None and not (math.isfinite(out.embedding_lr_scale)
+                                                       and out.embedding_lr_scale > 0):
+            raise ValueError(f"symfast train: embedding_lr_scale must be a finite number > 0, got {out.embedding_lr_scale}")
         main = split_budget(out.steps, out.finetune_fraction)[1]
         if out.warmup_steps is not None and not 0 <= out.warmup_steps <= main:
             raise ValueError(f"symfast train: warmup_steps must be in [0, {main}] (the training phase of "
@@ -348,7 +352,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
     ft_steps, main_steps = split_budget(cfg.steps, cfg.finetune_fraction)
     final_n = None if cfg.eval_samples is None else 4 * cfg.eval_samples
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, eval_every=cfg.eval_every, warmup=cfg.warmup_steps,
-                  clip_grad=cfg.clip_grad, eval_samples=cfg.eval_samples, progress=progress, device=device,
+                  clip_grad=cfg.clip_grad, embedding_lr_scale=cfg.embedding_lr_scale, eval_samples=cfg.eval_samples, progress=progress, device=device,
                   parallel=parallel, world=world)
     ft_common = {**common, "seed": cfg.seed + 1, "optimizer": cfg.optimizer, "warmup": 0}
 
@@ -377,10 +381,12 @@ def run(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, stop_
         model = convert(fresh_dense(), structure=cfg.structure, alpha=cfg.alpha, warn=False)
         opt, ctl = cfg.optimizer, None
         if cfg.target_sparsity is not None:
-            opt = make_optimizer(model, cfg.optimizer, lr)
+            opt = make_optimizer(model, cfg.optimizer, lr, embedding_lr_scale=cfg.embedding_lr_scale)
             ctl = SparsityTarget(model, opt, target=cfg.target_sparsity, steps=main_steps, threshold=cfg.threshold)
+        # with the controller the optimizer is built here, and its groups already carry the embedding scale
         r = _fit(model, train, val, steps=main_steps, lr=lr, sparsity_threshold=cfg.threshold, stop_after=stop,
-                 desc=f"DCS {cfg.structure}", optimizer=opt, after_step=ctl, **phase("dcs", lr, lrs), **common)
+                 desc=f"DCS {cfg.structure}", optimizer=opt, after_step=ctl, **phase("dcs", lr, lrs),
+                 **{**common, **({"embedding_lr_scale": None} if ctl is not None else {})})
         if r.stopped_early:
             return {"stopped_at": r.history[-1]["step"]}
         check_finite("train", model)

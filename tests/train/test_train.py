@@ -1,5 +1,6 @@
 """symfast.train: exact resume, DDP parity with one process, export/metrics, and the magnitude-pruning baseline."""
 
+import dataclasses
 import io
 import json
 import math
@@ -239,6 +240,78 @@ def test_cli_sgd_with_clipping_and_warmup_reaches_every_arm(tmp_path):
         task.TrainConfig(task="digits", clip_grad=0.0).resolved()
 
 
+class _Tiny(nn.Module):
+    """An embedding whose weight the output head shares, and a Linear between them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok = nn.Embedding(10, 6)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mid(self.tok(idx))))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("converted", [False, True])
+def test_embedding_lr_scale_scales_the_embeddings_step_and_nothing_else(optimizer, converted):
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randint(10, (32,), generator=g), torch.randint(10, (32,), generator=g))
+
+    def one_step(scale):
+        m = _Tiny().double()  # the step is read as a difference of weights: float64 keeps it exact enough
+        if converted:  # the DCS twin, tie kept: one parameterization for the embedding and the head
+            m = convert(m, alpha=1e-3, warn=False)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        fit(m, data, None, steps=1, batch_size=8, lr=1e-2, optimizer=optimizer, warmup=0, progress=False,
+            embedding_lr_scale=scale)
+        return {n: p.detach() - before[n] for n, p in m.named_parameters()}
+
+    plain, scaled = one_step(None), one_step(4.0)
+    emb = [n for n in plain if n.startswith("tok.")]
+    assert emb and len(emb) < len(plain)
+    for n in plain:
+        assert plain[n].abs().max() > 0, n  # every parameter moved, so the comparison is not vacuous
+        want = 4 * plain[n] if n in emb else plain[n]
+        torch.testing.assert_close(scaled[n], want, rtol=1e-5, atol=0, msg=n)
+
+
+def test_embedding_lr_scale_refuses_what_it_cannot_apply(tmp_path):
+    train, val = _data()
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="embedding_lr_scale must be None or a finite number > 0"):
+            fit(_Tiny(), train, val, embedding_lr_scale=bad, **FIT)
+    with pytest.raises(ValueError, match="embedding_lr_scale was given, but the model has no nn.Embedding"):
+        fit(_model(), train, val, embedding_lr_scale=2.0, **FIT)
+    m = _model()
+    with pytest.raises(ValueError, match="embedding_lr_scale applies to an optimizer given by name"):
+        fit(m, train, val, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), embedding_lr_scale=2.0, **FIT)
+    with pytest.raises(ValueError, match="embedding_lr_scale apply only to task 'lm', not 'digits'"):
+        task.TrainConfig(task="digits", embedding_lr_scale=2.0).resolved()
+    with pytest.raises(ValueError, match="embedding_lr_scale must be a finite number > 0, got 0"):
+        task.TrainConfig(task="lm", embedding_lr_scale=0.0).resolved()
+
+
+def test_embedding_lr_scale_reaches_every_arm_and_its_checkpoints(tmp_path):
+    cfg = task.TrainConfig(task="lm", quick=True, steps=6, width=8, context=8, eval_samples=16, eval_every=3,
+                           embedding_lr_scale=5.0, target_sparsity=0.5,
+                           baselines=["one_shot_magnitude", "gradual_magnitude_wu"])
+    m = task.run(cfg, tmp_path, progress=False)
+    assert m["config"]["embedding_lr_scale"] == 5.0
+    for phase in ("dcs", "dcs_finetune", "dense", "finetune", "gradual_magnitude_wu", "gradual_magnitude_wu_finetune"):
+        groups = torch.load(tmp_path / "checkpoints" / f"{phase}.pt", weights_only=False)["optimizer"]["param_groups"]
+        base = min(g["lr"] for g in groups)
+        assert base > 0, phase
+        assert sorted({round(g["lr"] / base, 9) for g in groups}) == [1.0, 5.0], phase
+        # tok and pos (each one weight, or a DCS twin's factors) are in the scaled groups, and nothing else
+        assert 2 <= sum(len(g["params"]) for g in groups if g["lr"] > base * 1.5) <= 6, phase
+    with pytest.raises(task.ResumeMismatch, match="embedding_lr_scale"):
+        task.run(dataclasses.replace(cfg, embedding_lr_scale=2.0), tmp_path, resume=True, progress=False)
+
+
 def test_each_arm_trains_at_its_own_default_lr_and_baseline_lr_alone_sets_one_shot_too(tmp_path):
     # The digits defaults give the three lr roles (DCS and the w*u control, GMP, one-shot) three different
     # values, so a run that routed an arm to another role's lr would show it.
@@ -459,6 +532,7 @@ def test_baseline_line_says_when_its_sparsity_is_not_the_dcs_models(tmp_path, mo
     (["--lr-grid", "fast"], "argument --lr-grid: expected distinct comma-separated finite numbers > 0, got 'fast'"),
     (["--baseline-lr", "-1"], "argument --baseline-lr: expected a finite number > 0, got '-1'"),
     (["--one-shot-lr", "0"], "argument --one-shot-lr: expected a finite number > 0, got '0'"),
+    (["--embedding-lr-scale", "nan"], "argument --embedding-lr-scale: expected a finite number > 0, got 'nan'"),
     (["--baselines", "gmp"], "argument --baselines: expected 'all', 'none' or distinct comma-separated names from "
                              "one_shot_magnitude, gradual_magnitude"),
     (["--target-sparsity", "1"], "argument --target-sparsity: expected a number with 0 < S < 1, got '1'"),
@@ -488,6 +562,8 @@ def test_baseline_line_says_when_its_sparsity_is_not_the_dcs_models(tmp_path, mo
     (["--task", "digits", "--depth", "3"], "argument --depth: --depth applies only to --task lm, not to --task digits"),
     (["--task", "digits", "--context", "8", "--depth", "1"], "argument --depth: --depth and --context apply only to "
                                                              "--task lm"),
+    (["--task", "digits", "--embedding-lr-scale", "3"], "argument --embedding-lr-scale: --embedding-lr-scale applies "
+                                                         "only to --task lm, not to --task digits"),
 ])
 def test_cli_train_rejects_bad_flag_values(tmp_path, capsys, monkeypatch, flags, expected):
     calls = []
